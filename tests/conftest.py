@@ -1,9 +1,16 @@
 """Shared fixtures: a tiny offline tokenizer with a chat template and a tiny random Llama built on it."""
 
+import shutil
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from aaq.data import shared_data_dir
+
+# Read before any test points AAQ_DATA_DIR at a fake folder.
+SHARED_DATA = shared_data_dir()
 
 # Tiny models gain nothing from a second thread, and two-thread processes competing for two cores
 # slow small kernels by an order of magnitude.
@@ -68,6 +75,13 @@ FAKE_DOCS = {
     "tutorial/venv.rst.txt": 40,
     "LICENSE.rst.txt": 5,
 }
+
+
+@pytest.fixture
+def fake_data_with_harmbench(fake_data_dir):
+    """`fake_data_dir` plus a copy of the real HarmBench files (the safety tasks' prompts)."""
+    shutil.copytree(SHARED_DATA / "harmbench", fake_data_dir / "harmbench")
+    return fake_data_dir
 
 
 @pytest.fixture

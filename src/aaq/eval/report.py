@@ -100,8 +100,9 @@ def merge_reports(run_dirs: Sequence[str | Path]) -> list[dict]:
 
 
 def comparison_table(reports: Sequence[dict]) -> str:
-    """Return a markdown table with one row per run: model, method, bits, PPL, refusal, benign, SafetyBench."""
-    header = ["run", "model", "method", "bits"] + [label for label, _, _ in METRIC_COLUMNS]
+    """Return a markdown table with one row per run: model, method, bits, PPL, refusal, benign, SafetyBench and
+    the quantization wall time when the run recorded one (`meta.quantize_s`)."""
+    header = ["run", "model", "method", "bits"] + [label for label, _, _ in METRIC_COLUMNS] + ["quantize (s)"]
     rows = []
     for report in reports:
         metrics = report.get("metrics", {})
@@ -109,6 +110,7 @@ def comparison_table(reports: Sequence[dict]) -> str:
             [Path(report.get("run_dir", "")).name or "–", _cell(report.get("model")), _cell(report.get("method")),
              _cell(report.get("bits"))]
             + [_cell(metrics.get(key), pattern) for _, key, pattern in METRIC_COLUMNS]
+            + [_cell((report.get("meta") or {}).get("quantize_s"), "{:.0f}")]
         )
     return _table(header, rows) + "\n"
 

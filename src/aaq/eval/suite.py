@@ -16,7 +16,14 @@ from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig
 from aaq.eval.lmeval import LmEvalConfig, lmeval_tasks
 from aaq.eval.perplexity import PerplexityConfig, evaluate_perplexity
-from aaq.eval.prompts import Prompt, benign_records, harmbench_records, load_prompt_records
+from aaq.eval.prompts import (
+    HARMBENCH_TUNING,
+    Prompt,
+    benign_records,
+    harmbench_records,
+    harmbench_tuning_records,
+    load_prompt_records,
+)
 from aaq.eval.refusal import Judge, PhraseJudge
 from aaq.eval.report import write_report
 from aaq.eval.safety import SafetyResult, benign_compliance, refusal_rate
@@ -49,7 +56,8 @@ class EvalConfig:
     """What `evaluate` runs.
 
     tasks: any of "ppl", "refusal", "benign", "safetybench" and "lmeval:<t1>,<t2>" (a comma string or list).
-    harmful_prompts / benign_prompts: prompt files (default: HarmBench val `standard`, the shipped benign set).
+    harmful_prompts / benign_prompts: prompt files (default: HarmBench val `standard`, the shipped benign set);
+    harmful_prompts "harmbench-tuning" is the demo pair's 40-behaviour tuning split (HarmBench test).
     safetybench: a SafetyBench file (default: the shared dev split). judge: name of a judge model; the
     caller loads it and passes it to `evaluate(judge=...)` (None = the refusal-phrase detector).
     """
@@ -91,7 +99,9 @@ class EvalConfig:
 
 
 def harmful_prompt_set(config: EvalConfig) -> list[Prompt]:
-    """Return the harmful prompts to evaluate: the configured file or HarmBench val `standard`."""
+    """Return the harmful prompts to evaluate: the configured file, the tuning split, or HarmBench val `standard`."""
+    if config.harmful_prompts == HARMBENCH_TUNING:
+        return harmbench_tuning_records()
     return load_prompt_records(config.harmful_prompts) if config.harmful_prompts else harmbench_records("val", "standard")
 
 
