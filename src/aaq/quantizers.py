@@ -27,7 +27,9 @@ class QuantSpec:
     `group_size=None` quantizes each whole row of the last dimension with one scale: per output
     channel for weights, per token for activations, per head for the KV cache (whose rows are
     head_dim long). `clip_ratio` shrinks the range before rounding; `clip_search` (weights only)
-    instead searches the ratio per row that minimises the rounding error.
+    instead searches the ratio per row that minimises the rounding error. `half_range_scale`
+    (symmetric only) sets the scale to amax / ((qmax - qmin) / 2), the compressed-tensors/vLLM
+    convention, instead of amax / qmax; exports simulate deployment kernels with it.
     """
 
     bits: int
@@ -35,6 +37,7 @@ class QuantSpec:
     group_size: int | None = None
     clip_ratio: float = 1.0
     clip_search: bool = False
+    half_range_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in _SUPPORTED_BITS:
@@ -43,6 +46,8 @@ class QuantSpec:
             raise AaqError(f"group_size must be positive or None (whole row), got {self.group_size}")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise AaqError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.half_range_scale and not self.symmetric:
+            raise AaqError("half_range_scale applies to symmetric quantization only; drop it or set symmetric=True")
 
     @property
     def qmin(self) -> int:
@@ -150,7 +155,7 @@ def quant_params(x: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | fl
         # reaches one more level but clips every row's largest value: measured on smollm2-135m,
         # RTN W4A16 perplexity 40.1 -> 44.4 (8 x 512 held-out tokens).
         amax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        scale = amax / spec.qmax
+        scale = amax / ((spec.qmax - spec.qmin) / 2 if spec.half_range_scale else spec.qmax)
         zero = torch.zeros_like(scale)
     else:
         xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
