@@ -5,6 +5,8 @@ The public API, imported lazily so that `aaq --help` does not pay for torch and 
 - `aaq.quantize(model, config, tokenizer=...)` -> QuantizeResult  (aaq.api)
 - `aaq.save_quantized(result, tokenizer, out_dir)` / `aaq.load(path_or_name)`  (aaq.checkpoint)
 - `aaq.evaluate(model, tokenizer, EvalConfig(...), out_dir=...)` -> report dict  (aaq.eval.suite)
+- `aaq.export(run_dir, out_dir, ExportConfig(format="aaq" | "compressed-tensors", scheme="W4A16" | "W4A4"))`
+  -> ExportReport: packed int4 aaq folders, or compressed-tensors folders for transformers/vLLM  (aaq.exporting)
 """
 
 from importlib import import_module
@@ -21,6 +23,8 @@ _EXPORTS = {
     "load": "aaq.checkpoint",
     "evaluate": "aaq.eval.suite",
     "EvalConfig": "aaq.eval.suite",
+    "export": "aaq.exporting",
+    "ExportConfig": "aaq.exporting",
     "QuantScheme": "aaq.quantizers",
     "QuantSpec": "aaq.quantizers",
     "AaqError": "aaq.errors",

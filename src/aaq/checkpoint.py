@@ -4,6 +4,8 @@ A quantized folder holds `aaq_config.json` (written last: its presence means the
 complete), the transformers `config.json` of the transformed architecture, the weights in
 `aaq_model.safetensors` (named so that plain `from_pretrained` does not load them without the
 online transforms they need), the fused rotations in `transforms.safetensors`, and the tokenizer.
+`aaq export --format aaq` writes the same folder with the weights packed as int4 codes
+(`aaq_packed.safetensors`, format `aaq-packed`, see `aaq.packing`); `load_quantized` reads both.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from aaq.api import QuantizeConfig, QuantizeResult
 from aaq.errors import AaqError
-from aaq.fake_quant import OnlineTransforms, prepare_model
+from aaq.fake_quant import OnlineTransforms, QuantLinear, prepare_model
 from aaq.loading import ModelSource, load_model
 from aaq.models import get_adapter
+from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, unpack_state
+from aaq.quantizers import QuantScheme
 from aaq.runs import provenance, write_atomic, write_json
 
 AAQ_CONFIG = "aaq_config.json"
@@ -29,6 +33,7 @@ WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq-fakequant"
 FORMAT_VERSION = 1
+_READABLE_FORMATS = (FORMAT, PACKED_FORMAT)
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -36,7 +41,8 @@ def is_quantized_folder(path: str | Path) -> bool:
     return (Path(path) / AAQ_CONFIG).is_file()
 
 
-def _state_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The tensors a quantized folder stores: the state dict without a tied lm_head."""
     adapter = get_adapter(model)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     if adapter.ties_embeddings:
@@ -56,7 +62,7 @@ def save_quantized(
     (out / AAQ_CONFIG).unlink(missing_ok=True)
     model = result.model
     model.config.save_pretrained(out)
-    write_atomic(out / WEIGHTS, lambda tmp: save_file(_state_to_save(model), str(tmp), metadata={"format": FORMAT}))
+    write_atomic(out / WEIGHTS, lambda tmp: save_file(model_state(model), str(tmp), metadata={"format": FORMAT}))
     if result.transforms is not None and result.transforms.tensors():
         write_atomic(out / TRANSFORMS, lambda tmp: save_file(result.transforms.tensors(), str(tmp)))
     else:
@@ -86,9 +92,10 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
         raise AaqError(f"{path} has no {AAQ_CONFIG}: it is not a finished aaq run; re-run `aaq quantize`") from None
     except json.JSONDecodeError as err:
         raise AaqError(f"{file} is not valid JSON ({err.msg}); the folder is corrupt, re-run `aaq quantize`") from None
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+    if data.get("format") not in _READABLE_FORMATS or data.get("format_version") != FORMAT_VERSION:
         raise AaqError(
-            f"{file} has format {data.get('format')} v{data.get('format_version')}, this aaq reads {FORMAT} v{FORMAT_VERSION}; re-run `aaq quantize`"
+            f"{file} has format {data.get('format')} v{data.get('format_version')}, this aaq reads "
+            f"{' and '.join(_READABLE_FORMATS)} v{FORMAT_VERSION}; re-run `aaq quantize` (or `aaq export`)"
         )
     missing = [key for key in ("quantize", "online_transforms") if key not in data]
     if missing:
@@ -96,29 +103,49 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+def _load_weights(file: Path, remedy: str = "re-run `aaq quantize`") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except FileNotFoundError:
-        raise AaqError(f"{file} is missing; the run folder is incomplete, re-run `aaq quantize`") from None
+        raise AaqError(f"{file} is missing; the folder is incomplete, {remedy}") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise AaqError(f"{file} is corrupt or truncated ({err}); re-run `aaq quantize`") from None
+        raise AaqError(f"{file} is corrupt or truncated ({err}); {remedy}") from None
 
 
-def load_quantized(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Rebuild the fake-quantized model saved in `path`: model, tokenizer and its aaq config."""
+def _read_state(path: Path, info: dict[str, Any], model: PreTrainedModel, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """The state dict stored in a quantized folder, unpacking int4 codes for the packed format."""
+    if info["format"] != PACKED_FORMAT:
+        return _load_weights(path / WEIGHTS)
+    spec = config.resolved_scheme().weights
+    if spec is None:
+        raise AaqError(f"{path / AAQ_CONFIG} says the weights are not quantized, but the folder holds packed codes; re-run `aaq export`")
+    tensors = _load_weights(path / PACKED_WEIGHTS, remedy="re-run `aaq export`")
+    shapes = {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    return unpack_state(tensors, shapes, spec)
+
+
+def load_quantized(
+    path: str | Path, scheme: QuantScheme | None = None, online: OnlineTransforms | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Rebuild the fake-quantized model saved in `path`: model, tokenizer and its aaq config.
+
+    `scheme` / `online` replace the saved activation/KV quantization and online transforms, to
+    simulate the same weights under other settings (an export's); weights keep the saved spec.
+    """
     path = Path(path)
     info = read_aaq_config(path)
     config = QuantizeConfig.from_dict(info["quantize"])
     hf_config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    prepare_model(model, get_adapter(model), config.resolved_scheme(), OnlineTransforms(**info["online_transforms"]))
-    state = _load_weights(path / WEIGHTS)
+    scheme = config.resolved_scheme() if scheme is None else scheme
+    online = OnlineTransforms(**info["online_transforms"]) if online is None else online
+    prepare_model(model, get_adapter(model), scheme, online)
+    state = _read_state(path, info, model, config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if get_adapter(model).ties_embeddings else set()
     if unexpected or set(missing) - allowed_missing:
         raise AaqError(
-            f"{path / WEIGHTS} does not match its config (missing {sorted(set(missing) - allowed_missing)[:3]}, "
+            f"the weights in {path} do not match its config (missing {sorted(set(missing) - allowed_missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); re-run `aaq quantize`"
         )
     model.eval()

@@ -21,6 +21,7 @@ logger = logging.getLogger("aaq")
 EPILOG = """examples:
   aaq quantize --model smollm2-135m-instruct --method quarot --bits w4a4kv4 --out runs/quarot
   aaq eval --model runs/quarot --tasks ppl --out runs/quarot/eval
+  aaq export runs/quarot --format compressed-tensors --scheme W4A4 --out runs/quarot-vllm
   aaq demo
 """
 
@@ -185,6 +186,27 @@ def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_make_demo_pair)
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a quantized run for shipping: packed int4 (aaq) or compressed-tensors (transformers/vLLM)",
+        description="Export an aaq run folder. --format aaq packs the weights two int4 codes per byte with their scales "
+        "(bit-exact; `aaq eval --model OUT` and aaq.load(OUT) rebuild the run's model). --format compressed-tensors "
+        "writes a folder for other runtimes: --scheme W4A16 (int4 weights, full-precision activations; loads in plain "
+        "transformers with compressed-tensors installed) or W4A4 (int4 weights, dynamic symmetric int4 per-token "
+        "activations, R4 as an online Hadamard transform; for vLLM). R1/R2/smoothing are already fused into the "
+        "weights. What the format cannot express (asymmetric activations, a 4-bit KV cache, an R4 it cannot apply) is "
+        "listed in OUT/aaq_export.json and printed; --strict refuses such exports instead.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("run", type=Path, help="aaq run folder (from `aaq quantize`) or packed aaq export")
+    p.add_argument("--format", choices=("aaq", "compressed-tensors"), default="aaq", help="output format")
+    p.add_argument("--scheme", choices=("W4A16", "W4A4"), default="W4A16", help="compressed-tensors preset (ignored for aaq)")
+    p.add_argument("--strict", action="store_true", help="refuse an export that would compute differently from the run")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.set_defaults(handler=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `aaq` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -200,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_demo_parser(sub)
     _add_make_demo_pair_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -440,6 +463,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, config, args.out, meta={"model": args.model, **meta}, judge=_judge_from_args(args))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in report["metrics"].items() if isinstance(v, float))
     print(f"{args.model}: {shown}; report in {args.out / 'report.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run folder and print what the export differs in and how large it is."""
+    from aaq.exporting import ExportConfig, export
+
+    report = export(args.run, args.out, ExportConfig(format=args.format, scheme=args.scheme, strict=args.strict))
+    for difference in report.differences:
+        print(f"differs: {difference}")
+    for note in report.notes:
+        print(f"note: {note}")
+    scheme = f" {report.scheme}" if report.scheme and report.format != "aaq" else ""
+    print(
+        f"exported {args.run} as {report.format}{scheme} to {args.out}: linear weights {report.linear_bytes / 1e6:.1f} MB "
+        f"({report.linear_ratio:.3f} of fp16), folder {report.folder_bytes / 1e6:.1f} MB"
+    )
     return 0
 
 

@@ -1,0 +1,168 @@
+"""Export a quantized run folder for shipping: packed int4 aaq folders and compressed-tensors folders.
+
+- `aaq`: the run's weights as int4 codes two per byte with their scales (and zero points), the
+  fused transforms and the quantization config; `aaq.load` / `aaq eval --model` rebuild the same
+  fake-quantized model.
+- `compressed-tensors`: W4A16 (R1/R2/smoothing fused, packed int4 weights; loads in plain
+  `transformers`) or W4A4 (int4 weights, dynamic int4 per-token activations, R4 and R3 as online
+  Hadamard transforms in `transform_config`, the way vLLM applies them). What the format cannot
+  express is listed in the report, or refused with `strict`.
+
+(The package is `exporting`, not `export`, so that `aaq.export(...)` stays a function.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, load_quantized, model_state
+from aaq.api import QuantizeConfig
+from aaq.errors import AaqError
+from aaq.fake_quant import QuantLinear
+from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, pack_state
+from aaq.quantizers import QuantScheme
+from aaq.runs import provenance, write_atomic, write_json
+
+FORMATS = ("aaq", "compressed-tensors")
+SCHEMES = ("W4A16", "W4A4")
+EXPORT_REPORT = "aaq_export.json"
+# Files of a run folder an aaq export carries over unchanged (the fused transforms, for the record).
+_CARRIED_FILES = (TRANSFORMS, "smoothing_scales.safetensors")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which format to write; `scheme` picks the compressed-tensors preset; `strict` refuses lossy exports."""
+
+    format: Literal["aaq", "compressed-tensors"] = "aaq"
+    scheme: Literal["W4A16", "W4A4"] = "W4A16"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise AaqError(f"unknown export format {self.format!r}; use one of {', '.join(FORMATS)}")
+        if self.scheme not in SCHEMES:
+            raise AaqError(f"unknown compressed-tensors scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how it differs from the run it came from.
+
+    `differences`: where the exported model computes something other than aaq's simulation of the
+    run under the exported scheme (empty for a faithful export). `notes`: facts a user should know
+    that change nothing. `linear_bytes` / `linear_fp16_bytes`: stored bytes of the quantized linear
+    weights (codes, scales, zero points) and the bytes the same weights take in fp16.
+    """
+
+    out_dir: Path
+    format: str
+    scheme: str | None
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    linear_bytes: int = 0
+    linear_fp16_bytes: int = 0
+    folder_bytes: int = 0
+
+    @property
+    def linear_ratio(self) -> float:
+        """Exported linear weight bytes over their fp16 bytes."""
+        return self.linear_bytes / self.linear_fp16_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {**asdict(self), "out_dir": str(self.out_dir), "linear_ratio": self.linear_ratio}
+
+
+def quantized_linears(model: PreTrainedModel) -> dict[str, torch.Size]:
+    """Qualified names and weight shapes (out, in) of the quantized projections of a loaded run."""
+    return {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+def linear_bytes(tensors: dict[str, torch.Tensor], linears: dict[str, torch.Size]) -> tuple[int, int]:
+    """Stored bytes of the quantized linears' weight tensors in `tensors` (biases excluded), and their fp16 bytes."""
+    stored = sum(t.numel() * t.element_size() for key, t in tensors.items() if _weight_part_of(key, linears))
+    fp16 = sum(2 * shape.numel() for shape in linears.values())
+    return stored, fp16
+
+
+def _weight_part_of(key: str, linears: dict[str, torch.Size]) -> bool:
+    prefix, _, suffix = key.rpartition(".")
+    return prefix in linears and suffix != "bias"
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files in `folder`."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def start_folder(out: Path, marker: str) -> None:
+    """Create `out` and remove its completion marker, so a crash mid-export leaves no folder that looks complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).unlink(missing_ok=True)
+
+
+def check_strict(report: ExportReport, strict: bool) -> None:
+    """Raise when `strict` and the export would differ from the run."""
+    if strict and report.differences:
+        raise AaqError(f"the export would differ from the run: {'; '.join(report.differences)}; drop --strict to export anyway")
+
+
+# A writer fills the folder and returns its report and the function that writes the completion marker.
+Written = tuple[ExportReport, Callable[[], None]]
+
+
+def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:
+    """The quantization scheme of a loaded run, or AaqError when its weights are not quantized."""
+    scheme = QuantizeConfig.from_dict(info["quantize"]).resolved_scheme()
+    if scheme.weights is None:
+        raise AaqError(f"{run_dir} keeps its weights in full precision; there is nothing to export, quantize with --bits w4... first")
+    return scheme
+
+
+def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
+    """Write the run as a packed int4 aaq folder (marker: aaq_config.json)."""
+    model, tokenizer, info = load_quantized(run_dir)
+    spec = run_scheme(info, run_dir).weights
+    linears = quantized_linears(model)
+    tensors = pack_state(model_state(model), list(linears), spec)
+    start_folder(out, AAQ_CONFIG)
+    model.config.save_pretrained(out)
+    write_atomic(out / PACKED_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": PACKED_FORMAT}))
+    for name in _CARRIED_FILES:
+        if (run_dir / name).is_file():
+            write_atomic(out / name, lambda tmp, src=run_dir / name: shutil.copyfile(src, tmp))
+    tokenizer.save_pretrained(out)
+    stored, fp16 = linear_bytes(tensors, linears)
+    report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
+    keep = {key: info[key] for key in ("source_model", "quantize", "online_transforms")}
+    marker = {"format": PACKED_FORMAT, "format_version": info["format_version"], **keep, "exported_from": str(run_dir), **provenance()}
+    return report, lambda: write_json(out / AAQ_CONFIG, marker)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
+    """Export the quantized run (or packed export) in `run_dir` to `out_dir` in `config.format`; returns the report.
+
+    The report (differences, notes, sizes) is also written to `out_dir/aaq_export.json`.
+    """
+    config = config or ExportConfig()
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.resolve() == run_dir.resolve():
+        raise AaqError(f"export would overwrite its source {run_dir}; pass another --out folder")
+    if config.format == "aaq":
+        report, write_marker = _export_packed(run_dir, out, config)
+    else:
+        from aaq.exporting.compressed import export_compressed
+
+        report, write_marker = export_compressed(run_dir, out, config)
+    report.folder_bytes = folder_bytes(out)
+    write_json(out / EXPORT_REPORT, {**report.to_dict(), "source": str(run_dir), "config": asdict(config)})
+    write_marker()
+    return report
