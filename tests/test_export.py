@@ -161,11 +161,15 @@ def _compressed_tensors_simulation(folder):
     return model
 
 
-def test_w4a16_folder_loads_in_transformers_with_the_run_logits(tmp_path, tiny_tokenizer):
+ASYMMETRIC_GROUPS = QuantScheme.from_string("w4a4kv4").with_overrides(weights=QuantSpec(bits=4, symmetric=False, group_size=32))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w4a16_folder_loads_in_transformers_with_the_run_logits(tmp_path, tiny_tokenizer, family):
     from transformers import AutoModelForCausalLM
 
     no_r4 = QuaRotConfig(weight_quantizer="rtn", rotation=RotationConfig(r4=False))
-    run, _ = _run(tmp_path, tiny_tokenizer, method=no_r4, bits="w4a4kv4")
+    run, _ = _run(tmp_path, tiny_tokenizer, method=no_r4, bits="w4a4kv4", family=family)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True))
     assert report.differences == [] and report.linear_ratio <= 0.28
     simulation, _, _ = load_quantized(run, scheme=QuantScheme(weights=QuantScheme.from_string("w4a16").weights))
@@ -173,6 +177,12 @@ def test_w4a16_folder_loads_in_transformers_with_the_run_logits(tmp_path, tiny_t
     torch.testing.assert_close(_logits(model), _logits(simulation), rtol=1e-5, atol=1e-5)
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["input_activations"] is None
+
+
+def test_w4a16_export_refuses_asymmetric_weights_transformers_would_garble(tmp_path, tiny_tokenizer):
+    run, _ = _run(tmp_path, tiny_tokenizer, scheme=ASYMMETRIC_GROUPS)
+    with pytest.raises(AaqError, match="asymmetric int4 weights.*--format aaq"):
+        export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16"))
 
 
 def test_w4a16_export_of_an_r4_run_says_what_differs_or_refuses(tmp_path, tiny_tokenizer):
@@ -194,14 +204,16 @@ W4A4_SCHEME = QuantScheme(
 )
 
 
-def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("weights", [W4A4_SCHEME.weights, QuantSpec(bits=4, symmetric=False, group_size=32)])
+def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_path, tiny_tokenizer, weights):
     no_r4 = QuaRotConfig(weight_quantizer="rtn", rotation=RotationConfig(r4=False))
-    run, _ = _run(tmp_path, tiny_tokenizer, method=no_r4, scheme=W4A4_SCHEME)
+    scheme = W4A4_SCHEME.with_overrides(weights=weights)
+    run, _ = _run(tmp_path, tiny_tokenizer, method=no_r4, scheme=scheme)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True))
     assert report.differences == [] and any("R3" in note for note in report.notes)
     group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["input_activations"] | {"num_bits": 4, "symmetric": True, "dynamic": True, "strategy": "token"} == group["input_activations"]
-    simulation, _, _ = load_quantized(run, scheme=W4A4_SCHEME, online=OnlineTransforms())
+    simulation, _, _ = load_quantized(run, scheme=scheme, online=OnlineTransforms())
     model = _compressed_tensors_simulation(tmp_path / "ct")
     torch.testing.assert_close(_logits(model), _logits(simulation), rtol=1e-5, atol=1e-5)
 

@@ -94,10 +94,17 @@ def hadamard_kind(n: int) -> HadamardKind | None:
     return "random-hadamard"
 
 
-def _weight_plan(spec: QuantSpec) -> list[str]:
+def _weight_plan(spec: QuantSpec, target: str) -> list[str]:
     """Notes on how the run's weight spec is written (always exactly: the codes are the run's)."""
     if spec.bits != 4:
         raise AaqError(f"the run's weights are {spec.bits}-bit; W4A16/W4A4 exports need a 4-bit run, quantize with --bits w4...")
+    if target == "W4A16" and not spec.symmetric:
+        # compressed-tensors 0.20 sizes the zero points of an empty (meta) model unpacked, so
+        # transformers finds the packed ones mismatched and silently re-initialises them.
+        raise AaqError(
+            "transformers cannot load asymmetric int4 weights from compressed-tensors folders (their zero points are "
+            "re-initialised); export this run with --format aaq, or quantize with symmetric weights"
+        )
     granularity = "per output channel" if spec.group_size is None else f"in groups of {spec.group_size}"
     notes = [f"weights: the run's int4 codes, {'symmetric' if spec.symmetric else 'asymmetric'}, {granularity}"]
     if spec.group_size != PRESET_GROUP_SIZE:
@@ -143,7 +150,7 @@ def _r4_plan(online: OnlineTransforms, geometry: Geometry, target: str) -> tuple
 
 def plan_export(scheme: QuantScheme, online: OnlineTransforms, geometry: Geometry, target: str) -> CompressedPlan:
     """Map a run's scheme (with quantized weights) and online transforms onto the compressed-tensors scheme `target`."""
-    notes = _weight_plan(scheme.weights)
+    notes = _weight_plan(scheme.weights, target)
     differences: list[str] = []
     if target == "W4A16":
         activations = None
@@ -235,8 +242,8 @@ def _compress(model: PreTrainedModel, plan: CompressedPlan) -> ModelCompressor:
         codes = recover_codes(module.weight, spec, name)
         module.weight_scale.data.copy_(codes.scale)
         if codes.zero is not None:
-            # compressed-tensors codes are signed: q_ct = q - 2^(bits-1), and so are its zero points.
-            module.weight_zero_point.data.copy_(codes.zero.to(torch.int16) + spec.qmin)
+            # aaq's asymmetric codes are 0..2^bits-1, compressed-tensors' are signed: both shift by 2^(bits-1).
+            module.weight_zero_point.data.copy_(codes.zero.to(torch.int16) - 2 ** (spec.bits - 1))
     compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
     compressor.compress_model(model)
     return compressor
