@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, load_quantized, model_state
+from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, load_quantized, model_state
 from aaq.api import QuantizeConfig
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear
@@ -33,6 +33,9 @@ from aaq.runs import provenance, write_atomic, write_json
 FORMATS = ("aaq", "compressed-tensors")
 SCHEMES = ("W4A16", "W4A4")
 EXPORT_REPORT = "aaq_export.json"
+# The transformers file names of a compressed-tensors export.
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
 # Files of a run folder an aaq export carries over unchanged (the fused transforms, for the record).
 _CARRIED_FILES = (TRANSFORMS, "smoothing_scales.safetensors")
 
@@ -103,10 +106,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def start_folder(out: Path, marker: str) -> None:
-    """Create `out` and remove its completion marker, so a crash mid-export leaves no folder that looks complete."""
+def start_folder(out: Path) -> None:
+    """Create `out` and remove what an earlier export left there, completion markers first.
+
+    A crash mid-export then leaves no folder that looks complete, and a folder re-exported in the
+    other format holds no stale weights of the first.
+    """
+    if (out / WEIGHTS).is_file():
+        raise AaqError(f"{out} is an aaq run folder; export to another --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / marker).unlink(missing_ok=True)
+    for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, PACKED_WEIGHTS, HF_WEIGHTS):
+        (out / name).unlink(missing_ok=True)
 
 
 def check_strict(report: ExportReport, strict: bool) -> None:
@@ -133,7 +143,7 @@ def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
     spec = run_scheme(info, run_dir).weights
     linears = quantized_linears(model)
     tensors = pack_state(model_state(model), list(linears), spec)
-    start_folder(out, AAQ_CONFIG)
+    start_folder(out)
     model.config.save_pretrained(out)
     write_atomic(out / PACKED_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": PACKED_FORMAT}))
     for name in _CARRIED_FILES:

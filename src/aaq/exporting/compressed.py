@@ -30,7 +30,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from aaq.checkpoint import load_quantized
 from aaq.errors import AaqError
-from aaq.exporting import ExportConfig, ExportReport, Written, check_strict, linear_bytes, run_scheme, quantized_linears, start_folder
+from aaq.exporting import (
+    HF_CONFIG,
+    HF_WEIGHTS,
+    ExportConfig,
+    ExportReport,
+    Written,
+    check_strict,
+    linear_bytes,
+    quantized_linears,
+    run_scheme,
+    start_folder,
+)
 from aaq.fake_quant import OnlineTransforms
 from aaq.hadamard import hadamard_matrix
 from aaq.models import Geometry, get_adapter
@@ -47,8 +58,6 @@ try:
 except ImportError:  # an optional dependency: only this format needs it
     raise AaqError('the compressed-tensors format needs the `compressed-tensors` package; pip install "aaq[export]"') from None
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 R4_GROUP = "R4"
 DOWN_PROJ_TARGET = r"re:.*mlp\.down_proj$"
 # Hadamard entries are +-1, exact in fp16; half the bytes of the per-layer copies vLLM needs.
@@ -254,7 +263,7 @@ def _write_config(out: Path, model: PreTrainedModel, compressor: ModelCompressor
     with tempfile.TemporaryDirectory(dir=out, prefix=".config-") as tmp:
         model.config.save_pretrained(tmp)
         compressor.update_config(tmp)
-        os.replace(Path(tmp) / CONFIG_FILE, out / CONFIG_FILE)
+        os.replace(Path(tmp) / HF_CONFIG, out / HF_CONFIG)
 
 
 def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
@@ -275,8 +284,8 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     if plan.r4 is not None:
         tensors.update(r4_tensors(model, geometry.intermediate_size))
-    start_folder(out, CONFIG_FILE)
-    write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    start_folder(out)
+    write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     tokenizer.save_pretrained(out)
     report.linear_bytes, report.linear_fp16_bytes = linear_bytes(tensors, linears)
     return report, lambda: _write_config(out, model, compressor)
