@@ -110,3 +110,28 @@ def test_low_memory_quantizer_has_the_same_values_and_gradients():
         (expected,) = torch.autograd.grad((fake_quantize(x, spec) * weights).sum(), x)
         assert torch.allclose(grad, expected)
         assert not torch.allclose(grad, weights)  # the scale path contributes: not a plain identity STE
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, symmetric=True),
+        QuantSpec(bits=4, symmetric=True, group_size=8, clip_ratio=0.8),
+        QuantSpec(bits=4, symmetric=False),
+        QuantSpec(bits=3, symmetric=False, group_size=4, clip_ratio=0.7),
+        QuantSpec(bits=8, symmetric=False),
+    ],
+)
+def test_training_quantizer_gradient_equals_autograd_through_the_quantizer(spec):
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[0] = 0.0  # constant-zero row: scale 1, no scale path
+    x[1, :4] = x[1].abs().max()  # tied maxima share the scale gradient
+    x[2] = -x[2].abs()  # all-negative row: max clamped at 0
+    x[3] = x[3].clamp(max=0.0)  # row maximum exactly 0
+    grad = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    out = fake_quantize_for_training(leaf, spec)
+    assert torch.equal(out, fake_quantize(x, spec))
+    (closed_form,) = torch.autograd.grad(out, leaf, grad)
+    (expected,) = torch.autograd.grad(fake_quantize(leaf, spec), leaf, grad)
+    assert torch.allclose(closed_form, expected, rtol=1e-12, atol=1e-12)

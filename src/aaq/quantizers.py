@@ -210,33 +210,88 @@ def quantize_weight_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return fake_quantize_grouped(grouped, scale, zero, spec).flatten(-2)
 
 
-class _RecomputingFakeQuantize(torch.autograd.Function):
-    """`fake_quantize` (with its STE gradient, scale path included) that saves only its input.
+@dataclass(frozen=True)
+class _ExtremumGrad:
+    """Where a row's scale comes from: entries (row, column) and d(scale)/d(entry) for each."""
 
-    Plain autograd through the quantizer keeps about ten input-sized temporaries per call, several
-    GB per calibration step for a 135M model; this backward recomputes them from the saved input.
+    rows: torch.Tensor
+    cols: torch.Tensor
+    slope: torch.Tensor
+
+
+def _extremum_grad(hits: torch.Tensor, slope: torch.Tensor) -> _ExtremumGrad:
+    """The entries marked in `hits` (rows, size) with their row's `slope` shared evenly among tied entries."""
+    rows, cols = hits.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=hits.shape[0])
+    return _ExtremumGrad(rows, cols, slope.flatten()[rows] / counts[rows])
+
+
+def _scale_slopes(rows: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> list[_ExtremumGrad]:
+    """The entries each row's scale is computed from (its extremes) and d(scale)/d(entry), as autograd sees them.
+
+    The scale is linear in the clipped range, so its derivative is scale / range; rows whose range is
+    0 got scale 1, which does not depend on the row.
+    """
+    scale = scale.reshape(-1, 1)
+    if spec.symmetric:
+        magnitude = rows.abs()
+        amax = magnitude.amax(-1, keepdim=True)
+        slope = torch.where(amax > 0, scale / amax, 0.0)
+        grad = _extremum_grad(magnitude == amax, slope)
+        return [replace(grad, slope=grad.slope * rows[grad.rows, grad.cols].sign())]
+    xmax, xmin = rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True)
+    span = xmax.clamp(min=0) - xmin.clamp(max=0)
+    slope = torch.where(span > 0, scale / span, 0.0)
+    # The range is [min(xmin, 0), max(xmax, 0)]: an extreme on the wrong side of 0 does not move it.
+    return [_extremum_grad(rows == xmax, slope * (xmax >= 0)), _extremum_grad(rows == xmin, -slope * (xmin <= 0))]
+
+
+class _ClosedFormFakeQuantize(torch.autograd.Function):
+    """`fake_quantize` with its autograd gradient (STE, zero where clamped, scale path) in closed form.
+
+    Autograd through the quantizer keeps about ten input-sized temporaries per call and replays
+    some thirty elementwise passes in the backward; this forward saves one input-sized tensor (each
+    entry's d(out)/d(scale)) and the few entries that set each row's scale, and the backward is one
+    reduction and a scatter.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        grouped = _grouped(x, spec.group_size)
+        scale, zero = quant_params(grouped, spec, spec.clip_ratio)
+        u = grouped / scale
+        level = torch.round(u)
+        # d(out)/d(scale) of out = (clamp(round(u) + zero) - zero) * scale, u = x / scale: round(u) - u inside
+        # the range (the STE passes x's own gradient), the clamped level - zero outside it (x's is 0).
+        d_scale = level - u
+        level.add_(zero)
+        low, high = torch.aminmax(level)
+        inside = None
+        if low < spec.qmin or high > spec.qmax:
+            inside = (level >= spec.qmin).logical_and_(level <= spec.qmax)
+            d_scale = torch.where(inside, d_scale, level.clamp(spec.qmin, spec.qmax) - zero)
+        out = level.clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
+        ctx.extremes = _scale_slopes(grouped.reshape(-1, grouped.shape[-1]), scale, spec)
         ctx.spec = spec
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return fake_quantize(x, spec)
+        ctx.save_for_backward(d_scale, inside)
+        return out.flatten(-2)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_()
-            (grad_x,) = torch.autograd.grad(fake_quantize(leaf, ctx.spec), leaf, grad)
-        return grad_x, None
+        d_scale, inside = ctx.saved_tensors
+        grouped_grad = _grouped(grad, ctx.spec.group_size)
+        grad_scale = torch.linalg.vecdot(d_scale, grouped_grad).flatten()
+        out = (grouped_grad.clone() if inside is None else grouped_grad * inside).contiguous()
+        flat = out.view(-1, out.shape[-1])
+        for extreme in ctx.extremes:
+            flat.index_put_((extreme.rows, extreme.cols), grad_scale[extreme.rows] * extreme.slope, accumulate=True)
+        return out.flatten(-2), None
 
 
 def fake_quantize_for_training(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """`fake_quantize` with the same value and gradient, storing only `x` for the backward."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RecomputingFakeQuantize.apply(x, spec)
+        return _ClosedFormFakeQuantize.apply(x, spec)
     return fake_quantize(x, spec)
 
 
