@@ -173,8 +173,10 @@ def _layer_transforms(parts: DecoderLayerParts, t: LearnableTransforms) -> dict[
 
     def o_weight(w: Tensor, v: TransformValues) -> Tensor:
         heads = w.shape[1] // hd
-        right = _times(torch.block_diag(*[v.r2] * heads), _query_head_scales(v.vo, groups, hd))
-        return v.r1.T @ (w @ right)
+        scales = _query_head_scales(v.vo, groups, hd)
+        # Per head, not one block-diagonal matmul: heads x fewer multiply-adds for the same product.
+        per_head = v.r2.expand(heads, hd, hd) if scales is None else v.r2 * scales.view(heads, 1, hd)
+        return v.r1.T @ torch.einsum("ohi,hij->ohj", w.unflatten(1, (heads, hd)), per_head).flatten(1)
 
     def up_weight(w: Tensor, v: TransformValues) -> Tensor:
         return _divide(w @ _times(v.r1, v.mlp), v.down)
