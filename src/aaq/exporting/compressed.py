@@ -63,6 +63,7 @@ DOWN_PROJ_TARGET = r"re:.*mlp\.down_proj$"
 # Hadamard entries are +-1, exact in fp16; half the bytes of the per-layer copies vLLM needs.
 TRANSFORM_DTYPE = torch.float16
 PRESET_GROUP_SIZE = 128
+PACKED = "pack-quantized"
 HadamardKind = Literal["hadamard", "random-hadamard"]
 
 
@@ -200,8 +201,10 @@ def _quantization_args(spec: QuantSpec, dynamic: bool) -> QuantizationArgs:
 def quantization_config(plan: CompressedPlan) -> QuantizationConfig:
     """The quantization_config of the export: every decoder Linear but lm_head, pack-quantized."""
     activations = None if plan.activations is None else _quantization_args(plan.activations, dynamic=True)
-    scheme = QuantizationScheme(targets=["Linear"], weights=_quantization_args(plan.weights, dynamic=False), input_activations=activations)
-    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format="pack-quantized")
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=_quantization_args(plan.weights, dynamic=False), input_activations=activations, format=PACKED
+    )
+    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=PACKED)
 
 
 def transform_config(plan: CompressedPlan) -> TransformConfig | None:
@@ -243,7 +246,8 @@ def _unfuse_down_proj(model: PreTrainedModel, spec: QuantSpec) -> None:
 @torch.no_grad()
 def _compress(model: PreTrainedModel, plan: CompressedPlan) -> ModelCompressor:
     """Attach the quantization config with the run's scales, then pack the weights in place."""
-    apply_quantization_config(model, quantization_config(plan), show_progress=False)
+    config = quantization_config(plan)
+    apply_quantization_config(model, config, show_progress=False)
     spec = plan.weights
     for name, module in model.named_modules():
         if not hasattr(module, "weight_scale"):
@@ -253,7 +257,9 @@ def _compress(model: PreTrainedModel, plan: CompressedPlan) -> ModelCompressor:
         if codes.zero is not None:
             # aaq's asymmetric codes are 0..2^bits-1, compressed-tensors' are signed: both shift by 2^(bits-1).
             module.weight_zero_point.data.copy_(codes.zero.to(torch.int16) - 2 ** (spec.bits - 1))
-    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    # Built from our own config: inferring it from the model would pick int-quantized (no packing)
+    # for W4A4, with a warning per layer, and override it anyway.
+    compressor = ModelCompressor(quantization_config=config, transform_config=transform_config(plan), force_compression_format=PACKED)
     compressor.compress_model(model)
     return compressor
 
@@ -280,7 +286,6 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     if plan.unfuse_r4:
         _unfuse_down_proj(model, scheme.weights)
     compressor = _compress(model, plan)
-    compressor.transform_config = transform_config(plan)
     tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     if plan.r4 is not None:
         tensors.update(r4_tensors(model, geometry.intermediate_size))
