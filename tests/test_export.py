@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import aaq
 from aaq.api import QuantizeConfig, quantize
 from aaq.checkpoint import AAQ_CONFIG, load, load_quantized, save_quantized
 from aaq.errors import AaqError
@@ -94,6 +95,7 @@ def test_packed_export_loads_back_to_the_same_logits(tmp_path, tiny_tokenizer, f
     run, logits = _run(tmp_path, tiny_tokenizer, family=family)
     report = export(run, tmp_path / "packed", ExportConfig(format="aaq"))
     assert not (tmp_path / "packed" / "aaq_model.safetensors").exists()
+    assert (tmp_path / "packed" / "transforms.safetensors").read_bytes() == (run / "transforms.safetensors").read_bytes()
     assert report.linear_ratio <= 0.28
     run_model, _, _ = load_quantized(run)
     model, tokenizer = load(tmp_path / "packed")
@@ -106,7 +108,7 @@ def test_packed_export_loads_back_to_the_same_logits(tmp_path, tiny_tokenizer, f
 def test_packed_export_of_gptq_asymmetric_weights_is_exact(tmp_path, tiny_tokenizer):
     scheme = QuantScheme.from_string("w4a16").with_overrides(weights=QuantSpec(bits=4, symmetric=False, group_size=32))
     run, logits = _run(tmp_path, tiny_tokenizer, method=GPTQConfig(static_groups=True), bits="w4a16", scheme=scheme)
-    export(run, tmp_path / "packed", ExportConfig(format="aaq"))
+    aaq.export(run, tmp_path / "packed", aaq.ExportConfig(format="aaq"))  # the lazy public API
     assert "model.layers.0.mlp.up_proj.zero" in load_file(tmp_path / "packed" / PACKED_WEIGHTS)
     model, _ = load(tmp_path / "packed")
     assert torch.equal(_logits(model), logits)

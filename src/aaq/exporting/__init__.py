@@ -22,10 +22,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, load_quantized, model_state
 from aaq.api import QuantizeConfig
+from aaq.checkpoint import AAQ_CONFIG, FORMAT_VERSION, TRANSFORMS, WEIGHTS, load_quantized, model_state
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear
+from aaq.methods.ostquant import SCALES_FILE
 from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, pack_state
 from aaq.quantizers import QuantScheme
 from aaq.runs import provenance, write_atomic, write_json
@@ -37,7 +38,7 @@ EXPORT_REPORT = "aaq_export.json"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 # Files of a run folder an aaq export carries over unchanged (the fused transforms, for the record).
-_CARRIED_FILES = (TRANSFORMS, "smoothing_scales.safetensors")
+_CARRIED_FILES = (TRANSFORMS, SCALES_FILE)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
     stored, fp16 = linear_bytes(tensors, linears)
     report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
     keep = {key: info[key] for key in ("source_model", "quantize", "online_transforms")}
-    marker = {"format": PACKED_FORMAT, "format_version": info["format_version"], **keep, "exported_from": str(run_dir), **provenance()}
+    marker = {"format": PACKED_FORMAT, "format_version": FORMAT_VERSION, **keep, "exported_from": str(run_dir), **provenance()}
     return report, lambda: write_json(out / AAQ_CONFIG, marker)
 
 
