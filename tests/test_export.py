@@ -240,6 +240,17 @@ def test_w4a4_r4_transform_is_aaqs_online_hadamard(tmp_path, tiny_tokenizer, mon
     torch.testing.assert_close(_logits(model), _logits(simulation), rtol=1e-5, atol=1e-5)
 
 
+def test_w4a4_export_of_an_r4_order_compressed_tensors_cannot_build_unfuses_it(tmp_path, tiny_tokenizer):
+    # intermediate 284 = 4 * 71: aaq builds Paley(283); compressed-tensors' table has no divisor of it.
+    per_channel = W4A4_SCHEME.with_overrides(weights=QuantSpec(bits=4, symmetric=True, clip_search=True))
+    run, logits = _run(tmp_path, tiny_tokenizer, scheme=per_channel, hidden_size=142, num_heads=2)
+    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4"))
+    assert any("cannot build a Hadamard of order 284" in d for d in report.differences)
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["transform_config"] == {}
+    relative = (_logits(_compressed_tensors_simulation(tmp_path / "ct")) - logits).norm() / logits.norm()
+    assert relative < 0.3
+
+
 def test_w4a4_export_of_default_settings_lists_every_difference(tmp_path, tiny_tokenizer):
     run, _ = _run(tmp_path, tiny_tokenizer)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4"))
