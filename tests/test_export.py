@@ -177,7 +177,9 @@ def test_w4a16_folder_loads_in_transformers_with_the_run_logits(tmp_path, tiny_t
     simulation, _, _ = load_quantized(run, scheme=QuantScheme(weights=QuantScheme.from_string("w4a16").weights))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
     torch.testing.assert_close(_logits(model), _logits(simulation), rtol=1e-5, atol=1e-5)
-    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    text = (tmp_path / "ct" / "config.json").read_text()
+    assert "aaq" not in text  # nothing in the folder needs aaq to load
+    config = json.loads(text)["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["input_activations"] is None
 
 
