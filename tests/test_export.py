@@ -67,6 +67,21 @@ def test_recovered_codes_reproduce_rtn_weights_bit_exactly(spec):
     assert torch.equal(codes.dequantize(), weight)
 
 
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_gptq_group_codes_are_recovered_unless_act_order_scatters_the_groups(static_groups):
+    from aaq.methods.gptq import gptq_quantize
+
+    generator = torch.Generator().manual_seed(0)
+    weight, inputs = torch.randn(16, 64, generator=generator), torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
+    spec = QuantSpec(bits=4, symmetric=True, group_size=16)
+    quantized = gptq_quantize(weight, 2 * inputs.T.double() @ inputs.double() / 256, spec, GPTQConfig(static_groups=static_groups))
+    if static_groups:
+        assert torch.equal(recover_codes(quantized, spec).dequantize(), quantized)
+    else:
+        with pytest.raises(AaqError, match="static_groups"):
+            recover_codes(quantized, spec)
+
+
 def test_weights_off_the_grid_are_refused():
     with pytest.raises(AaqError, match="not on a 4-bit grid"):
         recover_codes(torch.randn(4, 32), QuantSpec(bits=4, symmetric=True))

@@ -96,8 +96,8 @@ def recover_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -
     if not bool(solved.all()):
         row = int(torch.nonzero(~solved)[0, 0])
         raise AaqError(
-            f"{name} row {row} is not on a {spec.bits}-bit grid of its quantization spec; "
-            "export needs the quantized weights of an `aaq quantize` run folder, re-run quantize"
+            f"{name} row {row} is not on a {spec.bits}-bit grid of its quantization spec; export needs the quantized "
+            "weights of an `aaq quantize` run (GPTQ with act_order and groups needs static_groups), re-run quantize"
         )
     zero = None
     if not spec.symmetric:
