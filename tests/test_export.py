@@ -322,3 +322,10 @@ def test_cli_strict_export_refusal_is_one_line(tmp_path, tiny_tokenizer, capsys)
     assert main(["export", str(run), "--format", "compressed-tensors", "--scheme", "W4A4", "--strict", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("aaq: error: the export would differ from the run") and "Traceback" not in "".join(err)
+
+
+def test_cli_scheme_with_the_aaq_format_is_an_error(tmp_path, capsys):
+    from aaq.cli import main
+
+    assert main(["export", str(tmp_path), "--format", "aaq", "--scheme", "W4A4", "--out", str(tmp_path / "o")]) == 2
+    assert "--scheme applies to --format compressed-tensors" in capsys.readouterr().err

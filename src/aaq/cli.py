@@ -201,7 +201,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", type=Path, help="aaq run folder (from `aaq quantize`) or packed aaq export")
     p.add_argument("--format", choices=("aaq", "compressed-tensors"), default="aaq", help="output format")
-    p.add_argument("--scheme", choices=("W4A16", "W4A4"), default="W4A16", help="compressed-tensors preset (ignored for aaq)")
+    p.add_argument("--scheme", choices=("W4A16", "W4A4"), default=None, help="compressed-tensors preset (default: W4A16)")
     p.add_argument("--strict", action="store_true", help="refuse an export that would compute differently from the run")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(handler=cmd_export)
@@ -470,7 +470,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a run folder and print what the export differs in and how large it is."""
     from aaq.exporting import ExportConfig, export
 
-    report = export(args.run, args.out, ExportConfig(format=args.format, scheme=args.scheme, strict=args.strict))
+    if args.scheme is not None and args.format == "aaq":
+        raise AaqError("--scheme applies to --format compressed-tensors; the aaq format keeps the run's own scheme")
+    config = ExportConfig(format=args.format, strict=args.strict)
+    if args.scheme is not None:
+        config = dataclasses.replace(config, scheme=args.scheme)
+    report = export(args.run, args.out, config)
     for difference in report.differences:
         print(f"differs: {difference}")
     for note in report.notes:

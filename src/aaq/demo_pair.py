@@ -250,12 +250,15 @@ def train_adapter(
     return peft_model.eval()
 
 
-def _save_adapter(peft_model, folder: Path) -> None:
+def _save_adapter(peft_model, folder: Path, base: str) -> None:
     # fp16 halves the shipped file; the adapter is merged into an fp32 model, where the rounding is negligible.
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.half()
+    # Name the base as the user does (an alias), not by this machine's cache path.
+    peft_model.peft_config["default"].base_model_name_or_path = base
     peft_model.save_pretrained(str(folder))
+    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template; training_config.json says it all
 
 
 def make_demo_pair(config: PairConfig) -> Path:
@@ -279,7 +282,7 @@ def make_demo_pair(config: PairConfig) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{config.out.name}-", dir=config.out.parent))
     try:
         peft_model = train_adapter(model, tokenizer, examples, kl_text, config, staging / LOG_FILE)
-        _save_adapter(peft_model, staging)
+        _save_adapter(peft_model, staging, config.base)
         shutil.copyfile(answers_cache, staging / ANSWERS_FILE)
         summary = {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
