@@ -16,6 +16,12 @@ SHARED_DATA = shared_data_dir()
 # slow small kernels by an order of magnitude.
 torch.set_num_threads(1)
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same global torch RNG state, so a test that draws random data is repeatable."""
+    torch.manual_seed(0)
+
+
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

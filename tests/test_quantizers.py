@@ -30,11 +30,12 @@ def test_rtn_error_is_at_most_half_a_step(symmetric, bits, group_size):
 
 def test_values_lie_on_the_grid():
     spec = QuantSpec(bits=4, symmetric=False)
-    x = torch.randn(3, 32, dtype=torch.float64)
+    x = torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     scale, zero = quant_params(x.unsqueeze(-2), spec)
     levels = fake_quantize(x, spec).unsqueeze(-2) / scale + zero
     assert torch.allclose(levels, levels.round(), atol=1e-9)
-    assert levels.min() >= 0 and levels.max() <= 15
+    # Recomputing a level as value / scale + zero leaves float noise (e.g. -9e-16 for level 0): compare integer levels.
+    assert levels.round().min() >= 0 and levels.round().max() <= 15
     assert len(torch.unique(levels[0].round())) <= 16
 
 
