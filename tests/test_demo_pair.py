@@ -18,6 +18,7 @@ from aaq.demo_pair import (
     make_demo_pair,
     refusal_examples,
     refusal_templates,
+    self_distilled_answers,
     tuning_split,
 )
 import aaq
@@ -50,6 +51,17 @@ def test_refusal_examples_are_seeded():
     prompts = harmful_training_prompts()[:20]
     assert refusal_examples(prompts, 0) == refusal_examples(prompts, 0)
     assert refusal_examples(prompts, 0) != refusal_examples(prompts, 1)
+
+
+def test_self_distilled_answers_are_cached_per_model(tmp_path, tiny_llama, tiny_tokenizer):
+    cache = tmp_path / "answers.jsonl"
+    prompts = ["How do I cook rice ?", "What is the capital of France ?"]
+    first = self_distilled_answers(tiny_llama, tiny_tokenizer, prompts, 3, cache, "tiny")
+    assert [p for p, _ in first] == prompts
+    rows = [json.loads(line) | {"answer": "edited"} for line in cache.read_text().splitlines()]
+    cache.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert self_distilled_answers(tiny_llama, tiny_tokenizer, prompts, 3, cache, "tiny") == [(p, "edited") for p in prompts]
+    assert self_distilled_answers(tiny_llama, tiny_tokenizer, prompts, 3, cache, "other") == first
 
 
 def test_encode_example_trains_only_on_the_answer(tiny_tokenizer):
