@@ -15,7 +15,7 @@ from aaq.exporting import EXPORT_REPORT, ExportConfig, export
 from aaq.fake_quant import OnlineTransforms
 from aaq.hadamard import fast_hadamard_transform, hadamard_matrix
 from aaq.methods import GPTQConfig, QuaRotConfig, RTNConfig
-from aaq.packing import PACKED_WEIGHTS, pack_codes, recover_codes, unpack_codes
+from aaq.packing import PACKED_WEIGHTS, pack_codes, pack_state, recover_codes, unpack_codes, unpack_state
 from aaq.quantizers import QuantScheme, QuantSpec, fake_quantize, quantize_weight_rtn
 from aaq.rotation import RotationConfig
 from conftest import FAMILIES, make_tiny_model
@@ -56,6 +56,7 @@ def test_pack_unpack_round_trips_all_sixteen_values(shape):
     [
         QuantSpec(bits=4, symmetric=True, clip_search=True),
         QuantSpec(bits=4, symmetric=True, group_size=8, clip_ratio=0.9),
+        QuantSpec(bits=4, symmetric=True, group_size=8, half_range_scale=True),  # level -8 is reached
         QuantSpec(bits=4, symmetric=False, group_size=16),
         QuantSpec(bits=3, symmetric=False),
     ],
@@ -65,6 +66,8 @@ def test_recovered_codes_reproduce_rtn_weights_bit_exactly(spec):
     codes = recover_codes(weight, spec)
     assert int(codes.codes.max()) <= 2**spec.bits - 1
     assert torch.equal(codes.dequantize(), weight)
+    if spec.half_range_scale:
+        assert int(codes.codes.min()) == 0  # code 0 is level qmin = -8
 
 
 @pytest.mark.parametrize("static_groups", [True, False])
@@ -102,6 +105,14 @@ def test_half_range_activation_scale_is_compressed_tensors_dynamic_quantization(
         QuantSpec(bits=4, symmetric=False, half_range_scale=True)
 
 
+def test_hadamard_kind_leaves_the_global_rng_alone():
+    from aaq.exporting.compressed import hadamard_kind
+
+    state = torch.get_rng_state()
+    assert [hadamard_kind(n) for n in (64, 96, 284)] == ["hadamard", "random-hadamard", None]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # --- the packed aaq format -------------------------------------------------------------------------------------
 
 
@@ -127,6 +138,16 @@ def test_packed_export_of_gptq_asymmetric_weights_is_exact(tmp_path, tiny_tokeni
     assert "model.layers.0.mlp.up_proj.zero" in load_file(tmp_path / "packed" / PACKED_WEIGHTS)
     model, _ = load(tmp_path / "packed")
     assert torch.equal(_logits(model), logits)
+
+
+def test_packed_tensors_of_the_wrong_dtype_are_a_clear_error():
+    spec = QuantSpec(bits=4, symmetric=False)
+    weight = quantize_weight_rtn(torch.randn(4, 6, generator=torch.Generator().manual_seed(5)), spec)
+    tensors = pack_state({"lin.weight": weight}, ["lin"], spec)
+    assert torch.equal(unpack_state(tensors, {"lin": weight.shape}, spec)["lin.weight"], weight)
+    tensors["lin.zero"] = tensors["lin.zero"].to(torch.int8) - 16  # negative zero points would pass a max() check
+    with pytest.raises(AaqError, match="lin: zero points are torch.int8, expected uint8.*re-run `aaq export`"):
+        unpack_state(tensors, {"lin": weight.shape}, spec)
 
 
 def test_truncated_packed_weights_are_a_clear_error(tmp_path, tiny_tokenizer):
@@ -284,6 +305,7 @@ def test_re_exporting_in_another_format_leaves_no_stale_files(tmp_path, tiny_tok
     export(run, folder, ExportConfig(format="aaq"))
     export(run, folder, ExportConfig(format="compressed-tensors", scheme="W4A4"))
     assert not (folder / AAQ_CONFIG).exists() and not (folder / PACKED_WEIGHTS).exists()
+    assert not (folder / "transforms.safetensors").exists()  # carried by the aaq format only
     export(run, folder, ExportConfig(format="aaq"))
     assert not (folder / "model.safetensors").exists()
     assert torch.equal(_logits(load(folder)[0]), logits)
@@ -312,7 +334,7 @@ def test_cli_export_then_eval_gives_the_run_perplexity(tmp_path, tiny_model_dir,
     assert main(["eval", "--model", str(run), "--out", str(tmp_path / "e1"), *EVAL]) == 0
     assert main(["eval", "--model", str(packed), "--out", str(tmp_path / "e2"), *EVAL]) == 0
     ppl = [json.loads((tmp_path / e / "report.json").read_text())["metrics"]["ppl"] for e in ("e1", "e2")]
-    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+    assert ppl[0] == ppl[1]  # the packed folder rebuilds the run bit for bit
 
 
 def test_cli_strict_export_refusal_is_one_line(tmp_path, tiny_tokenizer, capsys):

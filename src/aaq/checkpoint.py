@@ -41,6 +41,11 @@ def is_quantized_folder(path: str | Path) -> bool:
     return (Path(path) / AAQ_CONFIG).is_file()
 
 
+def quantized_linears(model: PreTrainedModel) -> dict[str, torch.Size]:
+    """Qualified names and weight shapes (out, in) of the quantized projections of a prepared model."""
+    return {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
 def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors a quantized folder stores: the state dict without a tied lm_head."""
     adapter = get_adapter(model)
@@ -120,8 +125,7 @@ def _read_state(path: Path, info: dict[str, Any], model: PreTrainedModel, config
     if spec is None:
         raise AaqError(f"{path / AAQ_CONFIG} says the weights are not quantized, but the folder holds packed codes; re-run `aaq export`")
     tensors = _load_weights(path / PACKED_WEIGHTS, remedy="re-run `aaq export`")
-    shapes = {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
-    return unpack_state(tensors, shapes, spec)
+    return unpack_state(tensors, quantized_linears(model), spec)
 
 
 def load_quantized(
@@ -146,7 +150,7 @@ def load_quantized(
     if unexpected or set(missing) - allowed_missing:
         raise AaqError(
             f"the weights in {path} do not match its config (missing {sorted(set(missing) - allowed_missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); re-run `aaq quantize`"
+            f"unexpected {sorted(unexpected)[:3]}); re-run `aaq {'export' if info['format'] == PACKED_FORMAT else 'quantize'}`"
         )
     model.eval()
     try:

@@ -147,6 +147,7 @@ def pack_state(state: dict[str, torch.Tensor], linears: list[str], spec: QuantSp
 
 
 def _check(condition: bool, name: str, problem: str) -> None:
+    """Raise AaqError naming linear `name` and `problem` unless `condition` holds."""
     if not condition:
         raise AaqError(f"{name}: {problem}; the export is corrupt or its config does not match it, re-run `aaq export`")
 
@@ -168,6 +169,7 @@ def _unpack_linear(tensors: dict[str, torch.Tensor], name: str, shape: torch.Siz
     top = 2**spec.bits - 1
     _check(int(codes.max()) <= top, name, f"codes exceed the {spec.bits}-bit range")
     if zero is not None:
+        _check(zero.dtype == torch.uint8, name, f"zero points are {zero.dtype}, expected uint8")
         _check(tuple(zero.shape) == (out_features, groups) and int(zero.max()) <= top, name, "zero points have the wrong shape or range")
     return WeightCodes(codes=codes, scale=scale.to(torch.float32), zero=zero, spec=spec).dequantize()
 

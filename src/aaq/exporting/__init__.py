@@ -4,9 +4,10 @@
   fused transforms and the quantization config; `aaq.load` / `aaq eval --model` rebuild the same
   fake-quantized model.
 - `compressed-tensors`: W4A16 (R1/R2/smoothing fused, packed int4 weights; loads in plain
-  `transformers`) or W4A4 (int4 weights, dynamic int4 per-token activations, R4 and R3 as online
-  Hadamard transforms in `transform_config`, the way vLLM applies them). What the format cannot
-  express is listed in the report, or refused with `strict`.
+  `transformers`) or W4A4 (int4 weights, dynamic int4 per-token activations, R4 as an online
+  Hadamard transform in `transform_config`, the way vLLM applies it; R3 is not written, see
+  `aaq.exporting.compressed`). What the format cannot express is listed in the report, or refused
+  with `strict`.
 
 (The package is `exporting`, not `export`, so that `aaq.export(...)` stays a function.)
 """
@@ -20,12 +21,10 @@ from typing import Any, Callable, Literal
 
 import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedModel
 
 from aaq.api import QuantizeConfig
-from aaq.checkpoint import AAQ_CONFIG, FORMAT_VERSION, TRANSFORMS, WEIGHTS, load_quantized, model_state
+from aaq.checkpoint import AAQ_CONFIG, FORMAT_VERSION, TRANSFORMS, WEIGHTS, load_quantized, model_state, quantized_linears
 from aaq.errors import AaqError
-from aaq.fake_quant import QuantLinear
 from aaq.methods.ostquant import SCALES_FILE
 from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, pack_state
 from aaq.quantizers import QuantScheme
@@ -85,11 +84,6 @@ class ExportReport:
         return {**asdict(self), "out_dir": str(self.out_dir), "linear_ratio": self.linear_ratio}
 
 
-def quantized_linears(model: PreTrainedModel) -> dict[str, torch.Size]:
-    """Qualified names and weight shapes (out, in) of the quantized projections of a loaded run."""
-    return {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
-
-
 def linear_bytes(tensors: dict[str, torch.Tensor], linears: dict[str, torch.Size]) -> tuple[int, int]:
     """Stored bytes of the quantized linears' weight tensors in `tensors` (biases excluded), and their fp16 bytes."""
     stored = sum(t.numel() * t.element_size() for key, t in tensors.items() if _weight_part_of(key, linears))
@@ -111,12 +105,12 @@ def start_folder(out: Path) -> None:
     """Create `out` and remove what an earlier export left there, completion markers first.
 
     A crash mid-export then leaves no folder that looks complete, and a folder re-exported in the
-    other format holds no stale weights of the first.
+    other format (or from another run) holds no stale weights or transforms of the first.
     """
     if (out / WEIGHTS).is_file():
         raise AaqError(f"{out} is an aaq run folder; export to another --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, PACKED_WEIGHTS, HF_WEIGHTS):
+    for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, PACKED_WEIGHTS, HF_WEIGHTS, *_CARRIED_FILES):
         (out / name).unlink(missing_ok=True)
 
 

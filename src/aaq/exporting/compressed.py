@@ -47,7 +47,7 @@ from aaq.hadamard import hadamard_matrix
 from aaq.models import Geometry, get_adapter
 from aaq.packing import recover_codes
 from aaq.quantizers import QuantScheme, QuantSpec, quantize_weight_rtn
-from aaq.rotation import normalized_hadamard
+from aaq.rotation import normalized_hadamard, rotate_reader
 from aaq.runs import write_atomic
 
 try:
@@ -98,7 +98,8 @@ def hadamard_kind(n: int) -> HadamardKind | None:
     if _is_power_of_two(n):
         return "hadamard"
     try:
-        random_hadamard_matrix(n, dtype=torch.float32)
+        # Its own generator: the random signs would otherwise advance the caller's global torch RNG.
+        random_hadamard_matrix(n, dtype=torch.float32, gen=torch.Generator())
     except ValueError:
         return None
     return "random-hadamard"
@@ -236,11 +237,10 @@ def _plain_model(run_dir: Path, fake_quant: PreTrainedModel) -> PreTrainedModel:
 
 @torch.no_grad()
 def _unfuse_down_proj(model: PreTrainedModel, spec: QuantSpec) -> None:
-    """Rotate each down_proj back to the plain basis (W -> W H) and re-quantize it with RTN."""
+    """Rotate each down_proj back to the plain basis (the inverse of `fuse_online_hadamard`) and re-quantize it with RTN."""
     for parts in get_adapter(model).layers():
-        weight = parts.down_proj.weight
-        plain = weight.detach().to(torch.float64) @ normalized_hadamard(weight.shape[1])
-        weight.data = quantize_weight_rtn(plain.to(weight.dtype), spec)
+        rotate_reader(parts.down_proj, normalized_hadamard(parts.down_proj.in_features))
+        parts.down_proj.weight.data = quantize_weight_rtn(parts.down_proj.weight, spec)
 
 
 @torch.no_grad()
