@@ -37,7 +37,7 @@ def test_demo_compares_all_methods(tmp_path, tiny_model_dir, fake_data_with_harm
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     methods = [run["method"] for run in report["runs"]]
     assert methods == ["fp", "rtn", "quarot", "ostquant", "aaq"]
-    assert report["lam"] == 0.1 and report["steps"] == 2 and "git_commit" in report
+    assert report["config"]["lam"] == 0.1 and report["config"]["steps"] == 2 and "git_commit" in report
     ppl = {run["method"]: run["metrics"]["ppl"] for run in report["runs"]}
     assert all(value > 1 for value in ppl.values())
     assert ppl["fp"] != ppl["quarot"] and ppl["ostquant"] != ppl["aaq"]
@@ -53,5 +53,6 @@ def test_paper_sized_config_scales_calibration_and_evaluation():
     full = DemoConfig().paper_sized()
     assert (full.calibration.n_samples, full.calibration.seq_len, full.steps) == (128, 2048, 150)
     assert full.ppl.n_samples * full.ppl.seq_len > DemoConfig().ppl.n_samples * DemoConfig().ppl.seq_len
+    assert full.max_prompts is None and DemoConfig().max_prompts == 80
     aaq = full.methods()[-1]
     assert aaq.name == "aaq" and aaq.training.loss.lam == 0.1 and aaq.training.steps == 150

@@ -54,3 +54,15 @@ def test_evaluate_writes_report_and_auditable_generations(tmp_path, tiny_llama, 
     refusal_rows = [row for row in rows if row["task"] == "refusal"]
     assert sum(row["refused"] for row in refusal_rows) / 2 == metrics["refusal_rate"]
     assert all("response" in row for row in rows)
+
+
+def test_max_prompts_takes_an_evenly_spaced_subset():
+    from aaq.eval.suite import benign_prompt_set
+
+    everything = benign_prompt_set(EvalConfig())
+    subset = benign_prompt_set(EvalConfig(max_prompts=40))
+    assert len(subset) == 40 and subset[0] == everything[0] and set(subset) < set(everything)
+    assert {p.looks_harmful for p in subset} == {True, False}
+    assert benign_prompt_set(EvalConfig(max_prompts=10_000)) == everything
+    with pytest.raises(AaqError, match="max_prompts"):
+        EvalConfig(max_prompts=0)

@@ -99,6 +99,7 @@ def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
     ev.add_argument("--safetybench", type=Path, help="SafetyBench file (default: the shared English dev split)")
     ev.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
     ev.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    ev.add_argument("--max-prompts", type=int, help="evaluate an evenly spaced subset of at most N prompts per prompt set")
     ev.add_argument("--eval-batch-size", type=int, default=8, help="prompts per generation batch")
     ev.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")
     ev.add_argument("--ppl-samples", type=int, default=24, help="held-out sequences for perplexity")
@@ -372,6 +373,7 @@ def eval_config_from_args(args: argparse.Namespace):
         benign_prompts=text(args.benign_prompts),
         safetybench=text(args.safetybench),
         max_new_tokens=args.max_new_tokens,
+        max_prompts=args.max_prompts,
         batch_size=args.eval_batch_size,
         ppl=PerplexityConfig(dataset=args.ppl_dataset, n_samples=args.ppl_samples, seq_len=args.ppl_seq_len),
         judge=args.judge,

@@ -12,7 +12,7 @@ import copy
 import gc
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, load_reference, quantize
@@ -33,9 +33,10 @@ class DemoConfig:
     """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
     Defaults are sized for ~15 minutes on a 2-core CPU: 16 x 128 calibration tokens, `steps` = 16
-    transform steps of batch 1 for OSTQuant and AAQ, perplexity on 8 x 512 held-out tokens and
-    48 new tokens per generated answer (the refusal detector reads the first 200 characters).
-    `paper_sized()` gives the paper's settings (`aaq demo --full`).
+    transform steps of batch 1 for OSTQuant and AAQ at learning rates `rotation_lr`/`scale_lr`,
+    perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
+    the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
+    first 200 characters) in batches of 16. `paper_sized()` gives the paper's settings (`aaq demo --full`).
     """
 
     model: str = "smollm2-135m-safe"
@@ -46,10 +47,14 @@ class DemoConfig:
     seed: int = 0
     steps: int = 16
     lam: float = 0.1
+    rotation_lr: float = 0.017
+    scale_lr: float = 0.0018
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=16, seq_len=128))
     calibration_batch: int = 1
     ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
     max_new_tokens: int = 48
+    max_prompts: int | None = 80
+    eval_batch_size: int = 16
 
     def paper_sized(self) -> "DemoConfig":
         """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4) and full evaluation budgets."""
@@ -58,15 +63,21 @@ class DemoConfig:
             steps=150,
             calibration=CalibrationConfig(n_samples=128, seq_len=2048),
             calibration_batch=4,
+            rotation_lr=0.017,
+            scale_lr=0.0018,
             ppl=PerplexityConfig(),
             max_new_tokens=64,
+            max_prompts=None,
         )
 
     def methods(self) -> list[MethodConfig]:
         """The compared methods: RTN, QuaRot (Hadamard + GPTQ), OSTQuant (kl_top) and AAQ (apc, `lam`)."""
 
         def training(loss: LossConfig) -> CalibrationSettings:
-            return CalibrationSettings(steps=self.steps, batch_size=self.calibration_batch, loss=loss, checkpoint_every=4)
+            return CalibrationSettings(
+                steps=self.steps, batch_size=self.calibration_batch, rotation_lr=self.rotation_lr, scale_lr=self.scale_lr,
+                loss=loss, checkpoint_every=4,
+            )  # fmt: skip
 
         return [
             RTNConfig(),
@@ -76,13 +87,20 @@ class DemoConfig:
         ]
 
 
+def _config_dict(config: DemoConfig) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+
+
 def run_demo(config: DemoConfig) -> str:
     """Evaluate the FP aligned model and each quantized variant; write report.md/json and the safety-vs-PPL plot.
 
     Returns the markdown comparison table.
     """
     aligned, tokenizer = load_model(config.model)
-    eval_config = EvalConfig(tasks=config.tasks, ppl=config.ppl, seed=config.seed, max_new_tokens=config.max_new_tokens)
+    eval_config = EvalConfig(
+        tasks=config.tasks, ppl=config.ppl, seed=config.seed, max_new_tokens=config.max_new_tokens,
+        batch_size=config.eval_batch_size, max_prompts=config.max_prompts,
+    )  # fmt: skip
     methods = config.methods()
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
     logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
@@ -108,7 +126,7 @@ def run_demo(config: DemoConfig) -> str:
         del model
         gc.collect()
     table = comparison_table(reports)
-    summary = {"runs": reports, "bits": config.bits, "seed": config.seed, "steps": config.steps, "lam": config.lam}
+    summary = {"runs": reports, "config": _config_dict(config)}
     write_json(config.out / "report.json", summary | provenance())
     title = f"# aaq demo: {config.model} (reference {config.reference}), {config.bits}, seed {config.seed}"
     write_atomic(config.out / "report.md", lambda tmp: tmp.write_text(f"{title}\n\n{table}\n"))

@@ -72,6 +72,7 @@ class EvalConfig:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     judge: str | None = None
     seed: int = 0
+    max_prompts: int | None = None
 
     def __post_init__(self) -> None:
         self.tasks = _split_tasks(self.tasks)
@@ -82,6 +83,8 @@ class EvalConfig:
                 raise AaqError(
                     f"unknown evaluation task {task!r}; valid tasks: {', '.join(BASIC_TASKS)}, lmeval:<task1>,<task2>"
                 )
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise AaqError(f"max_prompts must be >= 1 (or None for all), got {self.max_prompts}")
         if self.safetybench_shots < 0:
             raise AaqError(f"safetybench_shots must be >= 0, got {self.safetybench_shots}")
         GenerationConfig(self.max_new_tokens, self.batch_size)
@@ -98,16 +101,28 @@ class EvalConfig:
         return GenerationConfig(self.max_new_tokens, self.batch_size)
 
 
+def evenly_spaced(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
+    """Return at most `limit` prompts spread evenly over the list (all of them when `limit` is None or not smaller)."""
+    if limit is None or limit >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // limit] for i in range(limit)]
+
+
 def harmful_prompt_set(config: EvalConfig) -> list[Prompt]:
     """Return the harmful prompts to evaluate: the configured file, the tuning split, or HarmBench val `standard`."""
     if config.harmful_prompts == HARMBENCH_TUNING:
-        return harmbench_tuning_records()
-    return load_prompt_records(config.harmful_prompts) if config.harmful_prompts else harmbench_records("val", "standard")
+        prompts = harmbench_tuning_records()
+    elif config.harmful_prompts:
+        prompts = load_prompt_records(config.harmful_prompts)
+    else:
+        prompts = harmbench_records("val", "standard")
+    return evenly_spaced(prompts, config.max_prompts)
 
 
 def benign_prompt_set(config: EvalConfig) -> list[Prompt]:
     """Return the benign prompts to evaluate: the configured file or the shipped benign evaluation set."""
-    return load_prompt_records(config.benign_prompts) if config.benign_prompts else benign_records()
+    prompts = load_prompt_records(config.benign_prompts) if config.benign_prompts else benign_records()
+    return evenly_spaced(prompts, config.max_prompts)
 
 
 @dataclass
