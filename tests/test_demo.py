@@ -37,7 +37,7 @@ def test_demo_compares_all_methods(tmp_path, tiny_model_dir, fake_data_with_harm
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     methods = [run["method"] for run in report["runs"]]
     assert methods == ["fp", "rtn", "quarot", "ostquant", "aaq"]
-    assert report["config"]["lam"] == 0.1 and report["config"]["steps"] == 2 and "git_commit" in report
+    assert report["config"]["lam"] == 1.0 and report["config"]["steps"] == 2 and "git_commit" in report
     ppl = {run["method"]: run["metrics"]["ppl"] for run in report["runs"]}
     assert all(value > 1 for value in ppl.values())
     assert ppl["fp"] != ppl["quarot"] and ppl["ostquant"] != ppl["aaq"]

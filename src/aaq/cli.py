@@ -155,7 +155,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=defaults.out, help="output folder")
     p.add_argument("--tasks", default=defaults.tasks, help="evaluation tasks for every variant (see aaq eval --help)")
     p.add_argument("--steps", type=int, default=None, help=f"transform steps of OSTQuant and AAQ (default: {defaults.steps}, 150 with --full)")
-    p.add_argument("--lam", type=float, default=defaults.lam, help="AAQ's push weight lambda")
+    p.add_argument("--lam", type=float, default=None, help=f"AAQ's push weight lambda (default: {defaults.lam}, 0.1 with --full)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of calibration windows, rotations and evaluation")
     p.add_argument("--full", action="store_true", help="paper-sized calibration (128 x 2048 tokens, 150 steps) and evaluation")
     p.set_defaults(handler=cmd_demo)
@@ -509,12 +509,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the method comparison and print its table."""
     from aaq.demo import DemoConfig, run_demo
 
-    names = ("model", "reference", "bits", "out", "tasks", "lam", "seed")
+    names = ("model", "reference", "bits", "out", "tasks", "seed")
     config = DemoConfig(**{name: getattr(args, name) for name in names})
     if args.full:
         config = config.paper_sized()
-    if args.steps is not None:
-        config = dataclasses.replace(config, steps=args.steps)
+    overrides = {name: getattr(args, name) for name in ("steps", "lam") if getattr(args, name) is not None}
+    config = dataclasses.replace(config, **overrides)
     print(run_demo(config))
     return 0
 

@@ -46,9 +46,12 @@ class DemoConfig:
     tasks: str = "ppl,refusal,benign,safetybench"
     seed: int = 0
     steps: int = 16
-    lam: float = 0.1
-    rotation_lr: float = 0.017
-    scale_lr: float = 0.0018
+    # Chosen on the tuning split and held-out PPL (README, "Does the push term help?"): at batch 1 the
+    # paper's rates (0.017 / 0.0018) raise W4A4KV4 perplexity from 31 to 42-74 within 16 steps, and
+    # lambda 1.0 had the highest tuning-split refusal of 0.1 / 0.3 / 1.0 at these rates.
+    lam: float = 1.0
+    rotation_lr: float = 0.0017
+    scale_lr: float = 0.00018
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=16, seq_len=128))
     calibration_batch: int = 1
     ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
@@ -57,10 +60,12 @@ class DemoConfig:
     eval_batch_size: int = 16
 
     def paper_sized(self) -> "DemoConfig":
-        """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4) and full evaluation budgets."""
+        """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4, lambda 0.1) and full
+        evaluation budgets."""
         return replace(
             self,
             steps=150,
+            lam=0.1,
             calibration=CalibrationConfig(n_samples=128, seq_len=2048),
             calibration_batch=4,
             rotation_lr=0.017,
