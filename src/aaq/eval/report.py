@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from aaq.runs import write_atomic, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+FP_COLOR = "#d62728"
 FP_MARKERS = ("fp", "fp16", "fp32", "bf16", "w16a16", "w16a16kv16", "none")
 METRIC_COLUMNS = (
     ("PPL", "ppl", "{:.2f}"),
@@ -125,26 +127,6 @@ def _point_label(report: dict) -> str:
     return method if bits in (None, "", method) else f"{method} {bits}"
 
 
-def _label_offsets(xs: list[float], ys: list[float], log_x: bool) -> list[tuple[float, float]]:
-    # Neighbouring points (in plot coordinates) get labels fanned out above/below so texts do not overlap.
-    def coord(x: float) -> float:
-        return math.log10(x) if log_x else x
-
-    x_span = (max(map(coord, xs)) - min(map(coord, xs))) or 1.0
-    y_span = (max(ys) - min(ys)) or 1.0
-
-    def close(i: int, j: int) -> bool:
-        return abs(coord(xs[i]) - coord(xs[j])) / x_span < 0.12 and abs(ys[i] - ys[j]) / y_span < 0.12
-
-    order = sorted(range(len(xs)), key=lambda i: -ys[i])
-    offsets = [(9.0, 9.0)] * len(xs)
-    for position, current in enumerate(order):
-        rank = sum(close(current, earlier) for earlier in order[:position])
-        level = (rank + 1) // 2
-        offsets[current] = (9.0, -9.0 - 16.0 * (level - 1)) if rank % 2 else (9.0, 9.0 + 16.0 * level)
-    return offsets
-
-
 def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
     """Write a PNG of refusal rate (y) against perplexity (x), one labelled point per run, the FP model starred."""
     import matplotlib
@@ -160,16 +142,14 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
     log_x = max(xs) / min(xs) > 10
 
     figure, axes = plt.subplots(figsize=(7, 4.8), dpi=120)
-    for report, x, y, offset in zip(points, xs, ys, _label_offsets(xs, ys, log_x), strict=True):
+    # A legend, not text next to the points: quantized variants often sit within a few % of each other.
+    colors = itertools.cycle(c for c in plt.get_cmap("tab10").colors if matplotlib.colors.to_hex(c) != FP_COLOR)
+    for report, x, y in zip(points, xs, ys, strict=True):
         fp = is_full_precision(report)
         axes.scatter(
-            [x], [y], marker="*" if fp else "o", s=220 if fp else 60, zorder=3,
-            color="#d62728" if fp else "#1f77b4", edgecolors="black", linewidths=0.6,
-            label="full precision" if fp else None,
-        )
-        axes.annotate(
-            _point_label(report) + (" (FP)" if fp else ""), (x, y), xytext=offset, textcoords="offset points",
-            fontsize=9, fontweight="bold" if fp else "normal", va="center",
+            [x], [y], marker="*" if fp else "o", s=220 if fp else 70, zorder=3,
+            color=FP_COLOR if fp else next(colors), edgecolors="black", linewidths=0.6,
+            label=f"{_point_label(report)} (full precision)" if fp else _point_label(report),
         )
     if log_x:
         axes.set_xscale("log")
@@ -179,8 +159,7 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
     axes.set_ylabel("refusal rate on harmful prompts, % (higher is safer)")
     axes.set_title("Safety vs. utility per quantization method")
     axes.grid(True, alpha=0.3)
-    if any(is_full_precision(r) for r in points):
-        axes.legend(loc="best", fontsize=8)
+    axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
     path = Path(path)
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
