@@ -145,7 +145,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         description="Quantize the aligned model (default smollm2-135m-safe: the instruct model + the shipped safety "
         "adapter) with RTN, QuaRot, OSTQuant and AAQ (push term against --reference) at the same bits and "
         "calibration data, evaluate each and the FP model (PPL, refusal rate on HarmBench val, benign compliance, "
-        "SafetyBench), and write report.md, report.json and safety_vs_ppl.png to --out. About 15 minutes on a "
+        "SafetyBench), and write report.md, report.json and safety_vs_ppl.png to --out. About 12 minutes on a "
         "2-core CPU with the defaults; --full uses the paper's calibration settings (hours on a CPU).",
         formatter_class=_HelpFormatter,
     )
