@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from aaq.api import CalibrationConfig, QuantizeConfig, check_reference_compatible, quantize
 from aaq.errors import AaqError
