@@ -92,10 +92,6 @@ class DemoConfig:
         ]
 
 
-def _config_dict(config: DemoConfig) -> dict:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
-
-
 def run_demo(config: DemoConfig) -> str:
     """Evaluate the FP aligned model and each quantized variant; write report.md/json and the safety-vs-PPL plot.
 
@@ -131,7 +127,7 @@ def run_demo(config: DemoConfig) -> str:
         del model
         gc.collect()
     table = comparison_table(reports)
-    summary = {"runs": reports, "config": _config_dict(config)}
+    summary = {"runs": reports, "config": asdict(config)}  # write_json turns the Path into text
     write_json(config.out / "report.json", summary | provenance())
     title = f"# aaq demo: {config.model} (reference {config.reference}), {config.bits}, seed {config.seed}"
     write_atomic(config.out / "report.md", lambda tmp: tmp.write_text(f"{title}\n\n{table}\n"))

@@ -295,7 +295,7 @@ def make_demo_pair(config: PairConfig) -> Path:
         _save_adapter(peft_model, staging, config.base)
         shutil.copyfile(answers_cache, staging / ANSWERS_FILE)
         summary = {
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+            "config": dataclasses.asdict(config),  # write_json turns the Path into text
             "data": {"refusals": len(harmful), "benign": len(benign), "benign_dropped": len(benign_prompts) - len(benign),
                      "refusal_templates": len(refusal_templates()), "tuning_split": len(tuning_split())},  # fmt: skip
             "seconds": round(time.perf_counter() - started, 1),
