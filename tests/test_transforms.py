@@ -121,3 +121,60 @@ def test_inconsistent_transform_breaks_equivalence():
         installed.transforms.log_scales["attn"][0].fill_(0.5)
     parametrize.remove_parametrizations(get_adapter(model).layers()[0].input_norm, "weight", leave_parametrized=False)
     assert _relative_error(_logits(model), reference) > 1e-2
+
+
+def _transform_gradients(model, installed) -> list[torch.Tensor]:
+    """Gradients of a loss for every transform parameter; rotations' as the optimiser sees them (Riemannian).
+
+    The forms agree only on the manifold (one undoes R with R^T, the other relies on R R^T = I), so
+    their Euclidean gradients of R differ while the tangent components must not.
+    """
+    loss = model(TOKENS).logits.square().mean()
+    rotations, scales = installed.transforms.rotation_parameters(), installed.transforms.scale_parameters()
+    grads = torch.autograd.grad(loss, rotations + scales)
+    riemannian = [r.manifold.egrad2rgrad(r.detach(), g) for r, g in zip(rotations, grads, strict=False)]
+    return riemannian + list(grads[len(rotations) :])
+
+
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [(family, TransformConfig()) for family in FAMILIES] + [("mistral", TransformConfig(smoothing=False, r3=False, r4=False))],
+)
+def test_activation_form_computes_the_weight_form_in_value_gradient_and_fused_weights(family, config):
+    """With unquantized weights the two forms are one function of the transforms.
+
+    float64 keeps rounding flips away, except that RMSNorm computes in float32 (transformers casts),
+    which bounds the agreement at ~1e-7 relative (~1e-4 for R1's gradient, a small difference of large
+    terms once projected on the manifold); a wrong transform gives errors of order 1.
+    """
+    scheme = QuantScheme.from_string("w16a4kv4")
+    optimised = {k: v.double() for k, v in _optimised_state(family, config).items()}
+    models, installed = {}, {}
+    for weights_in_loop in (True, False):
+        model = make_tiny_model(family).double()
+        installed[weights_in_loop] = attach_learnable_transforms(get_adapter(model), scheme, config, 0, weights_in_loop)
+        with torch.no_grad():
+            installed[weights_in_loop].transforms.double().load_state_dict(optimised)
+        models[weights_in_loop] = model
+    assert not any(parametrize.is_parametrized(m) for m in models[False].modules())
+    weight_form, activation_form = _logits(models[True]), _logits(models[False])
+    assert _relative_error(activation_form, weight_form) < 1e-5
+    assert _relative_error(weight_form, _logits(make_tiny_model(family).double())) > 1e-3
+    for g_act, g_weight in zip(_transform_gradients(models[False], installed[False]), _transform_gradients(models[True], installed[True]), strict=True):
+        assert _relative_error(g_act, g_weight) < 1e-3
+    for weights_in_loop in (True, False):
+        fuse_learned_transforms(installed[weights_in_loop])
+    fused = {k: v for k, v in models[False].state_dict().items()}
+    for name, value in models[True].state_dict().items():
+        assert torch.allclose(fused[name], value, rtol=1e-12, atol=1e-12), name
+    assert _relative_error(_logits(models[False]), weight_form) < 1e-5
+
+
+def test_activation_form_with_quantization_off_keeps_the_original_logits():
+    model = make_tiny_model("qwen2")
+    reference = _logits(model)
+    optimised = _optimised_state("qwen2", TransformConfig())
+    installed = attach_learnable_transforms(get_adapter(model), FP, TransformConfig(), 0, weights_in_loop=False)
+    with torch.no_grad():
+        installed.transforms.load_state_dict(optimised)
+    assert _relative_error(_logits(model), reference) < 1e-4

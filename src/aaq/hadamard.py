@@ -225,11 +225,13 @@ def _leading_block(n: int) -> torch.Tensor:
         return (hadamard_matrix(d) / math.sqrt(n)).T.contiguous()
 
 
-def fast_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+def fast_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Return ``x @ hadamard_matrix(n).T / sqrt(n)`` over the last dimension ``n``, in ``x``'s dtype and device.
 
-    O(n log n), differentiable, any leading shape. Half-precision inputs are computed in float32.
-    Raises ``HadamardUnavailableError`` when no Hadamard matrix of order ``n`` exists.
+    `inverse=True` returns ``x @ hadamard_matrix(n) / sqrt(n)``, which undoes the forward transform
+    (the matrix is orthogonal but not always symmetric). O(n log n), differentiable, any leading
+    shape. Half-precision inputs are computed in float32. Raises ``HadamardUnavailableError`` when
+    no Hadamard matrix of order ``n`` exists.
     """
     if not torch.is_floating_point(x):
         raise TypeError(f"fast_hadamard_transform needs a floating-point tensor, got {x.dtype}")
@@ -238,6 +240,9 @@ def fast_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         raise _unavailable(n)
     work_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     block = _leading_block(n).to(dtype=work_dtype, device=x.device)
+    if inverse:
+        # The Sylvester butterfly is symmetric; only the dense Kronecker factor needs transposing.
+        block = block.T
     d = block.shape[0]
     rows = x.numel() // n
     y = (x.to(work_dtype).reshape(rows * (n // d), d) @ block).reshape(rows, n)

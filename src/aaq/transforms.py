@@ -18,9 +18,18 @@ form tokens x d^2, with the same result. With quantization off, the transformed 
 original function for any parameter values (the equivalence invariant). `fuse_learned_transforms`
 writes the transforms into the weights in float64 and removes every hook and parametrization.
 
-R1/R2 start as random Hadamards (QuaRot's transforms), the scales at 1. During calibration the
-weight and activation fake quantizers keep their STE gradients but save only their inputs and
-recompute the rest in the backward pass, which keeps a step of a 135M model within a few GB on CPU.
+R1/R2 start as random Hadamards (QuaRot's transforms), the scales at 1.
+
+Two ways to put the transforms into the forward pass, with the same function whenever the weights
+are not quantized:
+
+- weight form (`install_transforms`): every weight is recomputed from its original each step and
+  fake-quantized; needed when the calibration trains against quantized weights (RTN follows).
+- activation form (`install_activation_transforms`): the weights stay as they are and each
+  activation quantizer sees its input in the transformed basis, x -> T^-1 quant(T x). This is what
+  calibration uses when GPTQ quantizes the fused weights afterwards (as SpinQuant does): a step
+  then costs tokens x d^2 instead of weights x d, the frozen linears save nothing for the backward,
+  and inputs shared by q/k/v and by gate/up are quantized once.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from aaq.fake_quant import OnlineTransforms, prepare_model
+from aaq.fake_quant import OnlineTransforms, QuantLinear, prepare_model
 from aaq.hadamard import fast_hadamard_transform, random_hadamard
 from aaq.models import DecoderLayerParts, ModelAdapter
 from aaq.quantizers import QuantScheme, QuantSpec, fake_quantize_for_training
@@ -231,12 +240,20 @@ class _Transformed(nn.Module):
 
 @dataclass
 class InstalledTransforms:
-    """Learnable transforms installed on a model: the parameters and how to remove them again."""
+    """Learnable transforms installed on a model: the parameters and how to take them out again."""
 
     transforms: LearnableTransforms
     adapter: ModelAdapter
     hooks: list[torch.utils.hooks.RemovableHandle]
     trainable: dict[str, bool]
+    undo: list[Callable[[], None]]
+
+
+def _freeze(adapter: ModelAdapter) -> dict[str, bool]:
+    """Freeze every model parameter (only the transforms learn); returns the flags to restore."""
+    trainable = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    adapter.model.requires_grad_(False)
+    return trainable
 
 
 def _training_weight_spec(spec: QuantSpec | None) -> QuantSpec | None:
@@ -247,19 +264,20 @@ def _training_weight_spec(spec: QuantSpec | None) -> QuantSpec | None:
 def install_transforms(
     adapter: ModelAdapter, transforms: LearnableTransforms, weight_spec: QuantSpec | None
 ) -> InstalledTransforms:
-    """Put `transforms` into the forward pass of a norm-fused model; projection weights are fake-quantized with `weight_spec`.
+    """Put `transforms` into the weights of a norm-fused model (weight form); projection weights are fake-quantized with `weight_spec`.
 
     Every model parameter is frozen (until `fuse_learned_transforms` restores its flag): only the
     transform parameters receive gradients.
     """
-    trainable = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
-    adapter.model.requires_grad_(False)
+    trainable = _freeze(adapter)
     spec = _training_weight_spec(weight_spec)
+    parametrized: list[tuple[nn.Module, str]] = []
     for layer, parts in enumerate(adapter.layers()):
         projections = set(parts.named_linears().values())
         for (module, name), fn in _layer_transforms(parts, transforms).items():
             quantize = spec if module in projections and name == "weight" else None
             parametrize.register_parametrization(module, name, _Transformed(transforms, layer, fn, quantize))
+            parametrized.append((module, name))
 
     def rotate_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
         return output @ _plain(transforms.r1).to(output.dtype)
@@ -267,24 +285,131 @@ def install_transforms(
     def unrotate_input(_module: nn.Module, args: tuple) -> tuple:
         return (args[0] @ _plain(transforms.r1).to(args[0].dtype).T, *args[1:])
 
+    def restore_originals() -> None:
+        for module, name in parametrized:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
     hooks = [
         adapter.embeddings.register_forward_hook(rotate_output),
         adapter.lm_head.register_forward_pre_hook(unrotate_input),
     ]
-    return InstalledTransforms(transforms=transforms, adapter=adapter, hooks=hooks, trainable=trainable)
+    return InstalledTransforms(transforms=transforms, adapter=adapter, hooks=hooks, trainable=trainable, undo=[restore_originals])
+
+
+def _per_head(x: Tensor, matrices: Tensor) -> Tensor:
+    """Each head_dim block of `x`'s last axis times its own matrix (heads, head_dim, head_dim)."""
+    return torch.einsum("...hi,hij->...hj", x.unflatten(-1, matrices.shape[:2]), matrices).flatten(-2)
+
+
+def _inverse(s: Tensor | None) -> Tensor | None:
+    """1 / s (None stays None)."""
+    return None if s is None else 1.0 / s
+
+
+def _activation_hooks(
+    parts: DecoderLayerParts, layer: int, t: LearnableTransforms, spec: QuantSpec | None
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """The hooks of one decoder layer that quantize each activation in the transformed basis, T^-1 quant(T x).
+
+    Each T is the activation side of the weight form's transform: so with unquantized weights the
+    layer computes what the weight form computes, and the fused weights are the same.
+    """
+    hd, groups, r4 = t.head_dim, t.kv_groups, t.config.r4
+
+    def quantize(x: Tensor) -> Tensor:
+        return x if spec is None else fake_quantize_for_training(x, spec)
+
+    def stream_reader(kind: str) -> Callable:
+        # x -> quant(x R1 diag(1/s)) diag(s) R1^T; the scales ride on the small matrices, not on the tokens.
+        def hook(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+            v = t.values(layer, out.dtype)
+            s = getattr(v, kind)
+            return quantize(out @ _times(v.r1, _inverse(s))) @ _times(v.r1, s).T
+
+        return hook
+
+    def value_writer(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        # v -> v R2 diag(1/s) per KV head: the KV cache quantizes values in this basis, and attention
+        # carries it to the o_proj input.
+        v = t.values(layer, out.dtype)
+        heads = out.shape[-1] // hd
+        scales = None if v.vo is None else v.vo.view(heads, 1, hd)
+        return _per_head(out, v.r2.expand(heads, hd, hd) if scales is None else v.r2 / scales)
+
+    def output_reader(_module: nn.Module, args: tuple) -> tuple:
+        v = t.values(layer, args[0].dtype)
+        heads = args[0].shape[-1] // hd
+        scales = _query_head_scales(v.vo, groups, hd)
+        back = v.r2.T.expand(heads, hd, hd) if scales is None else scales.view(heads, hd, 1) * v.r2.T
+        return (_per_head(quantize(args[0]), back), *args[1:])
+
+    def down_reader(_module: nn.Module, args: tuple) -> tuple:
+        s = t.values(layer, args[0].dtype).down
+        x = args[0] if s is None else args[0] / s
+        if r4:
+            x = fast_hadamard_transform(quantize(fast_hadamard_transform(x)), inverse=True)
+        else:
+            x = quantize(x)
+        return (_times(x, s), *args[1:])
+
+    return [
+        parts.input_norm.register_forward_hook(stream_reader("attn")),
+        parts.post_attention_norm.register_forward_hook(stream_reader("mlp")),
+        parts.v_proj.register_forward_hook(value_writer),
+        parts.o_proj.register_forward_pre_hook(output_reader),
+        parts.down_proj.register_forward_pre_hook(down_reader),
+    ]
+
+
+def _bypass_input_transforms(adapter: ModelAdapter) -> Callable[[], None]:
+    """Turn off every projection's own input Hadamard and quantizer; returns the function that turns them back on."""
+    saved = [
+        (linear, linear.input_quantizer, linear.hadamard_input)
+        for parts in adapter.layers()
+        for linear in parts.named_linears().values()
+        if isinstance(linear, QuantLinear)
+    ]
+    for linear, _, _ in saved:
+        linear.input_quantizer, linear.hadamard_input = None, False
+
+    def restore() -> None:
+        for linear, quantizer, hadamard in saved:
+            linear.input_quantizer, linear.hadamard_input = quantizer, hadamard
+
+    return restore
+
+
+def install_activation_transforms(
+    adapter: ModelAdapter, transforms: LearnableTransforms, activation_spec: QuantSpec | None
+) -> InstalledTransforms:
+    """Put `transforms` around the activation quantizers of a prepared, norm-fused model (activation form).
+
+    The weights are not touched and not quantized; each projection input is quantized once, with
+    `activation_spec`, in its transformed basis. The KV cache quantizer of the prepared model stays.
+    Every model parameter is frozen until `fuse_learned_transforms`.
+    """
+    trainable = _freeze(adapter)
+    hooks = [hook for layer, parts in enumerate(adapter.layers()) for hook in _activation_hooks(parts, layer, transforms, activation_spec)]
+    restore = _bypass_input_transforms(adapter)
+    return InstalledTransforms(transforms=transforms, adapter=adapter, hooks=hooks, trainable=trainable, undo=[restore])
 
 
 def attach_learnable_transforms(
-    adapter: ModelAdapter, scheme: QuantScheme, config: TransformConfig, seed: int
+    adapter: ModelAdapter, scheme: QuantScheme, config: TransformConfig, seed: int, weights_in_loop: bool = True
 ) -> InstalledTransforms:
     """Fuse norms, install the fake quantizers and online Hadamards, and put fresh learnable transforms in place.
 
     R1/R2 start as random Hadamards drawn from `seed`, scales at 1; the model then computes its
-    original function whenever quantization is off.
+    original function whenever quantization is off. `weights_in_loop`: fake-quantize the transformed
+    weights every step (weight form); otherwise the weights stay unquantized during calibration
+    (activation form).
     """
     fuse_norms(adapter)
     prepare_model(adapter.model, adapter, scheme, config.online)
-    return install_transforms(adapter, LearnableTransforms(adapter, config, seed), scheme.weights)
+    transforms = LearnableTransforms(adapter, config, seed)
+    if weights_in_loop:
+        return install_transforms(adapter, transforms, scheme.weights)
+    return install_activation_transforms(adapter, transforms, scheme.activations)
 
 
 @dataclass
@@ -297,17 +422,17 @@ class LearnedTransforms:
 
 @torch.no_grad()
 def fuse_learned_transforms(installed: InstalledTransforms) -> LearnedTransforms:
-    """Write the current transforms into the weights (float64 math, unquantized) and remove hooks and parametrizations."""
+    """Write the current transforms into the weights (float64 math, unquantized) and remove every hook and parametrization."""
     adapter, transforms = installed.adapter, installed.transforms
     for hook in installed.hooks:
         hook.remove()
-    for module in [m for m in adapter.model.modules() if parametrize.is_parametrized(m)]:
-        for name in list(module.parametrizations):
-            plist = module.parametrizations[name]
-            original = plist.original
-            value = plist[0].transformed(original.detach().to(torch.float64))
-            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-            getattr(module, name).data = value.to(original.dtype)
+    for undo in installed.undo:
+        undo()
+    for layer, parts in enumerate(adapter.layers()):
+        values = transforms.values(layer, torch.float64)
+        for (module, name), fn in _layer_transforms(parts, transforms).items():
+            original = getattr(module, name)
+            original.data = fn(original.detach().to(torch.float64), values).to(original.dtype)
     for name, param in adapter.model.named_parameters():
         param.requires_grad_(installed.trainable.get(name, param.requires_grad))
     r1 = transforms.r1.detach().to(torch.float64)
