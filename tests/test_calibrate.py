@@ -174,3 +174,20 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.json").write_text("{not json")
     with pytest.raises(AaqError, match="corrupt or incomplete"):
         load_checkpoint(tmp_path, None, None, 0)
+
+
+@pytest.mark.parametrize("weights_in_loop", [True, False])
+def test_activation_checkpointing_reaches_the_same_parameters_and_is_turned_off_after(tmp_path, weights_in_loop):
+    runs, initial = {}, None
+    for checkpointing in (False, True):
+        model = make_tiny_model("qwen2")
+        cache = build_teacher_cache(_logits_fn(model), _logits_fn(_reference(model)), TOKENS, tmp_path / f"c{checkpointing}", APC.k, torch.float32, 2)
+        installed = attach_learnable_transforms(get_adapter(model), SCHEME, TransformConfig(), 0, weights_in_loop)
+        initial = _params(installed)
+        settings = _settings(steps=3, activation_checkpointing=checkpointing, rotation_lr=0.05, scale_lr=0.05)
+        calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, seed=0)
+        runs[checkpointing] = _params(installed)
+        assert not model.training and not model.is_activation_checkpointing
+    assert any(not torch.equal(runs[False][name], value) for name, value in initial.items())
+    for name, value in runs[False].items():
+        assert torch.allclose(runs[True][name], value, atol=1e-6, rtol=0), name

@@ -136,6 +136,33 @@ def test_online_hadamard_flags_reach_the_learned_methods():
 
 
 @pytest.mark.parametrize(
+    "flags,in_loop,checkpointing",
+    [
+        ([], False, False),
+        (["--weight-quantizer", "rtn"], True, False),
+        (["--weights-in-loop", "on"], True, False),
+        (["--weight-quantizer", "rtn", "--weights-in-loop", "off", "--activation-checkpointing"], False, True),
+    ],
+)
+def test_calibration_mode_flags_reach_the_learned_methods(flags, in_loop, checkpointing):
+    from aaq.cli import build_parser, quantize_config_from_args
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "aaq", *flags])
+    method = quantize_config_from_args(args).method
+    assert method.calibrates_quantized_weights() is in_loop
+    assert method.training.activation_checkpointing is checkpointing
+
+
+def test_calibration_mode_flags_are_rejected_where_nothing_is_calibrated():
+    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.errors import AaqError
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "quarot", "--activation-checkpointing"])
+    with pytest.raises(AaqError, match="--activation-checkpointing has no effect"):
+        quantize_config_from_args(args)
+
+
+@pytest.mark.parametrize(
     "text,needle",
     [
         ("method: {name: aaq, trainig: {steps: 5}}\n", "unknown setting"),

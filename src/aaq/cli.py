@@ -63,7 +63,7 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     gptq = p.add_argument_group("GPTQ (methods gptq, quarot)")
     gptq.add_argument("--damp", type=float, default=None, help="damping, fraction of the mean Hessian diagonal (default: 0.01)")
     gptq.add_argument("--no-act-order", dest="act_order", action="store_false", default=None, help="keep column order")
-    gptq.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default=None, help="quarot's weight quantizer")
+    gptq.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default=None, help="weight quantizer of quarot, ostquant and aaq (default: gptq)")
     rot = p.add_argument_group("rotations (method quarot)")
     kinds = ["hadamard", "random_hadamard", "random", "none"]
     rot.add_argument("--r1", choices=kinds, default=None, help="residual-stream rotation (default: random_hadamard)")
@@ -76,6 +76,18 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     learn.add_argument("--steps", type=int, default=None, help="calibration steps (default: recipe or 150)")
     learn.add_argument("--loss", choices=["mse", "kl", "kl_top", "apc"], default=None, help="calibration loss")
     learn.add_argument("--lam", type=float, default=None, help="push weight lambda of the apc loss (default: 0.1)")
+    learn.add_argument(
+        "--weights-in-loop",
+        choices=["on", "off"],
+        default=None,
+        help="fake-quantize the weights during calibration (default: only when --weight-quantizer rtn)",
+    )
+    learn.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each layer in the backward: about half the calibration memory, a third more time",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out (finished GPTQ layers, calibration checkpoint)"
     )
@@ -145,7 +157,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         description="Quantize the aligned model (default smollm2-135m-safe: the instruct model + the shipped safety "
         "adapter) with RTN, QuaRot, OSTQuant and AAQ (push term against --reference) at the same bits and "
         "calibration data, evaluate each and the FP model (PPL, refusal rate on HarmBench val, benign compliance, "
-        "SafetyBench), and write report.md, report.json and safety_vs_ppl.png to --out. About 12 minutes on a "
+        "SafetyBench), and write report.md, report.json and safety_vs_ppl.png to --out. About 11 minutes on a "
         "2-core CPU with the defaults; --full uses the paper's calibration settings (hours on a CPU).",
         formatter_class=_HelpFormatter,
     )
@@ -294,9 +306,13 @@ def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
         loss = _override(method.training.loss, name=args.loss, lam=args.lam)
         steps = method.training.steps if args.steps is None else args.steps
         cache = method.training.cache and not args.no_cache
-        method.training = dataclasses.replace(method.training, loss=loss, steps=steps, cache=cache)
+        in_loop = method.training.weights_in_loop if args.weights_in_loop is None else args.weights_in_loop == "on"
+        recompute = method.training.activation_checkpointing or bool(args.activation_checkpointing)
+        method.training = dataclasses.replace(
+            method.training, loss=loss, steps=steps, cache=cache, weights_in_loop=in_loop, activation_checkpointing=recompute
+        )
     else:
-        _reject_unused(args, ("reference", "no_cache", "steps", "loss", "lam"), where)
+        _reject_unused(args, ("reference", "no_cache", "steps", "loss", "lam", "weights_in_loop", "activation_checkpointing"), where)
     return method
 
 
