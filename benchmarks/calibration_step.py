@@ -2,15 +2,19 @@
 
 Targets: time_ratio = cached / uncached <= 0.65, peak_mem_ratio = cached / uncached <= 0.70.
 The model is quantized W4A4KV4 with learnable transforms (the `aaq` student); aligned = the model,
-reference = the same model with perturbed weights (only timing and memory matter here). One run
+reference = the same model with perturbed weights (only timing and memory matter here). By default
+the student is the one `aaq`/`ostquant` calibrate before GPTQ (weights unquantized in the loop);
+`--weights-in-loop` measures the RTN variant and `--activation-checkpointing` the memory-saving
+mode; each configuration writes its own JSON. One run
 of this script builds the teacher cache, then measures each mode in its own subprocess, so the two
 peak-RSS high-water marks are independent; each subprocess resets its high-water mark after loading
 (Linux `clear_refs`) so only the resident models and the steps count. The modes run twice, in the
 order cached, uncached, uncached, cached, so that a load on the machine that drifts during the run
 weighs on both alike; each mode's step time is the median over both of its runs, its peak RSS the
-larger of the two. Writes benchmarks/results/calibration_step.json.
+larger of the two. Writes benchmarks/results/calibration_step[_weights_in_loop][_checkpointed].json.
 
     python benchmarks/calibration_step.py [--model smollm2-135m-instruct] [--batch 2] [--seq-len 256] [--steps 5]
+        [--weights-in-loop] [--activation-checkpointing]
 
 On a shared machine run it with OMP_NUM_THREADS=1: two-thread torch processes competing for two
 cores slow small kernels down by an order of magnitude, which swamps the comparison.
@@ -31,7 +35,15 @@ from pathlib import Path
 import torch
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens
-from aaq.calibrate import CalibrationSettings, batch_indices, build_optimizers, cached_teacher, live_teacher, student_loss
+from aaq.calibrate import (
+    CalibrationSettings,
+    activation_checkpointing,
+    batch_indices,
+    build_optimizers,
+    cached_teacher,
+    live_teacher,
+    student_loss,
+)
 from aaq.loading import load_model
 from aaq.losses import LossConfig
 from aaq.models import get_adapter
@@ -93,28 +105,38 @@ def _measure(args: argparse.Namespace) -> dict:
     else:
         aligned = copy.deepcopy(model).requires_grad_(False)
         teacher = live_teacher(aligned, _perturbed(model), tokens, LOSS)
-    installed = attach_learnable_transforms(get_adapter(model), QuantScheme.from_string("w4a4kv4"), TransformConfig(), seed=0)
+    scheme = QuantScheme.from_string("w4a4kv4")
+    installed = attach_learnable_transforms(get_adapter(model), scheme, TransformConfig(), seed=0, weights_in_loop=args.weights_in_loop)
     settings = CalibrationSettings(batch_size=args.batch, loss=LOSS, cache=args.mode == "cached")
     optimizers = build_optimizers(installed.transforms, settings).values()
     times = []
-    for step in range(args.steps + 1):
-        if step == 1:  # the first step is a warm-up (allocator, optimiser state)
-            _reset_peak_rss()
-        start = time.perf_counter()
-        indices = batch_indices(step, tokens.shape[0], args.batch, seed=0)
-        terms = student_loss(model, tokens[indices], teacher(indices), LOSS)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        times.append(time.perf_counter() - start)
+    with activation_checkpointing(model, args.activation_checkpointing):
+        for step in range(args.steps + 1):
+            if step == 1:  # the first step is a warm-up (allocator, optimiser state)
+                _reset_peak_rss()
+            start = time.perf_counter()
+            indices = batch_indices(step, tokens.shape[0], args.batch, seed=0)
+            terms = student_loss(model, tokens[indices], teacher(indices), LOSS)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            times.append(time.perf_counter() - start)
     return {"median_step_s": statistics.median(times[1:]), "peak_rss_mb": _peak_rss_mb(), "step_times_s": times[1:]}
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    """results/calibration_step[_weights_in_loop][_checkpointed].json: one file per configuration."""
+    suffix = "_weights_in_loop" * args.weights_in_loop + "_checkpointed" * args.activation_checkpointing
+    return RESULTS.with_name(f"calibration_step{suffix}.json")
 
 
 def _run_mode(mode: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--mode", mode, "--workdir", str(args.workdir), "--model", args.model]
     command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    command += ["--weights-in-loop"] if args.weights_in_loop else []
+    command += ["--activation-checkpointing"] if args.activation_checkpointing else []
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -132,7 +154,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--weights-in-loop",
+        action="store_true",
+        help="fake-quantize the weights every step (the calibration used when RTN follows); default: the GPTQ default, weights unquantized",
+    )
+    parser.add_argument("--activation-checkpointing", action="store_true", help="measure the memory-saving calibration mode")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default: {RESULTS.name} in {RESULTS.parent})")
     parser.add_argument("--mode", choices=["cached", "uncached", "build"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,9 +192,11 @@ def main() -> None:
         "tokens_per_step": args.batch * args.seq_len,
         "steps": args.steps,
         "loss": "apc (k=1000)",
+        "weights_in_loop": args.weights_in_loop,
+        "activation_checkpointing": args.activation_checkpointing,
         **provenance(),
     }
-    write_json(args.out, result)
+    write_json(args.out or _default_out(args), result)
     print(json.dumps({k: result[k] for k in ("time_ratio", "peak_mem_ratio", "targets")} | {
         "cached_step_s": cached["median_step_s"], "uncached_step_s": uncached["median_step_s"],
         "cached_peak_rss_mb": cached["peak_rss_mb"], "uncached_peak_rss_mb": uncached["peak_rss_mb"]}, indent=2))

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
-    Defaults are sized for <= 15 minutes on a 2-core CPU (11.4 min measured): 16 x 128 calibration
+    Defaults are sized for <= 15 minutes on a 2-core CPU (10.4 min measured): 16 x 128 calibration
     tokens, `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ at learning rates `rotation_lr`/`scale_lr`,
     perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
     the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
