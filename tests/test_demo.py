@@ -56,3 +56,4 @@ def test_paper_sized_config_scales_calibration_and_evaluation():
     assert full.max_prompts is None and DemoConfig().max_prompts == 80
     aaq = full.methods()[-1]
     assert aaq.name == "aaq" and aaq.training.loss.lam == 0.1 and aaq.training.steps == 150
+    assert aaq.training.activation_checkpointing and not DemoConfig().methods()[-1].training.activation_checkpointing
