@@ -19,7 +19,7 @@ from aaq.losses import LossConfig
 from aaq.models import get_adapter
 from aaq.quantizers import QuantScheme
 from aaq.teachers import build_teacher_cache
-from aaq.transforms import TransformConfig, attach_learnable_transforms
+from aaq.transforms import TransformConfig, attach_learnable_transforms, fuse_learned_transforms
 from conftest import make_tiny_model
 
 SCHEME = QuantScheme.from_string("w4a4kv4")
@@ -190,6 +190,18 @@ def test_activation_checkpointing_reaches_the_same_parameters_and_is_turned_off_
         calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, seed=0)
         runs[checkpointing] = _params(installed)
         assert not model.training and not model.is_activation_checkpointing
+        fuse_learned_transforms(installed)
+        model.requires_grad_(False)
+        assert not model(TOKENS).logits.requires_grad  # no hook left making a frozen model build a graph
     assert any(not torch.equal(runs[False][name], value) for name, value in initial.items())
     for name, value in runs[False].items():
         assert torch.allclose(runs[True][name], value, atol=1e-6, rtol=0), name
+
+
+def test_activation_checkpointing_refuses_a_model_with_dropout():
+    model = make_tiny_model("llama")
+    model.config.attention_dropout = 0.1
+    with pytest.raises(AaqError, match="dropout"):
+        with calibrate_module.activation_checkpointing(model, True):
+            pass
+    assert not model.training

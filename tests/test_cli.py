@@ -2,10 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from aaq.cli import main
+from aaq.quantizers import QuantScheme
 
 TINY_RUN = ["--calib-samples", "4", "--calib-seq-len", "32", "--ppl-samples", "2", "--ppl-seq-len", "32"]
 
@@ -141,23 +143,28 @@ def test_online_hadamard_flags_reach_the_learned_methods():
         ([], False, False),
         (["--weight-quantizer", "rtn"], True, False),
         (["--weights-in-loop", "on"], True, False),
-        (["--weight-quantizer", "rtn", "--weights-in-loop", "off", "--activation-checkpointing"], False, True),
+        (["--weight-quantizer", "rtn", "--weights-in-loop", "off", "--activation-checkpointing", "on"], False, True),
+        (["--bits", "w4a16"], True, False),
+        (["--recipe", "recipes/aaq_w4a4kv4.yaml"], False, True),
+        (["--recipe", "recipes/aaq_w4a4kv4.yaml", "--weight-quantizer", "rtn", "--activation-checkpointing", "off"], True, False),
     ],
 )
 def test_calibration_mode_flags_reach_the_learned_methods(flags, in_loop, checkpointing):
     from aaq.cli import build_parser, quantize_config_from_args
 
+    recipe_dir = Path(__file__).resolve().parents[1]
+    flags = [str(recipe_dir / f) if f.startswith("recipes/") else f for f in flags]
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "aaq", *flags])
-    method = quantize_config_from_args(args).method
-    assert method.calibrates_quantized_weights() is in_loop
-    assert method.training.activation_checkpointing is checkpointing
+    config = quantize_config_from_args(args)
+    assert config.method.calibrates_quantized_weights(QuantScheme.from_string(config.bits)) is in_loop
+    assert config.method.training.activation_checkpointing is checkpointing
 
 
 def test_calibration_mode_flags_are_rejected_where_nothing_is_calibrated():
     from aaq.cli import build_parser, quantize_config_from_args
     from aaq.errors import AaqError
 
-    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "quarot", "--activation-checkpointing"])
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "quarot", "--activation-checkpointing", "on"])
     with pytest.raises(AaqError, match="--activation-checkpointing has no effect"):
         quantize_config_from_args(args)
 

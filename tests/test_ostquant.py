@@ -98,3 +98,22 @@ def test_cli_flags_override_the_recipe(tmp_path):
     args = build_parser().parse_args(argv + ["--steps", "7", "--lam", "0.5", "--loss", "kl", "--no-cache"])
     training = quantize_config_from_args(args).method.training
     assert (training.steps, training.loss.lam, training.loss.name, training.cache) == (7, 0.5, "kl", False)
+
+
+@pytest.mark.parametrize("weight_quantizer", ["gptq", "rtn"])
+def test_a_failed_calibration_takes_the_transforms_out_again(monkeypatch, weight_quantizer):
+    from torch.nn.utils import parametrize
+
+    from aaq.fake_quant import QuantLinear
+
+    def diverge(*_args, **_kwargs):
+        raise RuntimeError("diverged")
+
+    monkeypatch.setattr(ostquant_module, "calibrate", diverge)
+    model = make_tiny_model("llama")
+    with pytest.raises(RuntimeError, match="diverged"):
+        quantize(model, _config(OSTQuantConfig(training=TINY, weight_quantizer=weight_quantizer)), calibration=TOKENS)
+    assert not any(parametrize.is_parametrized(m) or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.input_quantizer is not None for m in linears)
+    assert all(p.requires_grad for p in model.parameters())

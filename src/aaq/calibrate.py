@@ -52,7 +52,7 @@ class CalibrationSettings:
     not finite or moves more than `divergence_factor` x max(|initial loss|, 1) away from the initial
     loss stops the run. `max_grad_norm` clips the gradient norm of all transform parameters together
     (None: no clipping). `weights_in_loop`: fake-quantize the weights every step (None: the method
-    decides; OSTQuant/AAQ do so only when RTN quantizes the weights afterwards).
+    decides; OSTQuant/AAQ do so when RTN quantizes the weights afterwards or nothing else is quantized).
     `activation_checkpointing`: recompute each decoder layer's forward during the backward instead of
     keeping its activations (transformers' activation checkpointing): measured on smollm2-135m at
     2 x 256 tokens, about half the peak memory for a third more time per step.
@@ -267,15 +267,20 @@ def activation_checkpointing(model: PreTrainedModel, enabled: bool) -> Iterator[
         return
     if not model.supports_gradient_checkpointing:
         raise AaqError(f"{type(model).__name__} does not support activation checkpointing; drop activation_checkpointing")
-    was_training = model.training
-    # transformers only checkpoints in training mode; the supported families use no dropout, so the
-    # forward is unchanged.
+    # transformers only checkpoints in training mode, which must not switch dropout on.
+    if getattr(model.config, "attention_dropout", 0.0) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise AaqError("the model has dropout, which activation checkpointing (training mode) would switch on; drop activation_checkpointing")
+    was_training, had_input_hooks = model.training, bool(getattr(model, "_require_grads_hooks", None))
     model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     try:
         yield
     finally:
         model.activation_checkpointing_disable()
+        # enable() also makes the embedding output require grad, which disable() leaves in place
+        # (for peft models only it is removed): every later forward would build a graph.
+        if not had_input_hooks:
+            model.disable_input_require_grads()
         model.train(was_training)
 
 

@@ -84,9 +84,9 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     )
     learn.add_argument(
         "--activation-checkpointing",
-        action="store_true",
+        choices=["on", "off"],
         default=None,
-        help="recompute each layer in the backward: about half the calibration memory, a third more time",
+        help="recompute each layer in the backward: about half the calibration memory, a third more time (default: off; on in the paper recipes)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out (finished GPTQ layers, calibration checkpoint)"
@@ -307,7 +307,7 @@ def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
         steps = method.training.steps if args.steps is None else args.steps
         cache = method.training.cache and not args.no_cache
         in_loop = method.training.weights_in_loop if args.weights_in_loop is None else args.weights_in_loop == "on"
-        recompute = method.training.activation_checkpointing or bool(args.activation_checkpointing)
+        recompute = method.training.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing == "on"
         method.training = dataclasses.replace(
             method.training, loss=loss, steps=steps, cache=cache, weights_in_loop=in_loop, activation_checkpointing=recompute
         )

@@ -420,21 +420,27 @@ class LearnedTransforms:
     scales: dict[str, Tensor]
 
 
-@torch.no_grad()
-def fuse_learned_transforms(installed: InstalledTransforms) -> LearnedTransforms:
-    """Write the current transforms into the weights (float64 math, unquantized) and remove every hook and parametrization."""
-    adapter, transforms = installed.adapter, installed.transforms
+def remove_learnable_transforms(installed: InstalledTransforms) -> None:
+    """Take the transforms out of the forward pass without fusing them: hooks, parametrizations, bypassed quantizers, frozen flags."""
     for hook in installed.hooks:
         hook.remove()
     for undo in installed.undo:
         undo()
+    installed.hooks, installed.undo = [], []
+    for name, param in installed.adapter.model.named_parameters():
+        param.requires_grad_(installed.trainable.get(name, param.requires_grad))
+
+
+@torch.no_grad()
+def fuse_learned_transforms(installed: InstalledTransforms) -> LearnedTransforms:
+    """Write the current transforms into the weights (float64 math, unquantized) and remove every hook and parametrization."""
+    adapter, transforms = installed.adapter, installed.transforms
+    remove_learnable_transforms(installed)
     for layer, parts in enumerate(adapter.layers()):
         values = transforms.values(layer, torch.float64)
         for (module, name), fn in _layer_transforms(parts, transforms).items():
             original = getattr(module, name)
             original.data = fn(original.detach().to(torch.float64), values).to(original.dtype)
-    for name, param in adapter.model.named_parameters():
-        param.requires_grad_(installed.trainable.get(name, param.requires_grad))
     r1 = transforms.r1.detach().to(torch.float64)
     rotate_embedding(adapter.embeddings, r1)
     rotate_reader(adapter.lm_head, r1)

@@ -23,9 +23,10 @@ from aaq.calibrate import CalibrationSettings, Teacher, cached_teacher, calibrat
 from aaq.errors import AaqError
 from aaq.methods.registry import MethodConfig, MethodContext, register_method
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
+from aaq.quantizers import QuantScheme
 from aaq.runs import write_atomic
 from aaq.teachers import build_teacher_cache, open_or_build
-from aaq.transforms import TransformConfig, attach_learnable_transforms, fuse_learned_transforms
+from aaq.transforms import TransformConfig, attach_learnable_transforms, fuse_learned_transforms, remove_learnable_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,18 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
     transforms: TransformConfig = field(default_factory=TransformConfig)
     training: CalibrationSettings = field(default_factory=CalibrationSettings)
 
-    def calibrates_quantized_weights(self) -> bool:
+    def calibrates_quantized_weights(self, scheme: QuantScheme) -> bool:
         """Whether calibration fake-quantizes the weights: `training.weights_in_loop`, by default only before RTN.
 
         GPTQ re-quantizes the fused weights against the calibration activations anyway, so before
         GPTQ the transforms are trained against activation and KV-cache quantization alone (as
-        SpinQuant does), at about half the cost per step.
+        SpinQuant does), at about half the cost per step. Without activation quantization (W4A16)
+        the weights are the only thing R1 and the scales can act on, so they stay in the loop.
         """
         chosen = self.training.weights_in_loop
-        return self.weight_quantizer == "rtn" if chosen is None else chosen
+        if chosen is not None:
+            return chosen
+        return self.weight_quantizer == "rtn" or scheme.activations is None
 
     def needs_calibration(self) -> bool:
         """Calibration text drives the transform training."""
@@ -98,7 +102,7 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
     if config.needs_reference() and context.reference is None:
         raise AaqError(f"method {config.name} (loss {config.training.loss.name}) needs the unaligned reference; pass --reference MODEL")
     # The resolved choice goes into the settings, so checkpoints record it and a resume must match it.
-    settings = replace(config.training, weights_in_loop=config.calibrates_quantized_weights())
+    settings = replace(config.training, weights_in_loop=config.calibrates_quantized_weights(context.scheme))
     with ExitStack() as stack:
         work_dir = context.run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aaq-")))
         start = time.perf_counter()
@@ -108,16 +112,20 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
             context.adapter, context.scheme, config.transforms, context.seed, weights_in_loop=settings.weights_in_loop
         )
         start = time.perf_counter()
-        result = calibrate(
-            context.model,
-            installed.transforms,
-            context.calibration_tokens,
-            teacher,
-            settings,
-            context.seed,
-            checkpoint_dir=None if context.run_dir is None else context.run_dir / CALIBRATION_DIR,
-            resume=context.resume,
-        )
+        try:
+            result = calibrate(
+                context.model,
+                installed.transforms,
+                context.calibration_tokens,
+                teacher,
+                settings,
+                context.seed,
+                checkpoint_dir=None if context.run_dir is None else context.run_dir / CALIBRATION_DIR,
+                resume=context.resume,
+            )
+        except BaseException:
+            remove_learnable_transforms(installed)
+            raise
         del teacher
         context.reference = None
         context.timings["calibration_s"] = time.perf_counter() - start
