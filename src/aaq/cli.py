@@ -80,7 +80,7 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
         "--weights-in-loop",
         choices=["on", "off"],
         default=None,
-        help="fake-quantize the weights during calibration (default: only when --weight-quantizer rtn)",
+        help="fake-quantize the weights during calibration (default: on with --weight-quantizer rtn or 16-bit activations)",
     )
     learn.add_argument(
         "--activation-checkpointing",
