@@ -345,7 +345,7 @@ def _activation_hooks(
 
     def down_reader(_module: nn.Module, args: tuple) -> tuple:
         s = t.values(layer, args[0].dtype).down
-        x = args[0] if s is None else args[0] / s
+        x = _times(args[0], _inverse(s))
         if r4:
             x = fast_hadamard_transform(quantize(fast_hadamard_transform(x)), inverse=True)
         else:

@@ -44,7 +44,7 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
     training: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def calibrates_quantized_weights(self, scheme: QuantScheme) -> bool:
-        """Whether calibration fake-quantizes the weights: `training.weights_in_loop`, by default only before RTN.
+        """Whether calibration fake-quantizes the weights: `training.weights_in_loop`, by default before RTN or with 16-bit activations.
 
         GPTQ re-quantizes the fused weights against the calibration activations anyway, so before
         GPTQ the transforms are trained against activation and KV-cache quantization alone (as
