@@ -35,22 +35,15 @@ from pathlib import Path
 import torch
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens
-from aaq.calibrate import (
-    CalibrationSettings,
-    activation_checkpointing,
-    batch_indices,
-    build_optimizers,
-    cached_teacher,
-    live_teacher,
-    student_loss,
-)
+from aaq.calibrate import CalibrationSettings, activation_checkpointing, batch_indices, build_optimizers, student_loss
 from aaq.loading import load_model
 from aaq.losses import LossConfig
-from aaq.models import get_adapter
+from aaq.methods.ostquant import install_for_calibration
+from aaq.models import transform_plan
+from aaq.plan import TransformConfig
 from aaq.quantizers import QuantScheme
 from aaq.runs import provenance, write_json
-from aaq.teachers import TeacherCache, build_teacher_cache
-from aaq.transforms import TransformConfig, attach_learnable_transforms
+from aaq.teachers import TeacherCache, build_teacher_cache, cached_teacher, live_teacher
 
 RESULTS = Path(__file__).parent / "results" / "calibration_step.json"
 LOSS = LossConfig(name="apc", lam=0.1, k=1000)
@@ -106,9 +99,10 @@ def _measure(args: argparse.Namespace) -> dict:
         aligned = copy.deepcopy(model).requires_grad_(False)
         teacher = live_teacher(aligned, _perturbed(model), tokens, LOSS)
     scheme = QuantScheme.from_string("w4a4kv4")
-    installed = attach_learnable_transforms(get_adapter(model), scheme, TransformConfig(), seed=0, weights_in_loop=args.weights_in_loop)
+    transforms = TransformConfig(smoothing=True)
+    setup = install_for_calibration(model, transform_plan(model), scheme, transforms, seed=0, weights_in_loop=args.weights_in_loop)
     settings = CalibrationSettings(batch_size=args.batch, loss=LOSS, cache=args.mode == "cached")
-    optimizers = build_optimizers(installed.transforms, settings).values()
+    optimizers = build_optimizers(setup.transforms, settings).values()
     times = []
     with activation_checkpointing(model, args.activation_checkpointing):
         for step in range(args.steps + 1):

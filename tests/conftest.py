@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from aaq.data import shared_data_dir
+from tests.helpers import FAMILIES, make_tiny_model
 
 # Read before any test points AAQ_DATA_DIR at a fake folder.
 SHARED_DATA = shared_data_dir()
@@ -103,53 +104,6 @@ def fake_data_dir(tmp_path, monkeypatch, tiny_tokenizer):
         path.write_text("\n".join(" ".join(words[i] for i in line) for line in picks), encoding="utf-8")
     monkeypatch.setenv("AAQ_DATA_DIR", str(tmp_path))
     return tmp_path
-
-
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-def make_tiny_model(family: str, hidden_size: int = 96, num_heads: int = 6, tie: bool = True, seed: int = 0):
-    """A 2-layer random model of `family` with GQA (`num_heads` query / 2 KV heads, head_dim 16), perturbed norms/biases.
-
-    hidden 96 = 8 x 12 is not a power of two, so R1 needs a Kronecker Hadamard. Norm gains and
-    biases are randomised so that norm fusion and bias rotation are actually exercised.
-    """
-    from transformers import (
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    classes = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-    }
-    config_cls, model_cls = classes[family]
-    torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=128,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=num_heads,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-    )
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.5)
-    return model
 
 
 @pytest.fixture(params=FAMILIES)

@@ -8,7 +8,7 @@ import torch
 from aaq.api import CalibrationConfig, QuantizeConfig, check_reference_compatible, quantize
 from aaq.errors import AaqError
 from aaq.methods import AAQConfig
-from conftest import make_tiny_model
+from tests.helpers import make_tiny_model
 
 
 def test_reference_with_another_vocabulary_size_is_rejected():
@@ -46,5 +46,5 @@ def test_mismatch_fails_before_any_work(monkeypatch):
 
 def test_aaq_without_reference_is_a_clear_error():
     config = QuantizeConfig(method=AAQConfig(), calibration=CalibrationConfig(n_samples=2, seq_len=8))
-    with pytest.raises(AaqError, match="--reference"):
+    with pytest.raises(AaqError, match=r"pass one \(`reference`\)"):
         quantize(make_tiny_model("llama"), config, calibration=torch.zeros(2, 8, dtype=torch.long))

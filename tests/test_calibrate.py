@@ -6,21 +6,12 @@ import pytest
 import torch
 
 import aaq.calibrate as calibrate_module
-from aaq.calibrate import (
-    CalibrationSettings,
-    batch_indices,
-    cached_teacher,
-    calibrate,
-    live_teacher,
-    student_loss,
-)
+from aaq.calibrate import CalibrationSettings, batch_indices, calibrate, student_loss
 from aaq.errors import AaqError
 from aaq.losses import LossConfig
-from aaq.models import get_adapter
 from aaq.quantizers import QuantScheme
-from aaq.teachers import build_teacher_cache
-from aaq.transforms import TransformConfig, attach_learnable_transforms, fuse_learned_transforms
-from conftest import make_tiny_model
+from aaq.teachers import build_teacher_cache, cached_teacher, live_teacher
+from tests.helpers import calibration_setup, make_tiny_model
 
 SCHEME = QuantScheme.from_string("w4a4kv4")
 TOKENS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -47,7 +38,7 @@ def _student_and_cache(tmp_path, value_dtype=torch.float32, weights_in_loop=True
     reference = _reference(model)
     aligned = copy.deepcopy(model)
     cache = build_teacher_cache(_logits_fn(model), _logits_fn(reference), TOKENS, tmp_path / "cache", APC.k, value_dtype, 2)
-    installed = attach_learnable_transforms(get_adapter(model), SCHEME, TransformConfig(), 0, weights_in_loop)
+    installed = calibration_setup(model, SCHEME, weights_in_loop=weights_in_loop)
     return model, installed, cache, aligned, reference
 
 
@@ -165,7 +156,7 @@ def test_cached_and_uncached_first_step_give_the_same_loss_and_gradients(tmp_pat
 
 
 def test_settings_reject_a_full_logit_loss_with_the_cache():
-    with pytest.raises(AaqError, match="--no-cache"):
+    with pytest.raises(AaqError, match=r"turn the teacher cache off \(`cache`\)"):
         CalibrationSettings(loss=LossConfig(name="mse"))
     assert CalibrationSettings(loss=LossConfig(name="mse"), cache=False).loss.name == "mse"
 
@@ -184,13 +175,13 @@ def test_activation_checkpointing_reaches_the_same_parameters_and_is_turned_off_
     for checkpointing in (False, True):
         model = make_tiny_model("qwen2")
         cache = build_teacher_cache(_logits_fn(model), _logits_fn(_reference(model)), TOKENS, tmp_path / f"c{checkpointing}", APC.k, torch.float32, 2)
-        installed = attach_learnable_transforms(get_adapter(model), SCHEME, TransformConfig(), 0, weights_in_loop)
+        installed = calibration_setup(model, SCHEME, weights_in_loop=weights_in_loop)
         initial = _params(installed)
         settings = _settings(steps=3, activation_checkpointing=checkpointing, rotation_lr=0.05, scale_lr=0.05)
         calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, seed=0)
         runs[checkpointing] = _params(installed)
         assert not model.training and not model.is_activation_checkpointing
-        fuse_learned_transforms(installed)
+        installed.fuse()
         model.requires_grad_(False)
         assert not model(TOKENS).logits.requires_grad  # no hook left making a frozen model build a graph
     assert any(not torch.equal(runs[False][name], value) for name, value in initial.items())

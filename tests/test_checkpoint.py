@@ -9,7 +9,7 @@ from aaq.api import QuantizeConfig, quantize
 from aaq.checkpoint import AAQ_CONFIG, WEIGHTS, is_quantized_folder, load, load_quantized, save_quantized
 from aaq.errors import AaqError
 from aaq.methods import QuaRotConfig, RTNConfig
-from conftest import make_tiny_model
+from tests.helpers import make_tiny_model
 
 TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -30,7 +30,7 @@ def test_save_load_gives_identical_logits(tmp_path, tiny_tokenizer, family):
     with torch.no_grad():
         assert torch.equal(model(TOKENS).logits, logits)
     assert info["quantize"] == result.config.to_dict()
-    assert info["online_transforms"] == {"qk_hadamard": True, "down_proj_hadamard": True}
+    assert info["transforms"] == {"r1": "random_hadamard", "r2": "random_hadamard", "r3": True, "r4": True, "smoothing": False}
     assert (folder / "transforms.safetensors").is_file()
     assert len(tokenizer) == len(tiny_tokenizer)
 

@@ -2,13 +2,15 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from aaq.cli import main
+from aaq.cli import build_parser, main, quantize_config_from_args
 from aaq.quantizers import QuantScheme
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY_RUN = ["--calib-samples", "4", "--calib-seq-len", "32", "--ppl-samples", "2", "--ppl-seq-len", "32"]
 
 
@@ -78,11 +80,11 @@ def test_recipe_and_flags_combine(tmp_path):
     from aaq.cli import build_parser, quantize_config_from_args
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: {name: quarot, weight_quantizer: rtn, rotation: {r1: hadamard}}\nbits: w4a8kv8\nseed: 5\n")
+    recipe.write_text("method: {name: quarot, weight_quantizer: rtn, transforms: {r1: hadamard}}\nbits: w4a8kv8\nseed: 5\n")
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", str(recipe), "--no-r4", "--damp", "0.1"])
     config = quantize_config_from_args(args)
     assert config.bits == "w4a8kv8" and config.seed == 5
-    assert config.method.rotation.r1 == "hadamard" and config.method.rotation.r4 is False
+    assert config.method.transforms.r1 == "hadamard" and config.method.transforms.r4 is False
     assert config.method.weight_quantizer == "rtn" and config.method.gptq.damp == 0.1
 
 
@@ -107,7 +109,7 @@ def test_report_merges_runs_into_table_and_plot(tmp_path, capsys):
     table = (out / "report.md").read_text()
     assert "quarot" in table and "27.8" in table
     assert (out / "safety_vs_ppl.png").stat().st_size > 10_000
-    assert len(json.loads((out / "report.json").read_text())) == 2
+    assert len(json.loads((out / "report.json").read_text())["runs"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -118,7 +120,7 @@ def test_report_merges_runs_into_table_and_plot(tmp_path, capsys):
         (["--method", "quarot", "--steps", "5"], "--steps has no effect with method quarot"),
         (["--bits", "w4a16", "--a-clip", "0.9"], "--a-clip has no effect with 16-bit activations"),
         (["--bits", "w8a8", "--kv-clip", "0.9"], "--kv-clip has no effect with a 16-bit KV cache"),
-        (["--method", "ostquant", "--r1", "random"], "--r1 has no effect with method ostquant"),
+        (["--method", "quarot", "--no-smoothing"], "--no-smoothing has no effect with method quarot"),
     ],
 )
 def test_flags_that_would_be_ignored_are_errors(flags, needle):
@@ -187,3 +189,43 @@ def test_recipe_typos_are_errors(tmp_path, text, needle):
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", str(recipe)])
     with pytest.raises(AaqError, match=needle):
         quantize_config_from_args(args)
+
+
+def test_cli_flags_override_the_recipe(tmp_path):
+    argv = ["quantize", "--model", "m", "--out", str(tmp_path), "--recipe", str(RECIPES / "aaq_demo.yaml")]
+    args = build_parser().parse_args(argv + ["--steps", "7", "--lam", "0.5", "--loss", "kl", "--no-cache"])
+    training = quantize_config_from_args(args).method.training
+    assert (training.steps, training.loss.lam, training.loss.name, training.cache) == (7, 0.5, "kl", False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["quantize", "--model", "m", "--out", "o", "--method", "aaq"], r"pass one \(--reference MODEL\)"),
+        (["quantize", "--model", "m", "--out", "o", "--method", "ostquant", "--reference", "b"], "--reference MODEL has no effect with method ostquant"),
+        (["quantize", "--model", "m", "--out", "o", "--method", "aaq", "--loss", "mse", "--reference", "b"], r"teacher cache off \(--no-cache\)"),
+        (["quantize", "--model", "m", "--out", "o", "--recipe", "RECIPES/ostquant_demo.yaml", "--method", "aaq"], "drop --method"),
+    ],
+)
+def test_library_errors_name_the_command_line_option(argv, needle, capsys):
+    argv = [a.replace("RECIPES", str(RECIPES)) for a in argv]
+    assert main(argv) == 2
+    assert re.search(needle, _error_line(capsys))
+
+
+def test_choices_come_from_the_library(capsys):
+    from aaq.losses import LOSS_NAMES
+    from aaq.methods import method_names
+    from aaq.plan import ROTATION_KINDS
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(method_names()) + "}" in text
+    assert "{" + ",".join(LOSS_NAMES) + "}" in text and "{" + ",".join(ROTATION_KINDS) + "}" in text
+
+
+def test_start_of_a_learned_rotation_is_an_option():
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "ostquant", "--r1", "hadamard", "--no-smoothing"])
+    transforms = quantize_config_from_args(args).method.transforms
+    assert transforms.r1 == "hadamard" and transforms.smoothing is False

@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from aaq import data
-from aaq.data import (
-    TextDataConfig,
-    corpus_token_ids,
-    is_heldout_doc,
-    python_docs_files,
-    resolve_dataset,
-    shared_data_dir,
-    token_windows,
-)
+from aaq.data import TextDataConfig, corpus_token_ids, is_heldout_doc, python_docs_files, resolve_dataset, shared_data_dir, token_windows
 from aaq.errors import AaqError
 
 

@@ -2,9 +2,11 @@
 
 import json
 from pathlib import Path
+
 import pytest
 import torch
 
+import aaq
 from aaq.demo_pair import (
     ANSWERS_FILE,
     CONFIG_FILE,
@@ -21,7 +23,6 @@ from aaq.demo_pair import (
     self_distilled_answers,
     tuning_split,
 )
-import aaq
 from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig, generate_responses
 from aaq.eval.prompts import harmbench_prompts

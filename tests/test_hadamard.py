@@ -5,14 +5,7 @@ import pytest
 import torch
 
 from aaq.errors import AaqError
-from aaq.hadamard import (
-    HadamardUnavailableError,
-    fast_hadamard_transform,
-    hadamard_matrix,
-    has_hadamard,
-    random_hadamard,
-    random_orthogonal,
-)
+from aaq.hadamard import HadamardUnavailableError, fast_hadamard_transform, hadamard_matrix, has_hadamard, random_hadamard, random_orthogonal
 
 SMALL_SIZES = [1, 2, 4, 12, 20, 28, 36, 44, 48, 60, 64, 76, 80, 96, 128, 160]
 MEDIUM_SIZES = [576, 768, 896, 1536]

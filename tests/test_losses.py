@@ -6,17 +6,7 @@ import pytest
 import torch
 
 from aaq.errors import AaqError
-from aaq.losses import (
-    LossConfig,
-    TeacherTargets,
-    apc_loss,
-    compute_loss,
-    kl_loss,
-    kl_top_loss,
-    mse_loss,
-    push_loss,
-    teacher_targets,
-)
+from aaq.losses import LossConfig, TeacherTargets, apc_loss, compute_loss, kl_loss, kl_top_loss, mse_loss, push_loss, teacher_targets
 
 # Two positions, V = 4. With k = 2: I_a = top-2 of z_a, I_d = top-2 of |z_a - z_b| (no ties).
 Z_A = [[2.0, 0.5, 1.0, -1.0], [0.0, 3.0, -2.0, 1.0]]

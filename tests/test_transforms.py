@@ -5,15 +5,12 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from aaq.models import get_adapter
+from aaq.plan import TransformConfig
 from aaq.quantizers import QuantScheme, fake_quantize
-from aaq.transforms import (
-    TransformConfig,
-    attach_learnable_transforms,
-    fuse_learned_transforms,
-    orthogonality_error,
-)
-from conftest import FAMILIES, make_tiny_model
+from aaq.transforms import orthogonality_error
+from tests.helpers import FAMILIES, calibration_setup, make_tiny_model
+
+SMOOTHED = TransformConfig(smoothing=True)
 
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 FP = QuantScheme.from_string("fp")
@@ -35,7 +32,7 @@ def _optimised_state(family: str, config: TransformConfig, steps: int = 3) -> di
     so the parameters are optimised where they matter, with quantization on.
     """
     model = make_tiny_model(family)
-    installed = attach_learnable_transforms(get_adapter(model), QuantScheme.from_string("w4a4kv4"), config, seed=0)
+    installed = calibration_setup(model, QuantScheme.from_string("w4a4kv4"), config)
     transforms = installed.transforms
     optimizers = [geoopt.optim.RiemannianSGD(transforms.rotation_parameters(), lr=0.5, momentum=0.9)]
     if transforms.scale_parameters():
@@ -54,11 +51,11 @@ def _optimised_state(family: str, config: TransformConfig, steps: int = 3) -> di
 def test_equivalent_at_init_after_steps_and_after_fuse(family):
     model = make_tiny_model(family)
     reference = _logits(model)
-    installed = attach_learnable_transforms(get_adapter(model), FP, TransformConfig(), seed=0)
+    installed = calibration_setup(model, FP, SMOOTHED)
     assert _relative_error(_logits(model), reference) < 1e-4
     transforms = installed.transforms
     r1_init = transforms.r1.detach().clone()
-    optimised = _optimised_state(family, TransformConfig())
+    optimised = _optimised_state(family, SMOOTHED)
     with torch.no_grad():
         transforms.load_state_dict(optimised)
     assert (transforms.r1.detach() - r1_init).norm() > 1e-3
@@ -66,17 +63,17 @@ def test_equivalent_at_init_after_steps_and_after_fuse(family):
     assert _relative_error(_logits(model), reference) < 1e-4
     for rotation in transforms.rotation_parameters():
         assert orthogonality_error(rotation) < 1e-4
-    learned = fuse_learned_transforms(installed)
+    learned = installed.fuse()
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert _relative_error(_logits(model), reference) < 1e-4
-    assert torch.allclose(learned.fused.r1, transforms.r1.detach().double())
-    assert len(learned.fused.r2) == 2 and set(learned.scales) == {f"{k}.{i}" for k in ("attn", "mlp", "vo", "down") for i in (0, 1)}
+    assert torch.allclose(learned.r1, transforms.r1.detach().double())
+    assert len(learned.r2) == 2 and set(learned.scales) == {f"{k}.{i}" for k in ("attn", "mlp", "vo", "down") for i in (0, 1)}
 
 
 def test_only_transform_parameters_get_gradients_and_all_of_them_do():
     model = make_tiny_model("qwen2")
-    installed = attach_learnable_transforms(get_adapter(model), QuantScheme.from_string("w4a4kv4"), TransformConfig(), seed=0)
+    installed = calibration_setup(model, QuantScheme.from_string("w4a4kv4"), SMOOTHED)
     model(TOKENS).logits.square().mean().backward()
     transforms = installed.transforms
     for p in transforms.rotation_parameters() + transforms.scale_parameters():
@@ -87,15 +84,15 @@ def test_only_transform_parameters_get_gradients_and_all_of_them_do():
 def test_projection_weights_are_fake_quantized_in_training_but_fused_unquantized():
     model = make_tiny_model("llama")
     scheme = QuantScheme.from_string("w4a16")
-    installed = attach_learnable_transforms(get_adapter(model), scheme, TransformConfig(), seed=0)
-    q_proj = get_adapter(model).layers()[0].q_proj
+    installed = calibration_setup(model, scheme, SMOOTHED)
+    q_proj = model.model.layers[0].self_attn.q_proj
     plist = q_proj.parametrizations["weight"]
     unquantized = plist[0].transformed(plist.original)
     assert torch.allclose(q_proj.weight, fake_quantize(unquantized, scheme.weights))
     assert q_proj.weight.unique().numel() < unquantized.unique().numel()
-    norm = get_adapter(model).layers()[0].input_norm
+    norm = model.model.layers[0].input_layernorm
     assert norm.parametrizations["weight"][0].spec is None
-    fuse_learned_transforms(installed)
+    installed.fuse()
     assert torch.allclose(q_proj.weight, unquantized.detach(), atol=1e-5)
 
 
@@ -103,12 +100,12 @@ def test_without_smoothing_there_are_no_scales_and_equivalence_holds():
     model = make_tiny_model("mistral")
     reference = _logits(model)
     config = TransformConfig(smoothing=False)
-    installed = attach_learnable_transforms(get_adapter(model), FP, config, seed=0)
+    installed = calibration_setup(model, FP, config)
     assert installed.transforms.scale_parameters() == []
     optimised = _optimised_state("mistral", config, steps=2)
     with torch.no_grad():
         installed.transforms.load_state_dict(optimised)
-    fuse_learned_transforms(installed)
+    installed.fuse()
     assert _relative_error(_logits(model), reference) < 1e-4
 
 
@@ -116,10 +113,10 @@ def test_inconsistent_transform_breaks_equivalence():
     """Guards the equivalence test: dropping the norm's inverse scale must change the logits."""
     model = make_tiny_model("llama")
     reference = _logits(model)
-    installed = attach_learnable_transforms(get_adapter(model), FP, TransformConfig(), seed=0)
+    installed = calibration_setup(model, FP, SMOOTHED)
     with torch.no_grad():
         installed.transforms.log_scales["attn"][0].fill_(0.5)
-    parametrize.remove_parametrizations(get_adapter(model).layers()[0].input_norm, "weight", leave_parametrized=False)
+    parametrize.remove_parametrizations(model.model.layers[0].input_layernorm, "weight", leave_parametrized=False)
     assert _relative_error(_logits(model), reference) > 1e-2
 
 
@@ -138,7 +135,7 @@ def _transform_gradients(model, installed) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("family", "config"),
-    [(family, TransformConfig()) for family in FAMILIES] + [("mistral", TransformConfig(smoothing=False, r3=False, r4=False))],
+    [(family, SMOOTHED) for family in FAMILIES] + [("mistral", TransformConfig(smoothing=False, r3=False, r4=False))],
 )
 def test_activation_form_computes_the_weight_form_in_value_gradient_and_fused_weights(family, config):
     """With unquantized weights the two forms are one function of the transforms.
@@ -152,7 +149,7 @@ def test_activation_form_computes_the_weight_form_in_value_gradient_and_fused_we
     models, installed = {}, {}
     for weights_in_loop in (True, False):
         model = make_tiny_model(family).double()
-        installed[weights_in_loop] = attach_learnable_transforms(get_adapter(model), scheme, config, 0, weights_in_loop)
+        installed[weights_in_loop] = calibration_setup(model, scheme, config, weights_in_loop=weights_in_loop)
         with torch.no_grad():
             installed[weights_in_loop].transforms.double().load_state_dict(optimised)
         models[weights_in_loop] = model
@@ -163,7 +160,7 @@ def test_activation_form_computes_the_weight_form_in_value_gradient_and_fused_we
     for g_act, g_weight in zip(_transform_gradients(models[False], installed[False]), _transform_gradients(models[True], installed[True]), strict=True):
         assert _relative_error(g_act, g_weight) < 1e-3
     for weights_in_loop in (True, False):
-        fuse_learned_transforms(installed[weights_in_loop])
+        installed[weights_in_loop].fuse()
     fused = {k: v for k, v in models[False].state_dict().items()}
     for name, value in models[True].state_dict().items():
         assert torch.allclose(fused[name], value, rtol=1e-12, atol=1e-12), name
@@ -173,8 +170,8 @@ def test_activation_form_computes_the_weight_form_in_value_gradient_and_fused_we
 def test_activation_form_with_quantization_off_keeps_the_original_logits():
     model = make_tiny_model("qwen2")
     reference = _logits(model)
-    optimised = _optimised_state("qwen2", TransformConfig())
-    installed = attach_learnable_transforms(get_adapter(model), FP, TransformConfig(), 0, weights_in_loop=False)
+    optimised = _optimised_state("qwen2", SMOOTHED)
+    installed = calibration_setup(model, FP, SMOOTHED, weights_in_loop=False)
     with torch.no_grad():
         installed.transforms.load_state_dict(optimised)
     assert _relative_error(_logits(model), reference) < 1e-4

@@ -7,6 +7,9 @@ The public API, imported lazily so that `aaq --help` does not pay for torch and 
 - `aaq.evaluate(model, tokenizer, EvalConfig(...), out_dir=...)` -> report dict  (aaq.eval.suite)
 - `aaq.export(run_dir, out_dir, ExportConfig(format="aaq" | "compressed-tensors", scheme="W4A16" | "W4A4"))`
   -> ExportReport: packed int4 aaq folders, or compressed-tensors folders for transformers/vLLM  (aaq.exporting)
+- `aaq.load_recipe(path)` -> QuantizeConfig  (aaq.recipes)
+- `aaq.run_quantization(RunConfig(model=..., out=..., ...))`: load, quantize, save, evaluate, run.json  (aaq.workflow)
+- `aaq.transform_plan(model)` -> TransformPlan: where every transform acts in a model  (aaq.models)
 """
 
 from importlib import import_module
@@ -26,6 +29,12 @@ _EXPORTS = {
     "export": "aaq.exporting",
     "ExportConfig": "aaq.exporting",
     "QuantScheme": "aaq.quantizers",
+    "TransformConfig": "aaq.plan",
+    "transform_plan": "aaq.models",
+    "load_recipe": "aaq.recipes",
+    "RunConfig": "aaq.workflow",
+    "run_quantization": "aaq.workflow",
+    "evaluate_source": "aaq.workflow",
     "QuantSpec": "aaq.quantizers",
     "AaqError": "aaq.errors",
 }

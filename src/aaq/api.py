@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +13,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.data import TextDataConfig, token_windows
 from aaq.errors import AaqError
-from aaq.fake_quant import OnlineTransforms
-from aaq.methods import MethodConfig, MethodContext, QuaRotConfig, apply_method, method_config_from_dict
-from aaq.models import get_adapter
+from aaq.methods import MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
+from aaq.models import transform_plan
 from aaq.quantizers import QuantScheme
-from aaq.rotation import FusedTransforms
+from aaq.rotation import AppliedTransforms
 
 logger = logging.getLogger(__name__)
 
-CONFIG_VERSION = 1
+# 2: one TransformConfig for every method (QuaRot's `rotation` became `transforms`).
+CONFIG_VERSION = 2
+CONFIG_KEYS = ("version", "method", "bits", "scheme", "calibration", "seed")
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,34 @@ class QuantizeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantizeConfig":
-        """Inverse of `to_dict`."""
-        if data.get("version") != CONFIG_VERSION:
-            raise AaqError(f"config version {data.get('version')} is not supported by this aaq (expects {CONFIG_VERSION}); re-run quantize")
+        """Inverse of `to_dict`; missing parts take their defaults (so a recipe may name only what it changes)."""
+        version = data.get("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise AaqError(f"config version {version} is not supported by this aaq (it reads version {CONFIG_VERSION}); quantize again with this aaq")
+        unknown = sorted(set(data) - set(CONFIG_KEYS))
+        if unknown:
+            raise AaqError(f"unknown recipe key(s) {', '.join(unknown)}; a recipe (a quantization config) has {', '.join(CONFIG_KEYS)}")
+        method = data.get("method", {"name": QuaRotConfig.name})
+        calibration = data.get("calibration", {})
+        known = {f.name for f in fields(CalibrationConfig)}
+        if not isinstance(calibration, dict) or set(calibration) - known:
+            raise AaqError(f"unknown calibration setting(s) in {calibration}; known: {', '.join(sorted(known))}")
         return cls(
-            method=method_config_from_dict(data["method"]),
-            bits=data["bits"],
-            scheme=QuantScheme.from_dict(data["scheme"]),
-            calibration=CalibrationConfig(**data["calibration"]),
-            seed=data["seed"],
+            method=method_config_from_dict({"name": method} if isinstance(method, str) else method),
+            bits=data.get("bits", cls.bits),
+            scheme=QuantScheme.from_dict(data["scheme"]) if data.get("scheme") else None,
+            calibration=CalibrationConfig(**calibration),
+            seed=data.get("seed", cls.seed),
         )
 
 
 @dataclass
 class QuantizeResult:
-    """The quantized model (modified in place) and what is needed to save and describe it."""
+    """The quantized model (modified in place), its config, the transforms the method applied and stage timings (s)."""
 
     model: PreTrainedModel
     config: QuantizeConfig
-    online: OnlineTransforms
-    transforms: FusedTransforms | None
+    transforms: AppliedTransforms
     timings: dict[str, float]
 
 
@@ -149,11 +158,10 @@ def quantize(
     calibration checkpoints, and `resume` continues a killed calibration from them.
     """
     if config.method.needs_reference() and reference is None:
-        raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass --reference MODEL (reference= in aaq.quantize)")
+        raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     if reference is not None:
         check_reference_compatible(model, reference)
-    adapter = get_adapter(model)
-    torch.manual_seed(config.seed)
+    plan = transform_plan(model)
     timings: dict[str, float] = {}
     if config.method.needs_calibration() and calibration is None:
         if tokenizer is None:
@@ -164,20 +172,19 @@ def quantize(
     model.eval()
     context = MethodContext(
         model=model,
-        adapter=adapter,
+        plan=plan,
         scheme=config.resolved_scheme(),
         method=config.method,
         calibration_tokens=calibration,
         seed=config.seed,
         batch_size=config.calibration.batch_size,
-        timings=timings,
-        reference=reference,
+        reference=None if reference is None else ReleasableModel(reference),
         run_dir=None if run_dir is None else Path(run_dir),
         resume=resume,
     )
     del reference  # the context holds the only reference this function keeps, so the method can free it
     start = time.perf_counter()
-    apply_method(context)
-    timings["quantize_s"] = time.perf_counter() - start
+    result = apply_method(context)
+    timings.update(result.timings, quantize_s=time.perf_counter() - start)
     logger.info("quantized with %s %s in %.1f s", config.method.name, config.bits, timings["quantize_s"])
-    return QuantizeResult(model=model, config=config, online=context.online, transforms=context.transforms, timings=timings)
+    return QuantizeResult(model=model, config=config, transforms=result.transforms, timings=timings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,14 +27,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from aaq.errors import AaqError
-from aaq.losses import LossConfig, LossTerms, TeacherTargets, compute_loss, teacher_targets
+from aaq.losses import LossConfig, LossTerms, TeacherTargets, compute_loss
 from aaq.runs import write_atomic, write_json
-from aaq.teachers import TeacherCache
+from aaq.teachers import Teacher
 from aaq.transforms import LearnableTransforms
 
 logger = logging.getLogger(__name__)
 
-Teacher = Callable[[Tensor], TeacherTargets | Tensor]
 OptimizerName = Literal["cayley_sgd", "riemannian_adam"]
 _OPTIMIZERS = ("cayley_sgd", "riemannian_adam")
 _CHECKPOINT_FILE = "checkpoint.json"
@@ -81,7 +80,7 @@ class CalibrationSettings:
         if not (self.rotation_lr > 0 and self.scale_lr >= 0 and 0 <= self.momentum < 1):
             raise AaqError("calibration needs rotation_lr > 0, scale_lr >= 0 and momentum in [0, 1)")
         if self.cache and not self.loss.cacheable:
-            raise AaqError(f"loss {self.loss.name!r} needs full teacher logits and cannot use the top-k cache; pass --no-cache")
+            raise AaqError(f"loss {self.loss.name!r} needs full teacher logits, which the top-k teacher cache does not hold; turn the teacher cache off ({{setting}})", setting="cache")
         if self.cache_dtype not in ("float16", "float32"):
             raise AaqError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
         if self.divergence_factor <= 1:
@@ -132,26 +131,6 @@ def batch_indices(step: int, num_sequences: int, batch_size: int, seed: int) -> 
         mask = positions.div(num_sequences, rounding_mode="floor") == epoch
         out[mask] = perm[positions[mask] % num_sequences]
     return out
-
-
-def cached_teacher(cache: TeacherCache) -> Teacher:
-    """Teacher targets read from the on-disk cache."""
-    return cache.targets
-
-
-def live_teacher(aligned: PreTrainedModel, reference: PreTrainedModel | None, tokens: Tensor, loss: LossConfig) -> Teacher:
-    """Teacher targets (or, for full-logit losses, aligned logits) computed by running the teachers on each batch."""
-
-    @torch.no_grad()
-    def teacher(indices: Tensor) -> TeacherTargets | Tensor:
-        batch = tokens[indices]
-        z_a = aligned(input_ids=batch, use_cache=False).logits
-        if not loss.cacheable:
-            return z_a
-        z_b = None if reference is None else reference(input_ids=batch, use_cache=False).logits
-        return teacher_targets(z_a, z_b, loss.k)
-
-    return teacher
 
 
 def student_loss(model: PreTrainedModel, batch: Tensor, teacher: TeacherTargets | Tensor, loss: LossConfig) -> LossTerms:
@@ -230,7 +209,7 @@ def load_checkpoint(directory: Path, state: CalibrationState, settings: Calibrat
         current = json.loads(json.dumps(_settings_record(settings)))
         if record["settings"] != current or record["seed"] != seed:
             raise AaqError(
-                f"checkpoint in {directory} was made with other calibration settings or seed; resume with the same ones or drop --resume"
+                f"checkpoint in {directory} was made with other calibration settings or seed; resume with the same ones or start afresh (without {{setting}})", setting="resume"
             )
         tensors = load_file(str(directory / record["tensors"]))
         prefix = "transforms."
@@ -241,7 +220,9 @@ def load_checkpoint(directory: Path, state: CalibrationState, settings: Calibrat
         state.step = record["step"]
         state.initial_loss = record["initial_loss"]
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise AaqError(f"calibration checkpoint in {directory} is corrupt or incomplete ({type(err).__name__}); delete it or drop --resume") from None
+        raise AaqError(
+            f"calibration checkpoint in {directory} is corrupt or incomplete ({type(err).__name__}); delete it or start afresh (without {{setting}})", setting="resume"
+        ) from None
     return True
 
 

@@ -11,6 +11,7 @@ online transforms they need), the fused rotations in `transforms.safetensors`, a
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,22 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from aaq.api import QuantizeConfig, QuantizeResult
 from aaq.errors import AaqError
-from aaq.fake_quant import OnlineTransforms, QuantLinear, prepare_model
+from aaq.fake_quant import install_quantizers, quantized_linears
 from aaq.loading import ModelSource, load_model
-from aaq.models import get_adapter
+from aaq.models import transform_plan
+from aaq.online import install_online_rotations
 from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, unpack_state
+from aaq.plan import TransformConfig
 from aaq.quantizers import QuantScheme
+from aaq.rotation import ties_embeddings
 from aaq.runs import provenance, write_atomic, write_json
 
 AAQ_CONFIG = "aaq_config.json"
 WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq-fakequant"
-FORMAT_VERSION = 1
+# 2: `transforms` (the applied TransformConfig) replaced `online_transforms`; scales live in TRANSFORMS.
+FORMAT_VERSION = 2
 _READABLE_FORMATS = (FORMAT, PACKED_FORMAT)
 
 
@@ -41,17 +46,12 @@ def is_quantized_folder(path: str | Path) -> bool:
     return (Path(path) / AAQ_CONFIG).is_file()
 
 
-def quantized_linears(model: PreTrainedModel) -> dict[str, torch.Size]:
-    """Qualified names and weight shapes (out, in) of the quantized projections of a prepared model."""
-    return {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
-
-
 def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors a quantized folder stores: the state dict without a tied lm_head."""
-    adapter = get_adapter(model)
+    plan = transform_plan(model)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    if adapter.ties_embeddings:
-        state.pop("lm_head.weight", None)
+    if ties_embeddings(model, plan):
+        state.pop(f"{plan.lm_head}.weight", None)
     return state
 
 
@@ -68,7 +68,7 @@ def save_quantized(
     model = result.model
     model.config.save_pretrained(out)
     write_atomic(out / WEIGHTS, lambda tmp: save_file(model_state(model), str(tmp), metadata={"format": FORMAT}))
-    if result.transforms is not None and result.transforms.tensors():
+    if result.transforms.tensors():
         write_atomic(out / TRANSFORMS, lambda tmp: save_file(result.transforms.tensors(), str(tmp)))
     else:
         (out / TRANSFORMS).unlink(missing_ok=True)
@@ -81,7 +81,7 @@ def save_quantized(
             "format_version": FORMAT_VERSION,
             "source_model": source,
             "quantize": result.config.to_dict(),
-            "online_transforms": result.online.to_dict(),
+            "transforms": asdict(result.transforms.config),
             **provenance(),
         },
     )
@@ -102,7 +102,7 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
             f"{file} has format {data.get('format')} v{data.get('format_version')}, this aaq reads "
             f"{' and '.join(_READABLE_FORMATS)} v{FORMAT_VERSION}; re-run `aaq quantize` (or `aaq export`)"
         )
-    missing = [key for key in ("quantize", "online_transforms") if key not in data]
+    missing = [key for key in ("quantize", "transforms") if key not in data]
     if missing:
         raise AaqError(f"{file} lacks {', '.join(missing)}; the folder is corrupt, re-run `aaq quantize`")
     return data
@@ -129,11 +129,11 @@ def _read_state(path: Path, info: dict[str, Any], model: PreTrainedModel, config
 
 
 def load_quantized(
-    path: str | Path, scheme: QuantScheme | None = None, online: OnlineTransforms | None = None
+    path: str | Path, scheme: QuantScheme | None = None, transforms: TransformConfig | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Rebuild the fake-quantized model saved in `path`: model, tokenizer and its aaq config.
 
-    `scheme` / `online` replace the saved activation/KV quantization and online transforms, to
+    `scheme` / `transforms` replace the saved activation/KV quantization and online rotations, to
     simulate the same weights under other settings (an export's); weights keep the saved spec.
     """
     path = Path(path)
@@ -141,12 +141,13 @@ def load_quantized(
     config = QuantizeConfig.from_dict(info["quantize"])
     hf_config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    scheme = config.resolved_scheme() if scheme is None else scheme
-    online = OnlineTransforms(**info["online_transforms"]) if online is None else online
-    prepare_model(model, get_adapter(model), scheme, online)
+    plan = transform_plan(model)
+    transforms = TransformConfig(**info["transforms"]) if transforms is None else transforms
+    install_quantizers(model, plan, config.resolved_scheme() if scheme is None else scheme)
+    install_online_rotations(model, plan, r3=transforms.r3, r4=transforms.r4)
     state = _read_state(path, info, model, config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed_missing = {"lm_head.weight"} if get_adapter(model).ties_embeddings else set()
+    allowed_missing = {f"{plan.lm_head}.weight"} if ties_embeddings(model, plan) else set()
     if unexpected or set(missing) - allowed_missing:
         raise AaqError(
             f"the weights in {path} do not match its config (missing {sorted(set(missing) - allowed_missing)[:3]}, "

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
-import shutil
 import sys
-import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-import yaml
 
 from aaq.errors import AaqError
 from aaq.runs import git_commit
@@ -25,6 +22,36 @@ EPILOG = """examples:
   aaq demo
 """
 
+# The option of a library setting where it is not `--<setting with dashes>`.
+_FLAGS = {
+    "r3": "--no-r3",
+    "r4": "--no-r4",
+    "smoothing": "--no-smoothing",
+    "act_order": "--no-act-order",
+    "cache": "--no-cache",
+    "reference": "--reference MODEL",
+    "calibration": "--calib-dataset/--calib-samples",
+}
+
+
+def flag(setting: str) -> str:
+    """The command-line option that sets a library setting."""
+    return _FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
+def cli_message(error: AaqError) -> str:
+    """The error's message naming command-line options instead of Python settings."""
+    return error.render(flag)
+
+
+@contextlib.contextmanager
+def _in_cli_terms() -> Iterator[None]:
+    """Re-raise library errors with their settings named as this command line's options."""
+    try:
+        yield
+    except AaqError as error:
+        raise AaqError(cli_message(error)) from None
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only when there is one worth showing."""
@@ -35,8 +62,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _on_off(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
 def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    from aaq.data import DATASETS
+    from aaq.losses import LOSS_NAMES
     from aaq.methods import method_names
+    from aaq.methods.weights import WEIGHT_QUANTIZERS
+    from aaq.plan import ROTATION_KINDS
 
     p = sub.add_parser(
         "quantize",
@@ -48,7 +83,7 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="local folder, .gguf file, hub id, or alias (e.g. smollm2-135m-instruct)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--recipe", type=Path, help="YAML recipe with the config (flags given explicitly override it)")
-    p.add_argument("--method", choices=method_names(), default=None, help="quantization method (default: quarot)")
+    p.add_argument("--method", choices=method_names(), default=None, help="quantization method (default: the recipe's, else quarot)")
     p.add_argument("--bits", default=None, help="w<W>a<A>[kv<KV>]: w4a4kv4, w4a8kv8, w4a16, w8a8 ... (default: w4a4kv4)")
     p.add_argument("--seed", type=int, default=None, help="seed for rotations and calibration sampling (default: 0)")
     p.add_argument("--weight-group-size", type=int, default=None, help="quantize weights in groups of this many inputs")
@@ -57,24 +92,27 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--a-clip", type=float, default=None, help="activation clip ratio in (0, 1]")
     p.add_argument("--kv-clip", type=float, default=None, help="KV cache clip ratio in (0, 1]")
     cal = p.add_argument_group("calibration data")
-    cal.add_argument("--calib-dataset", default=None, help="auto | python-docs | wikitext2 | c4 (default: auto)")
+    cal.add_argument("--calib-dataset", choices=DATASETS, default=None, help="calibration text (default: auto)")
     cal.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: 32)")
     cal.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: 256)")
-    gptq = p.add_argument_group("GPTQ (methods gptq, quarot)")
+    gptq = p.add_argument_group("weights (GPTQ for methods gptq, quarot, ostquant, aaq)")
+    gptq.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None, help="weight quantizer of quarot, ostquant and aaq (default: gptq)")
     gptq.add_argument("--damp", type=float, default=None, help="damping, fraction of the mean Hessian diagonal (default: 0.01)")
     gptq.add_argument("--no-act-order", dest="act_order", action="store_false", default=None, help="keep column order")
-    gptq.add_argument("--weight-quantizer", choices=["gptq", "rtn"], default=None, help="weight quantizer of quarot, ostquant and aaq (default: gptq)")
-    rot = p.add_argument_group("rotations (method quarot)")
-    kinds = ["hadamard", "random_hadamard", "random", "none"]
-    rot.add_argument("--r1", choices=kinds, default=None, help="residual-stream rotation (default: random_hadamard)")
-    rot.add_argument("--r2", choices=kinds, default=None, help="per-head value/output rotation (default: random_hadamard)")
+    gptq.add_argument(
+        "--static-groups", action="store_true", default=None, help="group scales fixed up front, so act-order groups stay contiguous (exportable)"
+    )
+    rot = p.add_argument_group("transforms (methods quarot, ostquant, aaq)")
+    rot.add_argument("--r1", choices=ROTATION_KINDS, default=None, help="residual-stream rotation; the start of the learned one (default: random_hadamard)")
+    rot.add_argument("--r2", choices=ROTATION_KINDS, default=None, help="per-head value/output rotation (default: random_hadamard)")
     rot.add_argument("--no-r3", dest="r3", action="store_false", default=None, help="no online Hadamard on Q/K")
-    rot.add_argument("--no-r4", dest="r4", action="store_false", default=None, help="no online Hadamard on down_proj input")
+    rot.add_argument("--no-r4", dest="r4", action="store_false", default=None, help="no online Hadamard on the MLP down projection's input")
+    rot.add_argument("--no-smoothing", dest="smoothing", action="store_false", default=None, help="no learnable smoothing scales (ostquant, aaq)")
     learn = p.add_argument_group("learned transforms (methods ostquant, aaq)")
     learn.add_argument("--reference", default=None, help="unaligned reference model sharing the tokenizer (needed by aaq)")
-    learn.add_argument("--no-cache", action="store_true", help="run the teachers every step instead of caching their targets")
+    learn.add_argument("--no-cache", dest="cache", action="store_false", default=None, help="run the teachers every step instead of caching their targets")
     learn.add_argument("--steps", type=int, default=None, help="calibration steps (default: recipe or 150)")
-    learn.add_argument("--loss", choices=["mse", "kl", "kl_top", "apc"], default=None, help="calibration loss")
+    learn.add_argument("--loss", choices=LOSS_NAMES, default=None, help="calibration loss")
     learn.add_argument("--lam", type=float, default=None, help="push weight lambda of the apc loss (default: 0.1)")
     learn.add_argument(
         "--weights-in-loop",
@@ -170,6 +208,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, default=None, help=f"AAQ's push weight lambda (default: {defaults.lam}, 0.1 with --full)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of calibration windows, rotations and evaluation")
     p.add_argument("--full", action="store_true", help="paper-sized calibration (128 x 2048 tokens, 150 steps) and evaluation")
+    p.add_argument("--save-models", action="store_true", help="also save each variant's quantized weights (exportable run folders)")
     p.set_defaults(handler=cmd_demo)
 
 
@@ -200,6 +239,8 @@ def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    from aaq.exporting import FORMATS, SCHEMES
+
     p = sub.add_parser(
         "export",
         help="export a quantized run for shipping: packed int4 (aaq) or compressed-tensors (transformers/vLLM)",
@@ -213,8 +254,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("run", type=Path, help="aaq run folder (from `aaq quantize`) or packed aaq export")
-    p.add_argument("--format", choices=("aaq", "compressed-tensors"), default="aaq", help="output format")
-    p.add_argument("--scheme", choices=("W4A16", "W4A4"), default=None, help="compressed-tensors preset (default: W4A16)")
+    p.add_argument("--format", choices=FORMATS, default="aaq", help="output format")
+    p.add_argument("--scheme", choices=SCHEMES, default=None, help="compressed-tensors preset (default: W4A16)")
     p.add_argument("--strict", action="store_true", help="refuse an export that would compute differently from the run")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(handler=cmd_export)
@@ -239,110 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_dict(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise AaqError(f"recipe {path} does not exist; pass an existing YAML file") from None
-    except yaml.YAMLError as err:
-        raise AaqError(f"recipe {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise AaqError(f"recipe {path} must be a YAML mapping with keys method, bits, calibration, seed")
-    return data
-
-
-def _override(obj: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` with only the changes that were given (not None)."""
-    given = {k: v for k, v in changes.items() if v is not None}
-    return dataclasses.replace(obj, **given) if given else obj
-
-
-_FLAG_NAMES = {"r3": "--no-r3", "r4": "--no-r4", "act_order": "--no-act-order"}
-
-
-def _reject_unused(args: argparse.Namespace, names: tuple[str, ...], where: str) -> None:
-    """Error out on flags that were given but that nothing in the chosen config would read."""
-    # Unset options are None; unset store_true switches are False; the --no-* switches store False.
-    given = [
-        _FLAG_NAMES.get(n, "--" + n.replace("_", "-"))
-        for n in names
-        if getattr(args, n) is not None and (getattr(args, n) is not False or n in _FLAG_NAMES)
-    ]
-    if given:
-        raise AaqError(f"{', '.join(given)} has no effect {where}; drop it or pick a method/bits it applies to")
-
-
-def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
-    from aaq.methods import method_config_from_dict
-
-    method_data = recipe.get("method", {"name": "quarot"})
-    if isinstance(method_data, str):
-        method_data = {"name": method_data}
-    if args.method is not None and args.method != method_data.get("name"):
-        method_data = {"name": args.method}
-    method = method_config_from_dict(method_data)
-    where = f"with method {method.name}"
-    field_names = {f.name for f in dataclasses.fields(method)}
-    if "rotation" in field_names:
-        method.rotation = _override(method.rotation, r1=args.r1, r2=args.r2, r3=args.r3, r4=args.r4)
-    elif "transforms" in field_names:
-        _reject_unused(args, ("r1", "r2"), f"{where} (its R1/R2 are learned from a Hadamard start)")
-        method.transforms = _override(method.transforms, r3=args.r3, r4=args.r4)
-    else:
-        _reject_unused(args, ("r1", "r2", "r3", "r4"), where)
-    if "gptq" in field_names:
-        method.gptq = _override(method.gptq, damp=args.damp, act_order=args.act_order)
-    elif method.name == "gptq":
-        method = _override(method, damp=args.damp, act_order=args.act_order)
-    else:
-        _reject_unused(args, ("damp", "act_order"), where)
-    if "weight_quantizer" in field_names:
-        method = _override(method, weight_quantizer=args.weight_quantizer)
-    else:
-        _reject_unused(args, ("weight_quantizer",), where)
-    if "training" in field_names:
-        loss = _override(method.training.loss, name=args.loss, lam=args.lam)
-        steps = method.training.steps if args.steps is None else args.steps
-        cache = method.training.cache and not args.no_cache
-        in_loop = method.training.weights_in_loop if args.weights_in_loop is None else args.weights_in_loop == "on"
-        recompute = method.training.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing == "on"
-        method.training = dataclasses.replace(
-            method.training, loss=loss, steps=steps, cache=cache, weights_in_loop=in_loop, activation_checkpointing=recompute
-        )
-    else:
-        _reject_unused(args, ("reference", "no_cache", "steps", "loss", "lam", "weights_in_loop", "activation_checkpointing"), where)
-    return method
-
-
-def _calibration_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
-    from aaq.api import CalibrationConfig
-
-    data = recipe.get("calibration", {})
-    known = {f.name for f in dataclasses.fields(CalibrationConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise AaqError(f"unknown calibration setting(s) {', '.join(unknown)} in the recipe; known: {', '.join(sorted(known))}")
-    calibration = CalibrationConfig(**data)
-    return _override(calibration, dataset=args.calib_dataset, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
-
-
-def _scheme_from_args(args: argparse.Namespace, scheme):
-    if scheme.weights is None:
-        _reject_unused(args, ("weight_group_size",), "with 16-bit weights")
-    else:
-        scheme = scheme.with_overrides(weights=_override(scheme.weights, group_size=args.weight_group_size))
-    if scheme.activations is None:
-        _reject_unused(args, ("act_group_size", "a_clip", "symmetric_acts"), "with 16-bit activations")
-    else:
-        acts = _override(scheme.activations, group_size=args.act_group_size, clip_ratio=args.a_clip)
-        scheme = scheme.with_overrides(activations=_override(acts, symmetric=args.symmetric_acts))
-    if scheme.kv_cache is None:
-        _reject_unused(args, ("kv_clip",), "with a 16-bit KV cache")
-    else:
-        scheme = scheme.with_overrides(kv_cache=_override(scheme.kv_cache, clip_ratio=args.kv_clip))
-    return scheme
+def _given(args: argparse.Namespace, cls: type) -> dict:
+    """The fields of dataclass `cls` that the arguments set, by name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def quantize_config_from_args(args: argparse.Namespace):
@@ -350,29 +290,25 @@ def quantize_config_from_args(args: argparse.Namespace):
 
     A flag that the chosen method or bit widths would ignore is an error, not a silent no-op.
     """
-    from aaq.api import QuantizeConfig
+    from aaq.methods import MethodOptions
+    from aaq.quantizers import SchemeOptions
+    from aaq.recipes import QuantizeOptions, configure, load_recipe
 
-    recipe = _recipe_dict(args.recipe)
-    unknown = sorted(set(recipe) - {"method", "bits", "calibration", "seed"})
-    if unknown:
-        raise AaqError(f"unknown recipe key(s) {', '.join(unknown)}; a recipe has method, bits, calibration, seed")
-    config = QuantizeConfig(
-        method=_method_from_args(args, recipe),
-        bits=args.bits or recipe.get("bits", "w4a4kv4"),
-        calibration=_calibration_from_args(args, recipe),
-        seed=args.seed if args.seed is not None else recipe.get("seed", 0),
+    method = _given(args, MethodOptions) | {
+        "weights_in_loop": _on_off(args.weights_in_loop),
+        "activation_checkpointing": _on_off(args.activation_checkpointing),
+    }
+    calibration = {"dataset": args.calib_dataset, "n_samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    options = QuantizeOptions(
+        method=args.method,
+        bits=args.bits,
+        seed=args.seed,
+        method_options=MethodOptions(**method),
+        scheme_options=SchemeOptions(**_given(args, SchemeOptions)),
+        calibration={k: v for k, v in calibration.items() if v is not None},
     )
-    scheme = _scheme_from_args(args, config.resolved_scheme())
-    if scheme != config.resolved_scheme():
-        config.scheme = scheme
-    return config
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if (out / "run.json").exists() and not overwrite:
-        raise AaqError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
+    with _in_cli_terms():
+        return configure(options, None if args.recipe is None else load_recipe(args.recipe))
 
 
 def eval_config_from_args(args: argparse.Namespace):
@@ -397,90 +333,37 @@ def eval_config_from_args(args: argparse.Namespace):
     )
 
 
-def _judge_from_args(args: argparse.Namespace):
-    from aaq.eval.refusal import ModelJudge
-    from aaq.loading import load_model
-
-    if not args.judge:
-        return None
-    judge_model, judge_tokenizer = load_model(args.judge)
-    return ModelJudge(judge_model, judge_tokenizer)
+def _summary(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)) or "not evaluated"
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize, save the model, evaluate it, write run.json."""
-    from aaq.api import load_reference, quantize
-    from aaq.checkpoint import save_quantized
-    from aaq.eval.suite import evaluate
-    from aaq.loading import load_model
-    from aaq.runs import provenance, write_json
+    from aaq.workflow import RunConfig, run_quantization
 
     config = quantize_config_from_args(args)
-    if config.method.needs_reference() and not args.reference:
-        raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass --reference MODEL")
-    eval_config = None if args.no_eval else dataclasses.replace(eval_config_from_args(args), seed=config.seed)
-    _prepare_out(args.out, args.overwrite)
-    start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    timings = {"load_s": time.perf_counter() - start}
-    # Loaded inline so that no local name keeps the reference alive once the method has cached its targets.
-    result = quantize(
-        model,
-        config,
-        tokenizer=tokenizer,
-        reference=load_reference(args.reference, model, tokenizer) if args.reference else None,
-        run_dir=args.out,
+    evaluation = None if args.no_eval else dataclasses.replace(eval_config_from_args(args), seed=config.seed)
+    run = RunConfig(
+        model=args.model,
+        out=args.out,
+        quantize=config,
+        reference=args.reference,
+        evaluation=evaluation,
         resume=args.resume,
+        overwrite=args.overwrite,
+        command="aaq " + " ".join(sys.argv[1:]),
     )
-    start = time.perf_counter()
-    save_quantized(result, tokenizer, args.out, source=args.model)
-    timings.update(result.timings, save_s=time.perf_counter() - start)
-    metrics: dict[str, Any] = {}
-    if eval_config is not None:
-        meta = {"model": args.model, "method": config.method.name, "bits": config.bits}
-        report = evaluate(model, tokenizer, eval_config, args.out, meta=meta, judge=_judge_from_args(args))
-        metrics = {k: v for k, v in report["metrics"].items() if v is not None}
-        timings["eval_s"] = sum(report["seconds"].values())
-    run = {
-        "status": "complete",
-        "command": "aaq " + " ".join(sys.argv[1:]),
-        "model": args.model,
-        "method": config.method.name,
-        "bits": config.bits,
-        "seed": config.seed,
-        "config": config.to_dict(),
-        "metrics": metrics,
-        "timings": timings,
-        **provenance(),
-    }
-    write_json(args.out / "run.json", run)
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)) or "not evaluated"
-    print(f"{config.method.name} {config.bits}: {summary}; saved to {args.out}")
+    result = run_quantization(run)
+    print(f"{config.method.name} {config.bits}: {_summary(result.record['metrics'])}; saved to {args.out}")
     return 0
-
-
-def _load_for_eval(args: argparse.Namespace):
-    from aaq.checkpoint import is_quantized_folder, load_quantized
-    from aaq.loading import ModelSource, load_model
-
-    if is_quantized_folder(args.model):
-        if args.adapter:
-            raise AaqError("--adapter applies to full-precision models; merge the adapter before quantizing instead")
-        model, tokenizer, info = load_quantized(args.model)
-        return model, tokenizer, {"method": info["quantize"]["method"]["name"], "bits": info["quantize"]["bits"]}
-    model, tokenizer = load_model(ModelSource(args.model, adapter=args.adapter))
-    return model, tokenizer, {"method": "fp", "bits": "fp", "adapter": args.adapter}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model or run folder and write report.json / report.md / generations.jsonl."""
-    from aaq.eval.suite import evaluate
+    from aaq.workflow import evaluate_source
 
-    config = eval_config_from_args(args)
-    model, tokenizer, meta = _load_for_eval(args)
-    report = evaluate(model, tokenizer, config, args.out, meta={"model": args.model, **meta}, judge=_judge_from_args(args))
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in report["metrics"].items() if isinstance(v, float))
-    print(f"{args.model}: {shown}; report in {args.out / 'report.md'}")
+    report = evaluate_source(args.model, eval_config_from_args(args), args.out, adapter=args.adapter)
+    print(f"{args.model}: {_summary(report['metrics'])}; report in {args.out / 'report.md'}")
     return 0
 
 
@@ -508,16 +391,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Merge reports into a table, a JSON list and the safety-vs-perplexity plot."""
-    from aaq.eval.report import comparison_table, merge_reports, plot_safety_vs_ppl
-    from aaq.runs import write_atomic, write_json
+    from aaq.eval.report import REPORT_MD, merge_reports, write_comparison
 
-    reports = merge_reports(args.runs)
-    table = comparison_table(reports)
-    write_json(args.out / "report.json", reports)
-    write_atomic(args.out / "report.md", lambda tmp: tmp.write_text("# aaq comparison\n\n" + table + "\n"))
-    plot = plot_safety_vs_ppl(reports, args.out / "safety_vs_ppl.png")
-    print(table)
-    print(f"wrote {args.out / 'report.md'} and {plot}")
+    print(write_comparison(merge_reports(args.runs), args.out, "aaq comparison"))
+    print(f"wrote {args.out / REPORT_MD}")
     return 0
 
 
@@ -525,13 +402,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the method comparison and print its table."""
     from aaq.demo import DemoConfig, run_demo
 
-    names = ("model", "reference", "bits", "out", "tasks", "seed")
+    names = ("model", "reference", "bits", "out", "tasks", "seed", "save_models")
     config = DemoConfig(**{name: getattr(args, name) for name in names})
     if args.full:
         config = config.paper_sized()
     overrides = {name: getattr(args, name) for name in ("steps", "lam") if getattr(args, name) is not None}
-    config = dataclasses.replace(config, **overrides)
-    print(run_demo(config))
+    print(run_demo(dataclasses.replace(config, **overrides)))
     return 0
 
 
@@ -539,8 +415,7 @@ def cmd_make_demo_pair(args: argparse.Namespace) -> int:
     """Train the demo pair's safety adapter."""
     from aaq.demo_pair import PairConfig, make_demo_pair
 
-    names = ("base", "out", "rank", "alpha", "epochs", "lr", "batch_size", "answer_tokens", "kl_weight", "seed")
-    folder = make_demo_pair(PairConfig(**{name: getattr(args, name) for name in names}))
+    folder = make_demo_pair(PairConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PairConfig) if hasattr(args, f.name)}))
     print(f"wrote the safety adapter to {folder}; evaluate it with: aaq eval --model {args.base} --adapter {folder}")
     return 0
 
@@ -556,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         git_commit()  # record the commit of the code as loaded, before a long run
         return args.handler(args)
     except AaqError as err:
-        print(f"aaq: error: {err}", file=sys.stderr)
+        print(f"aaq: error: {cli_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aaq: interrupted", file=sys.stderr)

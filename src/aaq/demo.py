@@ -11,19 +11,18 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, load_reference, quantize
+from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens
 from aaq.calibrate import CalibrationSettings
 from aaq.eval.perplexity import PerplexityConfig
-from aaq.eval.report import comparison_table, plot_safety_vs_ppl
+from aaq.eval.report import write_comparison
 from aaq.eval.suite import EvalConfig, evaluate
 from aaq.loading import load_model
 from aaq.losses import LossConfig
 from aaq.methods import AAQConfig, MethodConfig, OSTQuantConfig, QuaRotConfig, RTNConfig
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.workflow import RunConfig, run_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,8 @@ class DemoConfig:
     perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
     the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
     first 200 characters) in batches of 16. `paper_sized()` gives the paper's settings (`aaq demo --full`).
+    `save_models`: also save every quantized variant's weights in its run folder (~0.5 GB each for
+    smollm2 in float32), so that `aaq export` can ship it.
     """
 
     model: str = "smollm2-135m-safe"
@@ -59,6 +60,7 @@ class DemoConfig:
     max_new_tokens: int = 48
     max_prompts: int | None = 80
     eval_batch_size: int = 16
+    save_models: bool = False
 
     def paper_sized(self) -> "DemoConfig":
         """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4, lambda 0.1) and full
@@ -99,7 +101,8 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> str:
     """Evaluate the FP aligned model and each quantized variant; write report.md/json and the safety-vs-PPL plot.
 
-    Returns the markdown comparison table.
+    Each variant is a run folder `out/<method>` (run.json, its evaluation). Returns the markdown
+    comparison table.
     """
     aligned, tokenizer = load_model(config.model)
     eval_config = EvalConfig(
@@ -109,32 +112,22 @@ def run_demo(config: DemoConfig) -> str:
     methods = config.methods()
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
     logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
-    meta = {"model": config.model, "reference": config.reference}
-    reports = [
-        evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta | {"method": "fp", "bits": "fp"})
-        | {"run_dir": str(config.out / "fp")}
-    ]
+    meta = {"model": config.model, "reference": config.reference, "method": "fp", "bits": "fp"}
+    reports = [evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta) | {"run_dir": str(config.out / "fp")}]
     for number, method in enumerate(methods, start=2):
         logger.info("[%d/%d] quantizing with %s at %s", number, len(methods) + 1, method.name, config.bits)
-        model = copy.deepcopy(aligned)
-        reference = load_reference(config.reference, model, tokenizer) if method.needs_reference() else None
-        quantize_config = QuantizeConfig(method=method, bits=config.bits, calibration=config.calibration, seed=config.seed)
-        start = time.perf_counter()
-        quantize(model, quantize_config, calibration=calibration, reference=reference)
-        seconds = time.perf_counter() - start
-        del reference
+        run = RunConfig(
+            model=config.model,
+            out=config.out / method.name,
+            quantize=QuantizeConfig(method=method, bits=config.bits, calibration=config.calibration, seed=config.seed),
+            reference=config.reference if method.needs_reference() else None,
+            evaluation=eval_config,
+            save_model=config.save_models,
+            overwrite=True,
+        )
+        result = run_quantization(run, model=copy.deepcopy(aligned), tokenizer=tokenizer, calibration=calibration)
+        reports.append(result.report | {"run_dir": str(run.out)})
+        logger.info("%s done: %s", method.name, result.record["metrics"])
         gc.collect()
-        run_dir = config.out / method.name
-        run_meta = meta | {"method": method.name, "bits": config.bits, "quantize_s": round(seconds, 1)}
-        reports.append(evaluate(model, tokenizer, eval_config, run_dir, meta=run_meta) | {"run_dir": str(run_dir)})
-        logger.info("%s done: %s", method.name, reports[-1]["metrics"])
-        del model
-        gc.collect()
-    table = comparison_table(reports)
-    summary = {"runs": reports, "config": asdict(config)}  # write_json turns the Path into text
-    write_json(config.out / "report.json", summary | provenance())
-    title = f"# aaq demo: {config.model} (reference {config.reference}), {config.bits}, seed {config.seed}"
-    write_atomic(config.out / "report.md", lambda tmp: tmp.write_text(f"{title}\n\n{table}\n"))
-    if any(r["metrics"].get("refusal_rate") is not None for r in reports):
-        plot_safety_vs_ppl(reports, config.out / "safety_vs_ppl.png")
-    return table
+    title = f"aaq demo: {config.model} (reference {config.reference}), {config.bits}, seed {config.seed}"
+    return write_comparison(reports, config.out, title, extra={"config": asdict(config)})

@@ -219,8 +219,10 @@ def train_adapter(
 
     Writes one JSON line per step (losses, seconds) to `log_path`.
     """
-    torch.manual_seed(config.seed)
-    peft_model = _lora_model(model, config)
+    # The LoRA initialisation draws from torch's global generator: seed it for this draw only.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        peft_model = _lora_model(model, config)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)

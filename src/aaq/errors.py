@@ -1,5 +1,32 @@
 """The one exception type users see: a one-line message naming the problem and the fix."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
+SETTING = "{setting}"
+
+
+def python_name(setting: str) -> str:
+    """How a library message names a setting: as the Python argument or config field."""
+    return f"`{setting}`"
+
 
 class AaqError(Exception):
-    """A user-facing error; the CLI prints its message on one line and exits with status 2."""
+    """A user-facing error; the CLI prints its message on one line and exits with status 2.
+
+    When the fix is to change a setting, `setting` names it (a config field or argument such as
+    "reference" or "r4") and the message says `{setting}` where its name goes: the library shows the
+    Python name, and a front end such as the CLI shows its own option for it (`render`).
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        self.template = message
+        self.setting = setting
+        super().__init__(self.render())
+
+    def render(self, name_of: Callable[[str], str] = python_name) -> str:
+        """The message with the setting named by `name_of`."""
+        if self.setting is None:
+            return self.template
+        return self.template.replace(SETTING, name_of(self.setting))

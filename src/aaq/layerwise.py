@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from aaq.models import ModelAdapter
-
 
 @dataclass
 class LayerInputs:
@@ -30,10 +28,8 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(
-    model: PreTrainedModel, adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int
-) -> LayerInputs:
-    """Inputs (hidden states and kwargs such as RoPE embeddings and masks) of decoder layer 0."""
+def capture_first_layer_inputs(model: PreTrainedModel, first_layer: nn.Module, tokens: torch.Tensor, batch_size: int) -> LayerInputs:
+    """Inputs (hidden states and kwargs such as RoPE embeddings and masks) of the first decoder layer, `first_layer`."""
     captured = LayerInputs(hidden=[], kwargs=[])
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -41,7 +37,7 @@ def capture_first_layer_inputs(
         captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
         raise _StopForward
 
-    handle = adapter.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in tokens.split(batch_size):
             try:

@@ -72,6 +72,33 @@ def _kv_default(bits: int) -> QuantSpec:
     return QuantSpec(bits=bits, symmetric=False)
 
 
+@dataclass(frozen=True)
+class SchemeOptions:
+    """Changes to the specs a bit string implies; None keeps the default.
+
+    weight_group_size / act_group_size: quantize in groups of this many inputs; symmetric_acts:
+    symmetric activations; a_clip / kv_clip: clip ratios of activations and KV cache.
+    """
+
+    weight_group_size: int | None = None
+    act_group_size: int | None = None
+    symmetric_acts: bool | None = None
+    a_clip: float | None = None
+    kv_clip: float | None = None
+
+    def given(self) -> dict[str, int | float | bool]:
+        """The options that were set, by name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+# Which spec (by QuantScheme field) each option changes, and the QuantSpec field it sets.
+_SCHEME_OPTIONS = {
+    "weights": {"weight_group_size": "group_size"},
+    "activations": {"act_group_size": "group_size", "symmetric_acts": "symmetric", "a_clip": "clip_ratio"},
+    "kv_cache": {"kv_clip": "clip_ratio"},
+}
+_FULL_PRECISION = {"weights": "16-bit weights", "activations": "16-bit activations", "kv_cache": "a 16-bit KV cache"}
+
 _BITS_PATTERN = re.compile(r"^w(\d+)a(\d+)(?:kv(\d+))?$")
 
 
@@ -118,6 +145,20 @@ class QuantScheme:
 
     def with_overrides(self, **changes: QuantSpec | None) -> "QuantScheme":
         """Return a copy with some specs replaced (e.g. group-128 symmetric weights for an export format)."""
+        return replace(self, **changes)
+
+    def with_options(self, options: SchemeOptions) -> "QuantScheme":
+        """A copy with `options` applied; AaqError naming an option for a tensor this scheme keeps in full precision."""
+        given = options.given()
+        changes: dict[str, QuantSpec] = {}
+        for tensor, fields in _SCHEME_OPTIONS.items():
+            wanted = {fields[name]: value for name, value in given.items() if name in fields}
+            spec = getattr(self, tensor)
+            if spec is None and wanted:
+                setting = next(name for name in given if name in fields)
+                raise AaqError(f"{{setting}} has no effect with {_FULL_PRECISION[tensor]}; drop it or quantize that tensor", setting=setting)
+            if wanted:
+                changes[tensor] = replace(spec, **wanted)
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -21,15 +21,31 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from aaq.errors import AaqError
-from aaq.losses import TeacherTargets, teacher_targets
+from aaq.losses import LossConfig, TeacherTargets, teacher_targets
+from aaq.runs import write_json
 
-__all__ = ["CacheMeta", "TeacherCache", "build_teacher_cache", "open_or_build", "tokens_fingerprint"]
+__all__ = [
+    "CacheMeta",
+    "LogitsFn",
+    "Teacher",
+    "TeacherCache",
+    "build_teacher_cache",
+    "cached_teacher",
+    "live_teacher",
+    "open_or_build",
+    "tokens_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
-Teacher = Callable[[Tensor], Tensor]
+# A model's forward: token ids (batch, seq_len) -> logits (batch, seq_len, vocab).
+LogitsFn = Callable[[Tensor], Tensor]
+# What calibration asks for each step: calibration-sequence indices -> the teachers' targets (top-k
+# losses) or the aligned logits (full-logit losses).
+Teacher = Callable[[Tensor], TeacherTargets | Tensor]
 
 _META_FILE = "meta.json"
 _FORMAT_VERSION = 1
@@ -178,7 +194,7 @@ def _dtype_name(value_dtype: torch.dtype) -> str:
     raise AaqError(f"teacher cache values must be torch.float16 or torch.float32, got {value_dtype}")
 
 
-def _teacher_logits(teacher: Teacher, batch: Tensor, role: str) -> Tensor:
+def _teacher_logits(teacher: LogitsFn, batch: Tensor, role: str) -> Tensor:
     """A teacher's logits for a batch of token ids, checked to be ``(b, T, V)``."""
     logits = teacher(batch)
     if logits.dim() != 3 or logits.shape[:2] != batch.shape:
@@ -189,21 +205,14 @@ def _teacher_logits(teacher: Teacher, batch: Tensor, role: str) -> Tensor:
     return logits
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """``text`` written to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _partial_path(directory: Path, field: str) -> Path:
     """Where an array is written before it is moved into place."""
     return directory / f".{field}.npy.partial"
 
 
 def build_teacher_cache(
-    aligned: Teacher,
-    reference: Teacher | None,
+    aligned: LogitsFn,
+    reference: LogitsFn | None,
     batches: Tensor,
     out_dir: Path,
     k: int,
@@ -254,7 +263,7 @@ def build_teacher_cache(
         array.flush()
         os.replace(_partial_path(directory, field), directory / f"{field}.npy")
     del arrays
-    _write_atomically(directory / _META_FILE, json.dumps(asdict(meta), indent=2))
+    write_json(directory / _META_FILE, asdict(meta))
     log.info("teacher cache: %d x %d positions, k=%d, %s values", num_sequences, seq_len, meta.k_eff, dtype_name)
     return TeacherCache.open(directory, batches)
 
@@ -289,8 +298,8 @@ def _write_batch_targets(
 
 
 def open_or_build(
-    aligned: Teacher,
-    reference: Teacher | None,
+    aligned: LogitsFn,
+    reference: LogitsFn | None,
     batches: Tensor,
     out_dir: Path,
     k: int,
@@ -314,3 +323,23 @@ def open_or_build(
         )
     log.info("reusing teacher cache in %s", directory)
     return cache
+
+
+def cached_teacher(cache: TeacherCache) -> Teacher:
+    """The teacher that reads its targets from the on-disk cache."""
+    return cache.targets
+
+
+def live_teacher(aligned: PreTrainedModel, reference: PreTrainedModel | None, tokens: Tensor, loss: LossConfig) -> Teacher:
+    """The teacher that runs the teacher models on each batch: top-k targets, or the aligned logits for full-logit losses."""
+
+    @torch.no_grad()
+    def teacher(indices: Tensor) -> TeacherTargets | Tensor:
+        batch = tokens[indices]
+        z_a = aligned(input_ids=batch, use_cache=False).logits
+        if not loss.cacheable:
+            return z_a
+        z_b = None if reference is None else reference(input_ids=batch, use_cache=False).logits
+        return teacher_targets(z_a, z_b, loss.k)
+
+    return teacher

@@ -1,35 +1,27 @@
-"""Learnable equivalence transforms (OSTQuant's Y = (W T)(T^-1 X)) applied to the weights on the fly.
+"""Learnable equivalence transforms (OSTQuant's Y = (W T)(T^-1 X)): parameters, their two forms, fusion.
 
-After `rotation.fuse_norms`, every transformed weight is a function of its frozen original and a few
-learnable parameters, installed with `torch.nn.utils.parametrize` so that the forward pass (and the
-weight fake quantization that follows) always sees the current transform:
+The parameters: R1 (d x d) and one R2 (head_dim x head_dim) per layer, orthogonal, on the Stiefel
+manifold, starting from the rotations `TransformConfig.r1/r2` name (random Hadamards by default);
+with smoothing, four positive scale vectors per layer (stored as log s, so they stay positive),
+starting at 1. Where each acts is the model's `TransformPlan`; the math is `aaq.rotation`'s.
 
-- R1 (d x d, orthogonal, Stiefel): residual stream; readers W -> W R1, writers W -> R1^T W.
-- R2 (head_dim x head_dim per layer, orthogonal): value heads W_v,h -> R2^T W_v,h, o_proj column
-  blocks W_o,h -> W_o,h R2.
-- Smoothing scales s > 0 (stored as log s, so they stay positive), inverse on the other side:
-  norm -> q/k/v and norm -> gate/up (norm weight 1/s, readers W diag(s)); v -> o (v rows / s, o columns
-  * s repeated over each KV group's query heads); up -> down (up rows / s, down columns * s, then the
-  fused inverse H^T of the fixed online R4 Hadamard).
+Two ways to put them into the forward pass of a norm-fused, quantizer-equipped model, with the same
+function whenever the weights are not quantized:
 
-Embedding and lm_head are rotated through their activations (E R1 on the looked-up rows, R1^T on the
-lm_head input) instead of their weights: the weight form costs vocab x d^2 per step, the activation
-form tokens x d^2, with the same result. With quantization off, the transformed model computes the
-original function for any parameter values (the equivalence invariant). `fuse_learned_transforms`
-writes the transforms into the weights in float64 and removes every hook and parametrization.
+- weight form (`install_weight_form`): every transformed weight is recomputed from its frozen
+  original each step (`torch.nn.utils.parametrize`) and fake-quantized; needed when calibration
+  trains against quantized weights (RTN follows). The embeddings and the lm_head are rotated through
+  their activations instead (E R1 on the looked-up rows, R1^T on the lm_head input): vocab x d^2
+  per step would dominate otherwise.
+- activation form (`install_activation_form`): the weights stay as they are and each activation
+  quantizer sees its input in the transformed basis, x -> T^-1 quant(T x). Calibration uses it when
+  GPTQ quantizes the fused weights afterwards (as SpinQuant does): a step costs tokens x d^2 instead
+  of weights x d, the frozen linears save nothing for the backward, and the inputs shared by q/k/v
+  and by gate/up are quantized once.
 
-R1/R2 start as random Hadamards (QuaRot's transforms), the scales at 1.
-
-Two ways to put the transforms into the forward pass, with the same function whenever the weights
-are not quantized:
-
-- weight form (`install_transforms`): every weight is recomputed from its original each step and
-  fake-quantized; needed when the calibration trains against quantized weights (RTN follows).
-- activation form (`install_activation_transforms`): the weights stay as they are and each
-  activation quantizer sees its input in the transformed basis, x -> T^-1 quant(T x). This is what
-  calibration uses when GPTQ quantizes the fused weights afterwards (as SpinQuant does): a step
-  then costs tokens x d^2 instead of weights x d, the frozen linears save nothing for the backward,
-  and inputs shared by q/k/v and by gate/up are quantized once.
+With quantization off, either form computes the original function for any parameter values (the
+equivalence invariant). `fuse_learned_transforms` writes the transforms into the weights in float64
+and removes every hook and parametrization.
 """
 
 from __future__ import annotations
@@ -41,65 +33,50 @@ import geoopt
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
 
-from aaq.fake_quant import OnlineTransforms, QuantLinear, prepare_model
-from aaq.hadamard import fast_hadamard_transform, random_hadamard
-from aaq.models import DecoderLayerParts, ModelAdapter
-from aaq.quantizers import QuantScheme, QuantSpec, fake_quantize_for_training
-from aaq.rotation import FusedTransforms, RotationConfig, fuse_norms, rotate_embedding, rotate_reader
-
-SCALE_KINDS = ("attn", "mlp", "vo", "down")
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """Which learnable transforms exist: R1 and R2 always; smoothing scales optionally; online R3/R4 (fixed)."""
-
-    smoothing: bool = True
-    r3: bool = True
-    r4: bool = True
-
-    @property
-    def online(self) -> OnlineTransforms:
-        """The fixed online Hadamards of this configuration."""
-        return OnlineTransforms(qk_hadamard=self.r3, down_proj_hadamard=self.r4)
-
-
-@dataclass(frozen=True)
-class TransformValues:
-    """The current transforms of one layer in a working dtype (scales already exponentiated; None = off)."""
-
-    r1: Tensor
-    r2: Tensor
-    attn: Tensor | None
-    mlp: Tensor | None
-    vo: Tensor | None
-    down: Tensor | None
+from aaq.errors import AaqError
+from aaq.fake_quant import QuantLinear
+from aaq.hadamard import fast_hadamard_transform
+from aaq.plan import SMOOTHING_KINDS, Geometry, LayerPlan, TransformConfig, TransformPlan
+from aaq.quantizers import QuantSpec, fake_quantize_for_training
+from aaq.rotation import (
+    AppliedTransforms,
+    Transform,
+    TransformValues,
+    fuse_transforms,
+    make_rotation,
+    query_head_scales,
+    scale_columns,
+    tensor_transforms,
+)
 
 
 class LearnableTransforms(nn.Module):
     """The learnable parameters: R1, per-layer R2 (Stiefel manifold parameters) and per-layer log-scales.
 
-    `seed` draws the random Hadamard signs of the initial R1 and R2.
+    `seed` draws the random signs (or matrices) of the starting R1 and R2.
     """
 
-    def __init__(self, adapter: ModelAdapter, config: TransformConfig, seed: int) -> None:
+    def __init__(self, geometry: Geometry, config: TransformConfig, seed: int) -> None:
         super().__init__()
-        geo = adapter.geometry
+        if "none" in (config.r1, config.r2):
+            raise AaqError("R1 and R2 are learned, so they need a starting rotation (r1, r2): hadamard, random_hadamard or random")
         generator = torch.Generator().manual_seed(seed)
         self.config = config
-        self.seed = seed
-        self.kv_groups = geo.kv_groups
-        self.head_dim = geo.head_dim
-        self.r1 = _stiefel(random_hadamard(geo.hidden_size, generator))
-        self.r2 = nn.ParameterList([_stiefel(random_hadamard(geo.head_dim, generator)) for _ in range(geo.num_layers)])
-        sizes = {"attn": geo.hidden_size, "mlp": geo.hidden_size, "vo": geo.num_kv_heads * geo.head_dim, "down": geo.intermediate_size}
+        self.r1 = _stiefel(make_rotation(config.r1, geometry.hidden_size, generator))
+        self.r2 = nn.ParameterList([_stiefel(make_rotation(config.r2, geometry.head_dim, generator)) for _ in range(geometry.num_layers)])
+        widths = {
+            "attn": geometry.hidden_size,
+            "mlp": geometry.hidden_size,
+            "vo": geometry.num_kv_heads * geometry.head_dim,
+            "down": geometry.intermediate_size,
+        }
         self.log_scales = nn.ModuleDict(
-            {
-                kind: nn.ParameterList([nn.Parameter(torch.zeros(size)) for _ in range(geo.num_layers)])
-                for kind, size in sizes.items()
-                if config.smoothing
-            }
+            {kind: nn.ParameterList([nn.Parameter(torch.zeros(widths[kind])) for _ in range(geometry.num_layers)]) for kind in SMOOTHING_KINDS}
+            if config.smoothing
+            else {}
         )
 
     def rotation_parameters(self) -> list[nn.Parameter]:
@@ -112,16 +89,11 @@ class LearnableTransforms(nn.Module):
 
     def values(self, layer: int, dtype: torch.dtype) -> TransformValues:
         """Layer `layer`'s transforms in `dtype`."""
-
-        def scale(kind: str) -> Tensor | None:
-            return self.log_scales[kind][layer].to(dtype).exp() if kind in self.log_scales else None
-
-        return TransformValues(
-            r1=_plain(self.r1).to(dtype), r2=_plain(self.r2[layer]).to(dtype), **{kind: scale(kind) for kind in SCALE_KINDS}
-        )
+        scales = {kind: self.log_scales[kind][layer].to(dtype).exp() for kind in self.log_scales}
+        return TransformValues(r1=_plain(self.r1).to(dtype), r2=_plain(self.r2[layer]).to(dtype), r4=self.config.r4, **scales)
 
     def scales(self) -> dict[str, Tensor]:
-        """Positive scales by `<kind>.<layer>` name (float32, detached), for the run folder."""
+        """Positive scales by `<kind>.<layer>` name (detached), for the run folder."""
         return {f"{kind}.{i}": p.detach().exp().contiguous() for kind, params in self.log_scales.items() for i, p in enumerate(params)}
 
 
@@ -133,89 +105,6 @@ def _stiefel(init: Tensor) -> geoopt.ManifoldParameter:
 def _plain(p: Tensor) -> Tensor:
     """A manifold parameter as a plain tensor (same storage, same autograd graph), so results are plain tensors."""
     return p.as_subclass(torch.Tensor)
-
-
-def _times(w: Tensor, s: Tensor | None) -> Tensor:
-    """`w` with its columns (last axis) multiplied by `s` (unchanged when `s` is None)."""
-    return w if s is None else w * s
-
-
-def _divide(w: Tensor, s: Tensor | None) -> Tensor:
-    """`w` with its first axis divided by `s` (unchanged when `s` is None)."""
-    if s is None:
-        return w
-    return w / (s if w.dim() == 1 else s.unsqueeze(-1))
-
-
-def _heads_rotated(w: Tensor, r2: Tensor, head_dim: int) -> Tensor:
-    """Rows of a value projection rotated per head: W_h -> R2^T W_h (bias b_h -> b_h R2)."""
-    blocks = w.unflatten(0, (-1, head_dim))
-    rotated = blocks @ r2 if w.dim() == 1 else torch.einsum("dj,hdi->hji", r2, blocks)
-    return rotated.flatten(0, 1)
-
-
-def _query_head_scales(vo: Tensor | None, groups: int, head_dim: int) -> Tensor | None:
-    """v -> o scales repeated over the query heads that read each KV head (GQA)."""
-    return None if vo is None else vo.unflatten(0, (-1, head_dim)).repeat_interleave(groups, dim=0).flatten()
-
-
-Transform = Callable[[Tensor, TransformValues], Tensor]
-
-
-def _layer_transforms(parts: DecoderLayerParts, t: LearnableTransforms) -> dict[tuple[nn.Module, str], Transform]:
-    """Every (module, tensor name) of a decoder layer with the function giving its transformed value."""
-    hd, groups, r4 = t.head_dim, t.kv_groups, t.config.r4
-    # Scales are folded into the small rotation factors (W (R1 diag(s)) rather than (W R1) diag(s)):
-    # the backward then needs only the resident original W, not a saved weight-sized product.
-
-    def reader(s_kind: str) -> Transform:
-        return lambda w, v: w @ _times(v.r1, getattr(v, s_kind))
-
-    def writer_bias(b: Tensor, v: TransformValues) -> Tensor:
-        return b @ v.r1
-
-    def v_weight(w: Tensor, v: TransformValues) -> Tensor:
-        return _divide(_heads_rotated(w @ _times(v.r1, v.attn), v.r2, hd), v.vo)
-
-    def v_bias(b: Tensor, v: TransformValues) -> Tensor:
-        return _divide(_heads_rotated(b, v.r2, hd), v.vo)
-
-    def o_weight(w: Tensor, v: TransformValues) -> Tensor:
-        heads = w.shape[1] // hd
-        scales = _query_head_scales(v.vo, groups, hd)
-        # Per head, not one block-diagonal matmul: heads x fewer multiply-adds for the same product.
-        per_head = v.r2.expand(heads, hd, hd) if scales is None else v.r2 * scales.view(heads, 1, hd)
-        return v.r1.T @ torch.einsum("ohi,hij->ohj", w.unflatten(1, (heads, hd)), per_head).flatten(1)
-
-    def up_weight(w: Tensor, v: TransformValues) -> Tensor:
-        return _divide(w @ _times(v.r1, v.mlp), v.down)
-
-    def up_bias(b: Tensor, v: TransformValues) -> Tensor:
-        return _divide(b, v.down)
-
-    def down_weight(w: Tensor, v: TransformValues) -> Tensor:
-        scaled = _times(w, v.down)
-        # The online R4 feeds x H^T to down_proj, so its weight carries the inverse: (W diag(s)) H^T.
-        return v.r1.T @ (fast_hadamard_transform(scaled) if r4 else scaled)
-
-    def norm(s_kind: str) -> Transform:
-        return lambda w, v: w if getattr(v, s_kind) is None else w / getattr(v, s_kind)
-
-    out: dict[tuple[nn.Module, str], Transform] = {
-        (parts.input_norm, "weight"): norm("attn"),
-        (parts.post_attention_norm, "weight"): norm("mlp"),
-        (parts.q_proj, "weight"): reader("attn"),
-        (parts.k_proj, "weight"): reader("attn"),
-        (parts.v_proj, "weight"): v_weight,
-        (parts.o_proj, "weight"): o_weight,
-        (parts.gate_proj, "weight"): reader("mlp"),
-        (parts.up_proj, "weight"): up_weight,
-        (parts.down_proj, "weight"): down_weight,
-    }
-    for module, bias_fn in ((parts.v_proj, v_bias), (parts.up_proj, up_bias), (parts.o_proj, writer_bias), (parts.down_proj, writer_bias)):
-        if module.bias is not None:
-            out[(module, "bias")] = bias_fn
-    return out
 
 
 class _Transformed(nn.Module):
@@ -243,40 +132,37 @@ class InstalledTransforms:
     """Learnable transforms installed on a model: the parameters and how to take them out again."""
 
     transforms: LearnableTransforms
-    adapter: ModelAdapter
-    hooks: list[torch.utils.hooks.RemovableHandle]
+    model: PreTrainedModel
+    plan: TransformPlan
+    hooks: list[RemovableHandle]
     trainable: dict[str, bool]
     undo: list[Callable[[], None]]
 
 
-def _freeze(adapter: ModelAdapter) -> dict[str, bool]:
+def _freeze(model: PreTrainedModel) -> dict[str, bool]:
     """Freeze every model parameter (only the transforms learn); returns the flags to restore."""
-    trainable = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
-    adapter.model.requires_grad_(False)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
     return trainable
 
 
-def _training_weight_spec(spec: QuantSpec | None) -> QuantSpec | None:
-    """The weight spec used during calibration: the fixed clip ratio, no per-step clip search."""
-    return None if spec is None else replace(spec, clip_search=False)
-
-
-def install_transforms(
-    adapter: ModelAdapter, transforms: LearnableTransforms, weight_spec: QuantSpec | None
+def install_weight_form(
+    model: PreTrainedModel, plan: TransformPlan, transforms: LearnableTransforms, weight_spec: QuantSpec | None
 ) -> InstalledTransforms:
     """Put `transforms` into the weights of a norm-fused model (weight form); projection weights are fake-quantized with `weight_spec`.
 
-    Every model parameter is frozen (until `fuse_learned_transforms` restores its flag): only the
-    transform parameters receive gradients.
+    During calibration the weight spec uses its fixed clip ratio (no per-step clip search). Every
+    model parameter is frozen (until the transforms are fused or removed): only the transform
+    parameters receive gradients.
     """
-    trainable = _freeze(adapter)
-    spec = _training_weight_spec(weight_spec)
+    trainable = _freeze(model)
+    spec = None if weight_spec is None else replace(weight_spec, clip_search=False)
+    projections = {id(model.get_submodule(name)) for name in plan.linears}
     parametrized: list[tuple[nn.Module, str]] = []
-    for layer, parts in enumerate(adapter.layers()):
-        projections = set(parts.named_linears().values())
-        for (module, name), fn in _layer_transforms(parts, transforms).items():
-            quantize = spec if module in projections and name == "weight" else None
-            parametrize.register_parametrization(module, name, _Transformed(transforms, layer, fn, quantize))
+    for index, layer in enumerate(plan.layers):
+        for (module, name), fn in tensor_transforms(model, layer, plan.geometry, transforms.config.smoothing).items():
+            quantize = spec if id(module) in projections and name == "weight" else None
+            parametrize.register_parametrization(module, name, _Transformed(transforms, index, fn, quantize))
             parametrized.append((module, name))
 
     def rotate_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
@@ -290,10 +176,10 @@ def install_transforms(
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
 
     hooks = [
-        adapter.embeddings.register_forward_hook(rotate_output),
-        adapter.lm_head.register_forward_pre_hook(unrotate_input),
+        model.get_submodule(plan.embeddings).register_forward_hook(rotate_output),
+        model.get_submodule(plan.lm_head).register_forward_pre_hook(unrotate_input),
     ]
-    return InstalledTransforms(transforms=transforms, adapter=adapter, hooks=hooks, trainable=trainable, undo=[restore_originals])
+    return InstalledTransforms(transforms, model, plan, hooks, trainable, undo=[restore_originals])
 
 
 def _per_head(x: Tensor, matrices: Tensor) -> Tensor:
@@ -307,117 +193,95 @@ def _inverse(s: Tensor | None) -> Tensor | None:
 
 
 def _activation_hooks(
-    parts: DecoderLayerParts, layer: int, t: LearnableTransforms, spec: QuantSpec | None
-) -> list[torch.utils.hooks.RemovableHandle]:
+    model: PreTrainedModel, layer: LayerPlan, index: int, t: LearnableTransforms, geometry: Geometry, spec: QuantSpec | None
+) -> list[RemovableHandle]:
     """The hooks of one decoder layer that quantize each activation in the transformed basis, T^-1 quant(T x).
 
     Each T is the activation side of the weight form's transform: so with unquantized weights the
     layer computes what the weight form computes, and the fused weights are the same.
     """
-    hd, groups, r4 = t.head_dim, t.kv_groups, t.config.r4
+    hd, groups = geometry.head_dim, geometry.kv_groups
 
     def quantize(x: Tensor) -> Tensor:
         return x if spec is None else fake_quantize_for_training(x, spec)
 
-    def stream_reader(kind: str) -> Callable:
+    def stream_input(kind: str) -> Callable:
         # x -> quant(x R1 diag(1/s)) diag(s) R1^T; the scales ride on the small matrices, not on the tokens.
         def hook(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
-            v = t.values(layer, out.dtype)
+            v = t.values(index, out.dtype)
             s = getattr(v, kind)
-            return quantize(out @ _times(v.r1, _inverse(s))) @ _times(v.r1, s).T
+            return quantize(out @ scale_columns(v.r1, _inverse(s))) @ scale_columns(v.r1, s).T
 
         return hook
 
-    def value_writer(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+    def head_writer_output(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
         # v -> v R2 diag(1/s) per KV head: the KV cache quantizes values in this basis, and attention
-        # carries it to the o_proj input.
-        v = t.values(layer, out.dtype)
+        # carries it to the head reader's input.
+        v = t.values(index, out.dtype)
         heads = out.shape[-1] // hd
         scales = None if v.vo is None else v.vo.view(heads, 1, hd)
         return _per_head(out, v.r2.expand(heads, hd, hd) if scales is None else v.r2 / scales)
 
-    def output_reader(_module: nn.Module, args: tuple) -> tuple:
-        v = t.values(layer, args[0].dtype)
+    def head_reader_input(_module: nn.Module, args: tuple) -> tuple:
+        v = t.values(index, args[0].dtype)
         heads = args[0].shape[-1] // hd
-        scales = _query_head_scales(v.vo, groups, hd)
+        scales = query_head_scales(v.vo, groups, hd)
         back = v.r2.T.expand(heads, hd, hd) if scales is None else scales.view(heads, hd, 1) * v.r2.T
         return (_per_head(quantize(args[0]), back), *args[1:])
 
-    def down_reader(_module: nn.Module, args: tuple) -> tuple:
-        s = t.values(layer, args[0].dtype).down
-        x = _times(args[0], _inverse(s))
-        if r4:
+    def channel_reader_input(_module: nn.Module, args: tuple) -> tuple:
+        v = t.values(index, args[0].dtype)
+        x = scale_columns(args[0], _inverse(v.down))
+        if v.r4:
             x = fast_hadamard_transform(quantize(fast_hadamard_transform(x)), inverse=True)
         else:
             x = quantize(x)
-        return (_times(x, s), *args[1:])
+        return (scale_columns(x, v.down), *args[1:])
+
+    def module(name: str) -> nn.Module:
+        return model.get_submodule(name)
 
     return [
-        parts.input_norm.register_forward_hook(stream_reader("attn")),
-        parts.post_attention_norm.register_forward_hook(stream_reader("mlp")),
-        parts.v_proj.register_forward_hook(value_writer),
-        parts.o_proj.register_forward_pre_hook(output_reader),
-        parts.down_proj.register_forward_pre_hook(down_reader),
+        module(layer.attention_input.norm).register_forward_hook(stream_input("attn")),
+        module(layer.mlp_input.norm).register_forward_hook(stream_input("mlp")),
+        module(layer.values.writer).register_forward_hook(head_writer_output),
+        module(layer.values.reader).register_forward_pre_hook(head_reader_input),
+        module(layer.mlp_hidden.reader).register_forward_pre_hook(channel_reader_input),
     ]
 
 
-def _bypass_input_transforms(adapter: ModelAdapter) -> Callable[[], None]:
-    """Turn off every projection's own input Hadamard and quantizer; returns the function that turns them back on."""
-    saved = [
-        (linear, linear.input_quantizer, linear.hadamard_input)
-        for parts in adapter.layers()
-        for linear in parts.named_linears().values()
-        if isinstance(linear, QuantLinear)
-    ]
-    for linear, _, _ in saved:
-        linear.input_quantizer, linear.hadamard_input = None, False
+def _bypass_input_quantizers(model: PreTrainedModel, plan: TransformPlan) -> Callable[[], None]:
+    """Turn off every projection's own input quantizer; returns the function that turns them back on."""
+    linears = [model.get_submodule(name) for name in plan.linears]
+    saved = [(linear, linear.input_quantizer) for linear in linears if isinstance(linear, QuantLinear)]
+    for linear, _ in saved:
+        linear.input_quantizer = None
 
     def restore() -> None:
-        for linear, quantizer, hadamard in saved:
-            linear.input_quantizer, linear.hadamard_input = quantizer, hadamard
+        for linear, quantizer in saved:
+            linear.input_quantizer = quantizer
 
     return restore
 
 
-def install_activation_transforms(
-    adapter: ModelAdapter, transforms: LearnableTransforms, activation_spec: QuantSpec | None
+def install_activation_form(
+    model: PreTrainedModel, plan: TransformPlan, transforms: LearnableTransforms, activation_spec: QuantSpec | None
 ) -> InstalledTransforms:
-    """Put `transforms` around the activation quantizers of a prepared, norm-fused model (activation form).
+    """Put `transforms` around the activation quantizers of a norm-fused, quantizer-equipped model (activation form).
 
     The weights are not touched and not quantized; each projection input is quantized once, with
-    `activation_spec`, in its transformed basis. The KV cache quantizer of the prepared model stays.
-    Every model parameter is frozen until `fuse_learned_transforms`.
+    `activation_spec`, in its transformed basis (the projections' own input quantizers step aside
+    until the transforms are fused or removed). The online R4 is part of the down-projection hook,
+    so it must not be installed as well. Every model parameter is frozen until then.
     """
-    trainable = _freeze(adapter)
-    hooks = [hook for layer, parts in enumerate(adapter.layers()) for hook in _activation_hooks(parts, layer, transforms, activation_spec)]
-    restore = _bypass_input_transforms(adapter)
-    return InstalledTransforms(transforms=transforms, adapter=adapter, hooks=hooks, trainable=trainable, undo=[restore])
-
-
-def attach_learnable_transforms(
-    adapter: ModelAdapter, scheme: QuantScheme, config: TransformConfig, seed: int, weights_in_loop: bool = True
-) -> InstalledTransforms:
-    """Fuse norms, install the fake quantizers and online Hadamards, and put fresh learnable transforms in place.
-
-    R1/R2 start as random Hadamards drawn from `seed`, scales at 1; the model then computes its
-    original function whenever quantization is off. `weights_in_loop`: fake-quantize the transformed
-    weights every step (weight form); otherwise the weights stay unquantized during calibration
-    (activation form).
-    """
-    fuse_norms(adapter)
-    prepare_model(adapter.model, adapter, scheme, config.online)
-    transforms = LearnableTransforms(adapter, config, seed)
-    if weights_in_loop:
-        return install_transforms(adapter, transforms, scheme.weights)
-    return install_activation_transforms(adapter, transforms, scheme.activations)
-
-
-@dataclass
-class LearnedTransforms:
-    """What calibration learned, for the run folder: fused rotations and smoothing scales."""
-
-    fused: FusedTransforms
-    scales: dict[str, Tensor]
+    trainable = _freeze(model)
+    hooks = [
+        hook
+        for index, layer in enumerate(plan.layers)
+        for hook in _activation_hooks(model, layer, index, transforms, plan.geometry, activation_spec)
+    ]
+    restore = _bypass_input_quantizers(model, plan)
+    return InstalledTransforms(transforms, model, plan, hooks, trainable, undo=[restore])
 
 
 def remove_learnable_transforms(installed: InstalledTransforms) -> None:
@@ -427,27 +291,23 @@ def remove_learnable_transforms(installed: InstalledTransforms) -> None:
     for undo in installed.undo:
         undo()
     installed.hooks, installed.undo = [], []
-    for name, param in installed.adapter.model.named_parameters():
+    for name, param in installed.model.named_parameters():
         param.requires_grad_(installed.trainable.get(name, param.requires_grad))
 
 
 @torch.no_grad()
-def fuse_learned_transforms(installed: InstalledTransforms) -> LearnedTransforms:
+def fuse_learned_transforms(installed: InstalledTransforms) -> AppliedTransforms:
     """Write the current transforms into the weights (float64 math, unquantized) and remove every hook and parametrization."""
-    adapter, transforms = installed.adapter, installed.transforms
+    transforms, plan = installed.transforms, installed.plan
     remove_learnable_transforms(installed)
-    for layer, parts in enumerate(adapter.layers()):
-        values = transforms.values(layer, torch.float64)
-        for (module, name), fn in _layer_transforms(parts, transforms).items():
-            original = getattr(module, name)
-            original.data = fn(original.detach().to(torch.float64), values).to(original.dtype)
-    r1 = transforms.r1.detach().to(torch.float64)
-    rotate_embedding(adapter.embeddings, r1)
-    rotate_reader(adapter.lm_head, r1)
-    # The config records the initialisation; the fused matrices are the learned ones.
-    config = RotationConfig(r3=transforms.config.r3, r4=transforms.config.r4)
-    fused = FusedTransforms(r1=r1, r2=[r.detach().to(torch.float64) for r in transforms.r2], config=config)
-    return LearnedTransforms(fused=fused, scales=transforms.scales())
+    values = [transforms.values(index, torch.float64) for index in range(len(plan.layers))]
+    fuse_transforms(installed.model, plan, values, transforms.config.smoothing)
+    return AppliedTransforms(
+        config=transforms.config,
+        r1=transforms.r1.detach().to(torch.float64),
+        r2=[r.detach().to(torch.float64) for r in transforms.r2],
+        scales=transforms.scales(),
+    )
 
 
 def orthogonality_error(rotation: Tensor) -> float:

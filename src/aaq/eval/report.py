@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aaq.errors import AaqError
-from aaq.runs import write_atomic, write_json
+from aaq.runs import provenance, write_atomic, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+PLOT_PNG = "safety_vs_ppl.png"
+COMPARISON_KIND = "aaq-comparison"
 FP_COLOR = "#d62728"
 FP_MARKERS = ("fp", "fp16", "fp32", "bf16", "w16a16", "w16a16kv16", "none")
 METRIC_COLUMNS = (
@@ -133,7 +135,7 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in reports if r.get("metrics", {}).get("ppl") and r["metrics"].get("refusal_rate") is not None]
+    points = [r for r in reports if has_safety_and_ppl(r)]
     if not points:
         raise AaqError("no report has both perplexity and refusal rate; run `aaq eval --tasks ppl,refusal` first")
     xs = [float(r["metrics"]["ppl"]) for r in points]
@@ -164,3 +166,25 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
     return path
+
+
+def has_safety_and_ppl(report: dict) -> bool:
+    """Whether a report can be a point of the safety-vs-perplexity plot."""
+    metrics = report.get("metrics", {})
+    return bool(metrics.get("ppl")) and metrics.get("refusal_rate") is not None
+
+
+def write_comparison(reports: Sequence[dict], out_dir: str | Path, title: str, extra: dict | None = None) -> str:
+    """Write a comparison of several runs to `out_dir`; returns the markdown table.
+
+    report.json holds `{"kind": "aaq-comparison", "runs": reports, **extra}` with provenance, report.md
+    the title and the table, and safety_vs_ppl.png the plot when some report has both refusal rate
+    and perplexity.
+    """
+    out_dir = Path(out_dir)
+    table = comparison_table(reports)
+    write_json(out_dir / REPORT_JSON, {"kind": COMPARISON_KIND, "runs": list(reports), **(extra or {}), **provenance()})
+    write_atomic(out_dir / REPORT_MD, lambda tmp: tmp.write_text(f"# {title}\n\n{table}\n", encoding="utf-8"))
+    if any(has_safety_and_ppl(report) for report in reports):
+        plot_safety_vs_ppl(reports, out_dir / PLOT_PNG)
+    return table

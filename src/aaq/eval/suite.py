@@ -10,20 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig
 from aaq.eval.lmeval import LmEvalConfig, lmeval_tasks
 from aaq.eval.perplexity import PerplexityConfig, evaluate_perplexity
-from aaq.eval.prompts import (
-    HARMBENCH_TUNING,
-    Prompt,
-    benign_records,
-    harmbench_records,
-    harmbench_tuning_records,
-    load_prompt_records,
-)
+from aaq.eval.prompts import HARMBENCH_TUNING, Prompt, benign_records, harmbench_records, harmbench_tuning_records, load_prompt_records
 from aaq.eval.refusal import Judge, PhraseJudge
 from aaq.eval.report import write_report
 from aaq.eval.safety import SafetyResult, benign_compliance, refusal_rate
@@ -221,7 +212,6 @@ def evaluate(
         raise AaqError(f"judge model {config.judge!r} is configured but not loaded; pass judge=ModelJudge(model, tokenizer)")
     judge = judge or PhraseJudge()
     meta = dict(meta or {})
-    torch.manual_seed(config.seed)
     model.eval()
     run = _Run(metrics={"ppl": None, "refusal_rate": None, "benign_compliance": None, "safetybench_acc": None})
     runners = _task_runners(model, tokenizer, config, judge, run)

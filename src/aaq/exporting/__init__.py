@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from aaq.api import QuantizeConfig
-from aaq.checkpoint import AAQ_CONFIG, FORMAT_VERSION, TRANSFORMS, WEIGHTS, load_quantized, model_state, quantized_linears
+from aaq.checkpoint import AAQ_CONFIG, FORMAT_VERSION, TRANSFORMS, WEIGHTS, load_quantized, model_state
 from aaq.errors import AaqError
-from aaq.methods.ostquant import SCALES_FILE
+from aaq.fake_quant import quantized_linears
 from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, pack_state
 from aaq.quantizers import QuantScheme
 from aaq.runs import provenance, write_atomic, write_json
@@ -37,7 +37,7 @@ EXPORT_REPORT = "aaq_export.json"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 # Files of a run folder an aaq export carries over unchanged (the fused transforms, for the record).
-_CARRIED_FILES = (TRANSFORMS, SCALES_FILE)
+_CARRIED_FILES = (TRANSFORMS,)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def start_folder(out: Path) -> None:
     other format (or from another run) holds no stale weights or transforms of the first.
     """
     if (out / WEIGHTS).is_file():
-        raise AaqError(f"{out} is an aaq run folder; export to another --out folder")
+        raise AaqError(f"{out} is an aaq run folder; export to another folder ({{setting}})", setting="out")
     out.mkdir(parents=True, exist_ok=True)
     for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, PACKED_WEIGHTS, HF_WEIGHTS, *_CARRIED_FILES):
         (out / name).unlink(missing_ok=True)
@@ -117,7 +117,7 @@ def start_folder(out: Path) -> None:
 def check_strict(report: ExportReport, strict: bool) -> None:
     """Raise when `strict` and the export would differ from the run."""
     if strict and report.differences:
-        raise AaqError(f"the export would differ from the run: {'; '.join(report.differences)}; drop --strict to export anyway")
+        raise AaqError(f"the export would differ from the run: {'; '.join(report.differences)}; export anyway without {{setting}}", setting="strict")
 
 
 # A writer fills the folder and returns its report and the function that writes the completion marker.
@@ -128,7 +128,7 @@ def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:
     """The quantization scheme of a loaded run, or AaqError when its weights are not quantized."""
     scheme = QuantizeConfig.from_dict(info["quantize"]).resolved_scheme()
     if scheme.weights is None:
-        raise AaqError(f"{run_dir} keeps its weights in full precision; there is nothing to export, quantize with --bits w4... first")
+        raise AaqError(f"{run_dir} keeps its weights in full precision; there is nothing to export, quantize with 4-bit weights (bits w4...) first")
     return scheme
 
 
@@ -147,7 +147,7 @@ def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
     tokenizer.save_pretrained(out)
     stored, fp16 = linear_bytes(tensors, linears)
     report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
-    keep = {key: info[key] for key in ("source_model", "quantize", "online_transforms")}
+    keep = {key: info[key] for key in ("source_model", "quantize", "transforms")}
     marker = {"format": PACKED_FORMAT, "format_version": FORMAT_VERSION, **keep, "exported_from": str(run_dir), **provenance()}
     return report, lambda: write_json(out / AAQ_CONFIG, marker)
 
@@ -160,7 +160,7 @@ def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None
     config = config or ExportConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
-        raise AaqError(f"export would overwrite its source {run_dir}; pass another --out folder")
+        raise AaqError(f"export would overwrite its source {run_dir}; export to another folder ({{setting}})", setting="out")
     if config.format == "aaq":
         report, write_marker = _export_packed(run_dir, out, config)
     else:

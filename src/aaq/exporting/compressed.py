@@ -3,8 +3,8 @@
 The offline transforms (R1, R2, smoothing, the inverse of R4) are already fused into the run's
 weights, so the folder only describes what must still happen at run time: the quantization of
 weights and activations (`quantization_config`) and the online rotation R4 (`transform_config`,
-an `input` transform of every `down_proj`). Each R4 matrix is stored per layer as
-`<down_proj>.R4_input.weight`: vLLM loads one per layer and requires every one.
+an `input` transform of every R4 reader, the MLP's down projection). Each R4 matrix is stored per
+layer as `<reader>.R4_input.weight`: vLLM loads one per layer and requires every one.
 
 R3 (the Hadamard on queries and keys after RoPE) is not written. The format cannot carry an int4
 KV cache to vLLM, and without KV quantization R3 cancels in q.k, so leaving it out changes nothing;
@@ -19,6 +19,7 @@ compressed-tensors' `ModelCompressor` (pack-quantized), so the weights are bit-i
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,10 @@ from aaq.exporting import (
     run_scheme,
     start_folder,
 )
-from aaq.fake_quant import OnlineTransforms
 from aaq.hadamard import hadamard_matrix
-from aaq.models import Geometry, get_adapter
+from aaq.models import transform_plan
 from aaq.packing import recover_codes
+from aaq.plan import TransformConfig, TransformPlan
 from aaq.quantizers import QuantScheme, QuantSpec, quantize_weight_rtn
 from aaq.rotation import normalized_hadamard, rotate_reader
 from aaq.runs import write_atomic
@@ -53,13 +54,13 @@ from aaq.runs import write_atomic
 try:
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config
-    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+    from compressed_tensors.transform import TransformArgs, TransformScheme
+    from compressed_tensors.transform import TransformConfig as CompressedTransformConfig
     from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
 except ImportError:  # an optional dependency: only this format needs it
     raise AaqError('the compressed-tensors format needs the `compressed-tensors` package; pip install "aaq[export]"') from None
 
 R4_GROUP = "R4"
-DOWN_PROJ_TARGET = r"re:.*mlp\.down_proj$"
 # Hadamard entries are +-1, exact in fp16; half the bytes of the per-layer copies vLLM needs.
 TRANSFORM_DTYPE = torch.float16
 PRESET_GROUP_SIZE = 128
@@ -71,14 +72,17 @@ HadamardKind = Literal["hadamard", "random-hadamard"]
 class CompressedPlan:
     """How a run maps onto a compressed-tensors scheme, and what the mapping changes.
 
-    `r4`: the transform type carrying the run's online down_proj Hadamard, or None when the run
-    has none or it cannot be expressed (then `unfuse_r4`: down_proj is rotated back and re-quantized).
+    `r4`: the transform type carrying the run's online R4 Hadamard, or None when the run has none or
+    it cannot be expressed (then `unfuse_r4`: the R4 readers are rotated back and re-quantized).
+    `r4_targets`: compressed-tensors targets of the R4 readers; `ignore`: the linears left unquantized.
     """
 
     weights: QuantSpec
     activations: QuantSpec | None
     r4: HadamardKind | None
     unfuse_r4: bool
+    r4_targets: tuple[str, ...]
+    ignore: tuple[str, ...]
     differences: tuple[str, ...]
     notes: tuple[str, ...]
 
@@ -108,13 +112,13 @@ def hadamard_kind(n: int) -> HadamardKind | None:
 def _weight_plan(spec: QuantSpec, target: str) -> list[str]:
     """Notes on how the run's weight spec is written (always exactly: the codes are the run's)."""
     if spec.bits != 4:
-        raise AaqError(f"the run's weights are {spec.bits}-bit; W4A16/W4A4 exports need a 4-bit run, quantize with --bits w4...")
+        raise AaqError(f"the run's weights are {spec.bits}-bit; W4A16/W4A4 exports need a run with 4-bit weights (bits w4...)")
     if target == "W4A16" and not spec.symmetric:
         # compressed-tensors 0.20 sizes the zero points of an empty (meta) model unpacked, so
         # transformers finds the packed ones mismatched and silently re-initialises them.
         raise AaqError(
             "transformers cannot load asymmetric int4 weights from compressed-tensors folders (their zero points are "
-            "re-initialised); export this run with --format aaq, or quantize with symmetric weights"
+            "re-initialised); export this run in the aaq format, or quantize with symmetric weights"
         )
     granularity = "per output channel" if spec.group_size is None else f"in groups of {spec.group_size}"
     notes = [f"weights: the run's int4 codes, {'symmetric' if spec.symmetric else 'asymmetric'}, {granularity}"]
@@ -144,23 +148,35 @@ def _activation_plan(run: QuantSpec | None) -> tuple[QuantSpec, list[str]]:
     return exported, differences
 
 
-def _r4_plan(online: OnlineTransforms, geometry: Geometry, target: str) -> tuple[HadamardKind | None, bool, list[str]]:
-    """R4 transform type, whether down_proj must be unfused instead, and the difference that causes."""
-    if not online.down_proj_hadamard:
+def r4_readers(plan: TransformPlan) -> list[str]:
+    """The linears the online R4 feeds (one per layer)."""
+    return [layer.mlp_hidden.reader for layer in plan.layers]
+
+
+def _r4_targets(plan: TransformPlan) -> tuple[str, ...]:
+    """compressed-tensors targets matching every R4 reader by its name inside its layer (e.g. `re:.*mlp\\.down_proj$`)."""
+    inside = {layer.mlp_hidden.reader.removeprefix(f"{layer.block}.") for layer in plan.layers}
+    return tuple(f"re:.*{re.escape(name)}$" for name in sorted(inside))
+
+
+def _r4_plan(transforms: TransformConfig, plan: TransformPlan, target: str) -> tuple[HadamardKind | None, bool, list[str]]:
+    """R4 transform type, whether the R4 readers must be unfused instead, and the difference that causes."""
+    if not transforms.r4:
         return None, False, []
-    n = geometry.intermediate_size
+    n = plan.geometry.intermediate_size
     kind = hadamard_kind(n) if target == "W4A4" else None
     if kind is not None:
         return kind, False, []
     why = "transformers cannot apply online transforms" if target == "W4A16" else f"compressed-tensors cannot build a Hadamard of order {n}"
+    readers = ", ".join(sorted({name.removeprefix(f"{layer.block}.") for layer, name in zip(plan.layers, r4_readers(plan))}))
     return None, True, [
-        f"down_proj: the run applies an online R4 Hadamard ({why}); its weights were rotated back and re-quantized with RTN, "
-        "so down_proj differs from the run (quantize with --no-r4 for an exact export)"
+        f"{readers}: the run applies an online R4 Hadamard ({why}); its weights were rotated back and re-quantized with RTN, "
+        "so they differ from the run (quantize with r4 off for an exact export)"
     ]
 
 
-def plan_export(scheme: QuantScheme, online: OnlineTransforms, geometry: Geometry, target: str) -> CompressedPlan:
-    """Map a run's scheme (with quantized weights) and online transforms onto the compressed-tensors scheme `target`."""
+def plan_export(scheme: QuantScheme, transforms: TransformConfig, plan: TransformPlan, target: str) -> CompressedPlan:
+    """Map a run's scheme (with quantized weights) and transforms onto the compressed-tensors scheme `target`."""
     notes = _weight_plan(scheme.weights, target)
     differences: list[str] = []
     if target == "W4A16":
@@ -175,14 +191,16 @@ def plan_export(scheme: QuantScheme, online: OnlineTransforms, geometry: Geometr
                 f"KV cache: {scheme.kv_cache.bits}-bit in the run, full precision in the export "
                 "(vLLM's compressed-tensors loader takes only fp8 KV caches)"
             )
-    if online.qk_hadamard:
+    if transforms.r3:
         notes.append("R3 (q/k Hadamard) not written: without KV-cache quantization it cancels in q.k, the output is unchanged")
-    r4, unfuse, r4_differences = _r4_plan(online, geometry, target)
+    r4, unfuse, r4_differences = _r4_plan(transforms, plan, target)
     return CompressedPlan(
         weights=scheme.weights,
         activations=activations,
         r4=r4,
         unfuse_r4=unfuse,
+        r4_targets=_r4_targets(plan),
+        ignore=(plan.lm_head,),
         differences=tuple(differences + r4_differences),
         notes=tuple(notes),
     )
@@ -205,15 +223,15 @@ def quantization_config(plan: CompressedPlan) -> QuantizationConfig:
     scheme = QuantizationScheme(
         targets=["Linear"], weights=_quantization_args(plan.weights, dynamic=False), input_activations=activations, format=PACKED
     )
-    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=PACKED)
+    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(plan.ignore), format=PACKED)
 
 
-def transform_config(plan: CompressedPlan) -> TransformConfig | None:
-    """The online transforms of the export (R4 on every down_proj input), or None."""
+def transform_config(plan: CompressedPlan) -> CompressedTransformConfig | None:
+    """The online transforms of the export (R4 on the input of every R4 reader), or None."""
     if plan.r4 is None:
         return None
-    r4 = TransformScheme(type=plan.r4, apply=[TransformArgs(targets=[DOWN_PROJ_TARGET], location="input")])
-    return TransformConfig(config_groups={R4_GROUP: r4})
+    r4 = TransformScheme(type=plan.r4, apply=[TransformArgs(targets=list(plan.r4_targets), location="input")])
+    return CompressedTransformConfig(config_groups={R4_GROUP: r4})
 
 
 def r4_weight(n: int) -> torch.Tensor:
@@ -221,11 +239,10 @@ def r4_weight(n: int) -> torch.Tensor:
     return hadamard_matrix(n).T.to(TRANSFORM_DTYPE).contiguous()
 
 
-def r4_tensors(model: PreTrainedModel, n: int) -> dict[str, torch.Tensor]:
-    """One R4 matrix per down_proj, under the name compressed-tensors and vLLM load it from."""
-    down_projs = {id(parts.down_proj) for parts in get_adapter(model).layers()}
-    names = [name for name, module in model.named_modules() if id(module) in down_projs]
-    return {f"{name}.{R4_GROUP}_input.weight": r4_weight(n) for name in names}
+def r4_tensors(plan: TransformPlan) -> dict[str, torch.Tensor]:
+    """One R4 matrix per R4 reader, under the name compressed-tensors and vLLM load it from."""
+    n = plan.geometry.intermediate_size
+    return {f"{name}.{R4_GROUP}_input.weight": r4_weight(n) for name in r4_readers(plan)}
 
 
 def _plain_model(run_dir: Path, fake_quant: PreTrainedModel) -> PreTrainedModel:
@@ -236,11 +253,12 @@ def _plain_model(run_dir: Path, fake_quant: PreTrainedModel) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def _unfuse_down_proj(model: PreTrainedModel, spec: QuantSpec) -> None:
-    """Rotate each down_proj back to the plain basis (the inverse of `fuse_online_hadamard`) and re-quantize it with RTN."""
-    for parts in get_adapter(model).layers():
-        rotate_reader(parts.down_proj, normalized_hadamard(parts.down_proj.in_features))
-        parts.down_proj.weight.data = quantize_weight_rtn(parts.down_proj.weight, spec)
+def _unfuse_r4(model: PreTrainedModel, plan: TransformPlan, spec: QuantSpec) -> None:
+    """Rotate each R4 reader back to the plain basis (undoing its fused W H^T) and re-quantize it with RTN."""
+    for name in r4_readers(plan):
+        linear = model.get_submodule(name)
+        rotate_reader(linear, normalized_hadamard(linear.in_features))
+        linear.weight.data = quantize_weight_rtn(linear.weight, spec)
 
 
 @torch.no_grad()
@@ -276,19 +294,19 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     """Write `run_dir` as a compressed-tensors folder with the `config.scheme` preset (marker: config.json)."""
     fake_quant, tokenizer, info = load_quantized(run_dir)
     scheme = run_scheme(info, run_dir)
-    geometry = get_adapter(fake_quant).geometry
-    plan = plan_export(scheme, OnlineTransforms(**info["online_transforms"]), geometry, config.scheme)
+    model_plan = transform_plan(fake_quant)
+    plan = plan_export(scheme, TransformConfig(**info["transforms"]), model_plan, config.scheme)
     report = ExportReport(out_dir=out, format=config.format, scheme=config.scheme, differences=list(plan.differences), notes=list(plan.notes))
     check_strict(report, config.strict)
     linears = quantized_linears(fake_quant)
     model = _plain_model(run_dir, fake_quant)
     del fake_quant
     if plan.unfuse_r4:
-        _unfuse_down_proj(model, scheme.weights)
+        _unfuse_r4(model, model_plan, scheme.weights)
     compressor = _compress(model, plan)
     tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     if plan.r4 is not None:
-        tensors.update(r4_tensors(model, geometry.intermediate_size))
+        tensors.update(r4_tensors(model_plan))
     start_folder(out)
     write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     tokenizer.save_pretrained(out)

@@ -3,11 +3,14 @@
 from aaq.methods import aaq, gptq, ostquant, quarot, rtn
 from aaq.methods.aaq import AAQConfig
 from aaq.methods.gptq import GPTQConfig
+from aaq.methods.options import MethodOptions
 from aaq.methods.ostquant import OSTQuantConfig
 from aaq.methods.quarot import QuaRotConfig
 from aaq.methods.registry import (
     MethodConfig,
     MethodContext,
+    MethodResult,
+    ReleasableModel,
     apply_method,
     method_config_class,
     method_config_from_dict,
@@ -24,6 +27,9 @@ __all__ = [
     "GPTQConfig",
     "MethodConfig",
     "MethodContext",
+    "MethodOptions",
+    "MethodResult",
+    "ReleasableModel",
     "QuaRotConfig",
     "RTNConfig",
     "apply_method",

@@ -2,7 +2,7 @@
 
 Wee et al. 2025, "Alignment-Aware Quantization for LLM Safety". The loss pulls the quantized model
 towards the aligned model on its top-k tokens and pushes it away from the unaligned reference on
-the tokens where the two disagree most (`aaq.losses.apc_loss`), so it needs `--reference`.
+the tokens where the two disagree most (`aaq.losses.apc_loss`), so it needs the reference model.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import ClassVar
 from aaq.calibrate import CalibrationSettings
 from aaq.losses import LossConfig
 from aaq.methods.ostquant import OSTQuantConfig, learn_transforms_and_quantize
-from aaq.methods.registry import MethodContext, register_method
+from aaq.methods.registry import MethodContext, MethodResult, register_method
 
 
 @dataclass
@@ -25,6 +25,6 @@ class AAQConfig(OSTQuantConfig):
 
 
 @register_method(AAQConfig)
-def apply_aaq(context: MethodContext) -> None:
+def apply_aaq(context: MethodContext) -> MethodResult:
     """AAQ: cache aligned/reference targets, learn the transforms with the APC loss, quantize the weights."""
-    learn_transforms_and_quantize(context, context.method)
+    return learn_transforms_and_quantize(context, context.method)

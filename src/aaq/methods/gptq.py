@@ -23,15 +23,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aaq.errors import AaqError
-from aaq.fake_quant import prepare_model
+from aaq.fake_quant import QuantLinear, install_quantizers
 from aaq.layerwise import capture_first_layer_inputs, run_layer
-from aaq.methods.registry import MethodConfig, MethodContext, register_method
+from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.quantizers import QuantSpec, fake_quantize_grouped, weight_quant_params
 from aaq.runs import write_atomic
 from aaq.teachers import tokens_fingerprint
 
 logger = logging.getLogger(__name__)
 
+GPTQ_OPTIONS = ("damp", "act_order", "static_groups")
 # Each failed Cholesky multiplies the damping by this factor, at most this many times.
 _DAMP_GROWTH = 10.0
 _DAMP_RETRIES = 3
@@ -64,6 +65,11 @@ class GPTQConfig(MethodConfig):
         if self.block_size < 1:
             raise AaqError(f"GPTQ block_size must be a positive number of columns, got {self.block_size}")
 
+    def apply_options(self, options: Options) -> tuple[GPTQConfig, Options]:
+        """This config with the solver options (damp, act_order, static_groups) applied."""
+        taken, rest = take_options(options, GPTQ_OPTIONS)
+        return replace(self, **taken), rest
+
     def needs_calibration(self) -> bool:
         """GPTQ reads the Hessians of calibration inputs."""
         return True
@@ -74,8 +80,7 @@ class HessianAccumulator:
 
     Each batch's product is computed in float32 (at least) and added to a float64 sum: a float32
     running sum over hundreds of thousands of tokens loses several digits, while float64 for the
-    product itself would double the dominant cost for no measurable gain. Register
-    `forward_hook` on an `nn.Linear` to collect its inputs.
+    product itself would double the dominant cost for no measurable gain.
     """
 
     def __init__(self, in_features: int) -> None:
@@ -105,10 +110,6 @@ class HessianAccumulator:
         product = (rows.T @ rows).double()
         self._sum = product if self._sum is None else self._sum + product
         self._n += rows.shape[0]
-
-    def forward_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        """Forward hook adding the module's first positional input (`module.register_forward_hook(acc.forward_hook)`)."""
-        self.add(inputs[0])
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,10 @@ def _quantize_columns(
 
 
 def _hessian_hook(accumulator: HessianAccumulator):
+    # Forward hooks see the input after any online rotation (a pre-hook); the quantizer runs inside forward.
     def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
         x = args[0]
-        accumulator.add(module.transform_input(x) if hasattr(module, "transform_input") else x)
+        accumulator.add(module.quantized_input(x) if isinstance(module, QuantLinear) else x)
 
     return hook
 
@@ -301,7 +303,7 @@ def _finished_layer(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 @torch.no_grad()
 def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
-    """GPTQ every decoder projection, layer by layer, on the inputs the quantized prefix produces.
+    """GPTQ every projection of the plan, layer by layer, on the inputs the quantized prefix produces.
 
     Each layer sees the outputs of the already-quantized layers before it (weights, activations
     and KV cache fake-quantized), so later layers compensate for earlier layers' error. With a
@@ -309,27 +311,28 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     rerun their forward, so the result equals an uninterrupted run.
     """
     if context.calibration_tokens is None:
-        raise AaqError("GPTQ needs calibration tokens; pass a tokenizer or calibration ids to aaq.quantize")
-    spec = context.scheme.weights
-    adapter = context.adapter
+        raise AaqError("GPTQ needs calibration tokens; pass a tokenizer or calibration token ids")
+    model, plan, spec = context.model, context.plan, context.scheme.weights
     progress = None if context.run_dir is None else context.run_dir / PROGRESS_DIR
     if progress is not None and not context.resume:
         shutil.rmtree(progress, ignore_errors=True)
     key = _progress_key(context, config)
-    inputs = capture_first_layer_inputs(context.model, adapter, context.calibration_tokens, context.batch_size)
-    for index, parts in enumerate(tqdm(adapter.layers(), desc="GPTQ", unit="layer")):
-        linears = parts.named_linears()
+    first_block = model.get_submodule(plan.layers[0].block)
+    inputs = capture_first_layer_inputs(model, first_block, context.calibration_tokens, context.batch_size)
+    for index, layer in enumerate(tqdm(plan.layers, desc="GPTQ", unit="layer")):
+        linears = {name: model.get_submodule(name) for name in layer.linears}
+        block = model.get_submodule(layer.block)
         layer_file = None if progress is None else progress / f"layer_{index:04d}.safetensors"
         saved = None if layer_file is None or not context.resume else _finished_layer(layer_file, key)
         if saved is not None:
             for name, linear in linears.items():
                 linear.weight.data = saved[name].to(linear.weight.dtype)
         else:
-            _quantize_layer(linears, parts.block, inputs, spec, config)
+            _quantize_layer(linears, block, inputs, spec, config)
             if layer_file is not None:
                 state = {name: linear.weight.data.contiguous() for name, linear in linears.items()}
                 write_atomic(layer_file, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
-        inputs = run_layer(parts.block, inputs)
+        inputs = run_layer(block, inputs)
     if progress is not None:
         shutil.rmtree(progress, ignore_errors=True)
 
@@ -348,8 +351,9 @@ def _quantize_layer(linears: dict[str, nn.Linear], block: nn.Module, inputs, spe
 
 
 @register_method(GPTQConfig)
-def apply_gptq(context: MethodContext) -> None:
+def apply_gptq(context: MethodContext) -> MethodResult:
     """Fake-quantize activations/KV as the scheme says and GPTQ the weights (no rotations)."""
-    prepare_model(context.model, context.adapter, context.scheme, context.online)
+    install_quantizers(context.model, context.plan, context.scheme)
     if context.scheme.weights is not None:
         quantize_weights_gptq(context, context.method)
+    return MethodResult()

@@ -17,30 +17,42 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
-from aaq.calibrate import CalibrationSettings, Teacher, cached_teacher, calibrate, live_teacher
+from aaq.calibrate import CalibrationSettings, calibrate
 from aaq.errors import AaqError
-from aaq.methods.registry import MethodConfig, MethodContext, register_method
+from aaq.fake_quant import install_quantizers
+from aaq.methods.quarot import ROTATION_OPTIONS
+from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
+from aaq.online import OnlineRotations, install_online_rotations
+from aaq.plan import TransformConfig, TransformPlan
 from aaq.quantizers import QuantScheme
-from aaq.runs import write_atomic
-from aaq.teachers import build_teacher_cache, open_or_build
-from aaq.transforms import TransformConfig, attach_learnable_transforms, fuse_learned_transforms, remove_learnable_transforms
+from aaq.rotation import AppliedTransforms, fuse_norms
+from aaq.teachers import Teacher, build_teacher_cache, cached_teacher, live_teacher, open_or_build
+from aaq.transforms import (
+    InstalledTransforms,
+    LearnableTransforms,
+    fuse_learned_transforms,
+    install_activation_form,
+    install_weight_form,
+    remove_learnable_transforms,
+)
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_DIR = "calibration"
 TEACHER_CACHE_DIR = "teacher_cache"
-SCALES_FILE = "smoothing_scales.safetensors"
+TRAINING_OPTIONS = ("steps", "cache", "weights_in_loop", "activation_checkpointing")
+LOSS_OPTIONS = {"loss": "name", "lam": "lam"}
 
 
 @dataclass
 class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
-    """Learnable transforms, how they are calibrated, and the weight quantizer run on the fused weights."""
+    """Learnable transforms (R1/R2 from `transforms.r1/r2`, smoothing on by default), their calibration, and the weight quantizer run on the fused weights."""
 
     name: ClassVar[str] = "ostquant"
-    transforms: TransformConfig = field(default_factory=TransformConfig)
+    transforms: TransformConfig = field(default_factory=lambda: TransformConfig(smoothing=True))
     training: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def calibrates_quantized_weights(self, scheme: QuantScheme) -> bool:
@@ -64,6 +76,22 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
         """Only a loss with a push term (apc) needs the unaligned reference."""
         return self.training.loss.needs_reference
 
+    def apply_options(self, options: Options) -> tuple[OSTQuantConfig, Options]:
+        """This config with the transform, calibration and weight-step options applied."""
+        transforms, rest = take_options(options, (*ROTATION_OPTIONS, "smoothing"))
+        training, rest = take_options(rest, TRAINING_OPTIONS)
+        loss, rest = take_options(rest, tuple(LOSS_OPTIONS))
+        config, rest = self.apply_weight_options(rest)
+        loss_config = replace(self.training.loss, **{LOSS_OPTIONS[k]: v for k, v in loss.items()})
+        return (
+            replace(
+                config,
+                transforms=replace(self.transforms, **transforms),
+                training=replace(self.training, loss=loss_config, **training),
+            ),
+            rest,
+        )
+
 
 def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Path) -> Teacher:
     """The teacher for calibration, taken from the still untransformed model (and the reference).
@@ -72,7 +100,7 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
     aligned model stays resident next to the reference.
     """
     tokens = context.calibration_tokens
-    reference = context.reference if settings.loss.needs_reference else None
+    reference = context.reference.get() if settings.loss.needs_reference else None
     if not settings.cache:
         aligned = copy.deepcopy(context.model).requires_grad_(False)
         return live_teacher(aligned, reference, tokens, settings.loss)
@@ -91,31 +119,80 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
         context.batch_size,
     )
     del reference
-    context.reference = None
+    if context.reference is not None:
+        context.reference.release()
     return cached_teacher(cache)
 
 
-def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig) -> None:
+@dataclass
+class CalibrationSetup:
+    """A model prepared for calibration: learnable transforms installed, with the online rotations that run meanwhile."""
+
+    installed: InstalledTransforms
+    online: OnlineRotations
+    weights_in_loop: bool
+
+    @property
+    def transforms(self) -> LearnableTransforms:
+        """The learnable parameters."""
+        return self.installed.transforms
+
+    def remove(self) -> None:
+        """Take every transform out again (after a failed calibration): the model keeps its fused norms and quantizers."""
+        remove_learnable_transforms(self.installed)
+        self.online.remove()
+
+    def fuse(self) -> AppliedTransforms:
+        """Fuse the learned transforms into the weights and put the remaining online rotations in place."""
+        applied = fuse_learned_transforms(self.installed)
+        if not self.weights_in_loop:
+            installed = self.installed
+            install_online_rotations(installed.model, installed.plan, r3=False, r4=applied.config.r4)
+        return applied
+
+
+def install_for_calibration(
+    model: PreTrainedModel, plan: TransformPlan, scheme: QuantScheme, config: TransformConfig, seed: int, weights_in_loop: bool
+) -> CalibrationSetup:
+    """Fuse norms, install the quantizers and online rotations, and put fresh learnable transforms in place.
+
+    `weights_in_loop`: the weight form (weights fake-quantized every step) instead of the activation
+    form. The activation form carries R4 inside its down-projection hook, so the online R4 waits
+    for fusion.
+    """
+    fuse_norms(model, plan)
+    install_quantizers(model, plan, scheme)
+    online = install_online_rotations(model, plan, r3=config.r3, r4=config.r4 and weights_in_loop)
+    transforms = LearnableTransforms(plan.geometry, config, seed)
+    if weights_in_loop:
+        installed = install_weight_form(model, plan, transforms, scheme.weights)
+    else:
+        installed = install_activation_form(model, plan, transforms, scheme.activations)
+    return CalibrationSetup(installed, online, weights_in_loop)
+
+
+def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig) -> MethodResult:
     """Cache the teachers, learn the transforms, fuse them, then quantize the fused weights."""
     if context.calibration_tokens is None:
-        raise AaqError(f"method {config.name} needs calibration tokens; pass a tokenizer or calibration ids to aaq.quantize")
+        raise AaqError(f"method {config.name} needs calibration data; pass a tokenizer or calibration token ids")
     if config.needs_reference() and context.reference is None:
-        raise AaqError(f"method {config.name} (loss {config.training.loss.name}) needs the unaligned reference; pass --reference MODEL")
+        raise AaqError(f"method {config.name} (loss {config.training.loss.name}) needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     # The resolved choice goes into the settings, so checkpoints record it and a resume must match it.
     settings = replace(config.training, weights_in_loop=config.calibrates_quantized_weights(context.scheme))
+    timings: dict[str, float] = {}
     with ExitStack() as stack:
         work_dir = context.run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aaq-")))
         start = time.perf_counter()
         teacher = _teacher(context, settings, work_dir)
-        context.timings["teachers_s"] = time.perf_counter() - start
-        installed = attach_learnable_transforms(
-            context.adapter, context.scheme, config.transforms, context.seed, weights_in_loop=settings.weights_in_loop
+        timings["teachers_s"] = time.perf_counter() - start
+        setup = install_for_calibration(
+            context.model, context.plan, context.scheme, config.transforms, context.seed, settings.weights_in_loop
         )
         start = time.perf_counter()
         try:
             result = calibrate(
                 context.model,
-                installed.transforms,
+                setup.transforms,
                 context.calibration_tokens,
                 teacher,
                 settings,
@@ -124,22 +201,18 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
                 resume=context.resume,
             )
         except BaseException:
-            remove_learnable_transforms(installed)
+            setup.remove()
             raise
         del teacher
-        context.reference = None
-        context.timings["calibration_s"] = time.perf_counter() - start
+        timings["calibration_s"] = time.perf_counter() - start
         if result.history:
             logger.info("calibration: loss %.4f -> %.4f in %d steps", result.history[0]["loss"], result.history[-1]["loss"], result.steps)
-    learned = fuse_learned_transforms(installed)
-    context.transforms = learned.fused
-    context.online = config.transforms.online
-    if context.run_dir is not None and learned.scales:
-        write_atomic(context.run_dir / SCALES_FILE, lambda tmp: save_file(learned.scales, str(tmp)))
+    transforms = setup.fuse()
     quantize_fused_weights(context, config)
+    return MethodResult(transforms=transforms, timings=timings)
 
 
 @register_method(OSTQuantConfig)
-def apply_ostquant(context: MethodContext) -> None:
+def apply_ostquant(context: MethodContext) -> MethodResult:
     """OSTQuant: learn R1/R2/smoothing with the KL-top loss, fuse them, quantize the weights."""
-    learn_transforms_and_quantize(context, context.method)
+    return learn_transforms_and_quantize(context, context.method)

@@ -6,32 +6,47 @@ outlier channels over all channels, which is what makes 4-bit activations usable
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from aaq.fake_quant import OnlineTransforms, prepare_model
-from aaq.methods.registry import MethodConfig, MethodContext, register_method
+from aaq.fake_quant import install_quantizers
+from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
-from aaq.rotation import RotationConfig, rotate_model
+from aaq.online import install_online_rotations
+from aaq.plan import TransformConfig
+from aaq.rotation import check_fixed, rotate_model
+
+ROTATION_OPTIONS = ("r1", "r2", "r3", "r4")
 
 
 @dataclass
 class QuaRotConfig(FusedWeightQuantization, MethodConfig):
-    """Rotation settings plus the weight quantizer run after the rotations."""
+    """The fixed transforms (no smoothing) plus the weight quantizer run after them."""
 
     name: ClassVar[str] = "quarot"
-    rotation: RotationConfig = field(default_factory=RotationConfig)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fixed(self.transforms)
 
     def needs_calibration(self) -> bool:
         """GPTQ needs calibration inputs; RTN does not."""
         return self.weight_quantizer == "gptq"
 
+    def apply_options(self, options: Options) -> tuple[QuaRotConfig, Options]:
+        """This config with the rotation and weight-step options applied (it has no smoothing to switch)."""
+        taken, rest = take_options(options, ROTATION_OPTIONS)
+        config, rest = self.apply_weight_options(rest)
+        return replace(config, transforms=replace(self.transforms, **taken)), rest
+
 
 @register_method(QuaRotConfig)
-def apply_quarot(context: MethodContext) -> None:
-    """Rotate, install the online transforms and fake quantizers, then quantize the weights."""
+def apply_quarot(context: MethodContext) -> MethodResult:
+    """Rotate, install the fake quantizers and the online rotations, then quantize the weights."""
     config: QuaRotConfig = context.method
-    context.transforms = rotate_model(context.adapter, config.rotation, context.seed)
-    context.online = OnlineTransforms(qk_hadamard=config.rotation.r3, down_proj_hadamard=config.rotation.r4)
-    prepare_model(context.model, context.adapter, context.scheme, context.online)
+    transforms = rotate_model(context.model, context.plan, config.transforms, context.seed)
+    install_quantizers(context.model, context.plan, context.scheme)
+    install_online_rotations(context.model, context.plan, r3=config.transforms.r3, r4=config.transforms.r4)
     quantize_fused_weights(context, config)
+    return MethodResult(transforms=transforms)

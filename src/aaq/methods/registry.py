@@ -1,23 +1,26 @@
 """Method registry: a quantization method is a config class plus one function that applies it.
 
 Adding a method means writing `@dataclass class FooConfig(MethodConfig)` with a unique `name` and
-decorating one `apply(context)` function with `@register_method(FooConfig)`.
+decorating one `apply(context) -> MethodResult` function with `@register_method(FooConfig)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import torch
 from transformers import PreTrainedModel
 
 from aaq.errors import AaqError
-from aaq.fake_quant import OnlineTransforms
-from aaq.models import ModelAdapter
+from aaq.methods.options import MethodOptions
+from aaq.plan import NO_TRANSFORMS, TransformPlan
 from aaq.quantizers import QuantScheme
-from aaq.rotation import FusedTransforms
+from aaq.rotation import AppliedTransforms
+
+Options = dict[str, Any]
 
 
 @dataclass
@@ -31,38 +34,77 @@ class MethodConfig:
         return False
 
     def needs_reference(self) -> bool:
-        """True when the method needs the unaligned reference model (`aaq quantize --reference`)."""
+        """True when the method needs the unaligned reference model."""
         return False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings, tagged with the method name."""
-        return {"name": self.name, **_plain(asdict(self))}
+        return {"name": self.name, **asdict(self)}
+
+    def with_options(self, options: MethodOptions) -> MethodConfig:
+        """This config with `options` applied; AaqError naming an option this method would ignore."""
+        config, unused = self.apply_options(options.given())
+        if unused:
+            setting = next(iter(unused))
+            raise AaqError(f"{{setting}} has no effect with method {self.name}; drop it or pick a method it applies to", setting=setting)
+        return config
+
+    def apply_options(self, options: Options) -> tuple[MethodConfig, Options]:
+        """This config with the options it understands applied, and the options it left over."""
+        return self, options
 
 
-def _plain(value: Any) -> Any:
-    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+def take_options(options: Options, names: tuple[str, ...]) -> tuple[Options, Options]:
+    """The options among `names`, and the others."""
+    return {k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names}
 
 
-@dataclass
+class ReleasableModel:
+    """A model a method may let go of once it is done with it, so that its memory can be freed (the unaligned reference)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self._model: PreTrainedModel | None = model
+
+    def get(self) -> PreTrainedModel:
+        """The model; AaqError once released."""
+        if self._model is None:
+            raise AaqError("the reference model was already released by this run; pass it again to quantize another model")
+        return self._model
+
+    def release(self) -> None:
+        """Drop this holder's reference to the model."""
+        self._model = None
+
+
+@dataclass(frozen=True)
 class MethodContext:
-    """Everything a method function reads and what it leaves behind for the run folder."""
+    """What a method reads: the model with its plan, the scheme, its settings, calibration data and the run folder.
+
+    `reference`: the unaligned model (methods with a push term), released once the method no
+    longer needs it. `run_dir` holds resumable progress (teacher cache, checkpoints, GPTQ layers).
+    """
 
     model: PreTrainedModel
-    adapter: ModelAdapter
+    plan: TransformPlan
     scheme: QuantScheme
     method: MethodConfig
     calibration_tokens: torch.Tensor | None
     seed: int
     batch_size: int = 8
-    online: OnlineTransforms = field(default_factory=OnlineTransforms)
-    transforms: FusedTransforms | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    reference: PreTrainedModel | None = None
+    reference: ReleasableModel | None = None
     run_dir: Path | None = None
     resume: bool = False
 
 
-MethodFn = Callable[[MethodContext], None]
+@dataclass
+class MethodResult:
+    """What a method made: the transforms it fused and runs online, and how long its stages took (seconds)."""
+
+    transforms: AppliedTransforms = field(default_factory=lambda: AppliedTransforms(config=NO_TRANSFORMS))
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+MethodFn = Callable[[MethodContext], MethodResult]
 _METHODS: dict[str, tuple[type[MethodConfig], MethodFn]] = {}
 
 
@@ -127,6 +169,6 @@ def _nested_dataclass(f: Field, hints: dict[str, Any]) -> type | None:
     return None
 
 
-def apply_method(context: MethodContext) -> None:
+def apply_method(context: MethodContext) -> MethodResult:
     """Run the function registered for `context.method`."""
-    _METHODS[context.method.name][1](context)
+    return _METHODS[context.method.name][1](context)

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from transformers import PreTrainedModel
 
-from aaq.fake_quant import prepare_model
-from aaq.methods.registry import MethodConfig, MethodContext, register_method
-from aaq.models import ModelAdapter
+from aaq.fake_quant import install_quantizers
+from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, register_method
+from aaq.plan import TransformPlan
 from aaq.quantizers import QuantSpec, quantize_weight_rtn
 
 
@@ -21,16 +22,17 @@ class RTNConfig(MethodConfig):
 
 
 @torch.no_grad()
-def quantize_weights_rtn(adapter: ModelAdapter, spec: QuantSpec) -> None:
-    """Replace every decoder projection weight by its round-to-nearest fake-quantized copy."""
-    for parts in adapter.layers():
-        for linear in parts.named_linears().values():
-            linear.weight.data = quantize_weight_rtn(linear.weight.data, spec)
+def quantize_weights_rtn(model: PreTrainedModel, plan: TransformPlan, spec: QuantSpec) -> None:
+    """Replace every projection weight of the plan by its round-to-nearest fake-quantized copy."""
+    for name in plan.linears:
+        linear = model.get_submodule(name)
+        linear.weight.data = quantize_weight_rtn(linear.weight.data, spec)
 
 
 @register_method(RTNConfig)
-def apply_rtn(context: MethodContext) -> None:
+def apply_rtn(context: MethodContext) -> MethodResult:
     """Fake-quantize activations/KV as the scheme says and round the weights to nearest."""
-    prepare_model(context.model, context.adapter, context.scheme, context.online)
+    install_quantizers(context.model, context.plan, context.scheme)
     if context.scheme.weights is not None:
-        quantize_weights_rtn(context.adapter, context.scheme.weights)
+        quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
+    return MethodResult()

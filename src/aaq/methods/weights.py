@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from aaq.errors import AaqError
 from aaq.methods.gptq import GPTQConfig, quantize_weights_gptq
-from aaq.methods.registry import MethodContext
+from aaq.methods.registry import MethodContext, Options, take_options
 from aaq.methods.rtn import quantize_weights_rtn
 
 WEIGHT_QUANTIZERS = ("gptq", "rtn")
@@ -22,14 +22,20 @@ class FusedWeightQuantization:
 
     def __post_init__(self) -> None:
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
-            raise AaqError(f"unknown weight_quantizer {self.weight_quantizer!r}; use gptq or rtn")
+            raise AaqError(f"unknown weight quantizer {self.weight_quantizer!r}; use one of {', '.join(WEIGHT_QUANTIZERS)}")
+
+    def apply_weight_options(self, options: Options) -> tuple[FusedWeightQuantization, Options]:
+        """This config with the weight-step options (weight_quantizer and GPTQ's) applied, and the rest."""
+        taken, rest = take_options(options, ("weight_quantizer",))
+        gptq, rest = self.gptq.apply_options(rest)
+        return replace(self, gptq=gptq, **taken), rest
 
 
 def quantize_fused_weights(context: MethodContext, config: FusedWeightQuantization) -> None:
-    """Quantize every decoder projection with the config's weight quantizer (no-op for W16)."""
+    """Quantize every projection with the config's weight quantizer (no-op for 16-bit weights)."""
     if context.scheme.weights is None:
         return
     if config.weight_quantizer == "gptq":
         quantize_weights_gptq(context, config.gptq)
     else:
-        quantize_weights_rtn(context.adapter, context.scheme.weights)
+        quantize_weights_rtn(context.model, context.plan, context.scheme.weights)

@@ -1,24 +1,20 @@
 """The `ostquant` and `aaq` methods end to end on a tiny model, and their recipes."""
 
-import copy
-import gc
 import json
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import aaq.methods.ostquant as ostquant_module
 from aaq.api import CalibrationConfig, QuantizeConfig, quantize
 from aaq.calibrate import CalibrationSettings
-from aaq.cli import build_parser, quantize_config_from_args
+from aaq.fake_quant import QuantLinear
 from aaq.losses import LossConfig
-from aaq.methods import AAQConfig, OSTQuantConfig
-from conftest import make_tiny_model
+from aaq.methods import OSTQuantConfig
+from tests.helpers import make_tiny_model
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TOKENS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 TINY = CalibrationSettings(steps=2, batch_size=2, loss=LossConfig(name="kl_top", k=16), checkpoint_every=1)
 
@@ -40,9 +36,9 @@ def test_ostquant_runs_and_writes_its_run_folder(tmp_path, weight_quantizer):
     result = quantize(model, config, calibration=TOKENS, run_dir=tmp_path)
     quantized = _logits(model)
     assert torch.isfinite(quantized).all() and not torch.allclose(quantized, fp)
-    assert result.online.qk_hadamard and result.online.down_proj_hadamard
+    assert result.transforms.config.r3 and result.transforms.config.r4
     assert result.transforms.r1.shape == (96, 96) and len(result.transforms.r2) == 2
-    assert (tmp_path / "smoothing_scales.safetensors").is_file()
+    assert len(result.transforms.scales) == 4 * 2 and all((s > 0).all() for s in result.transforms.scales.values())
     assert json.loads((tmp_path / "calibration" / "checkpoint.json").read_text())["step"] == 2
     assert {"teachers_s", "calibration_s"} <= set(result.timings)
 
@@ -55,56 +51,15 @@ def test_learned_transforms_with_fp_scheme_keep_the_function(tmp_path):
     assert ((_logits(model) - fp).norm() / fp.norm()).item() < 1e-4
 
 
-def test_aaq_frees_the_reference_before_the_first_step(monkeypatch):
-    model = make_tiny_model("llama")
-    refs = []
-
-    def make_reference():
-        reference = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in reference.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        refs.append(weakref.ref(reference))
-        return reference
-
-    real_calibrate = ostquant_module.calibrate
-
-    def checking_calibrate(*args, **kwargs):
-        gc.collect()
-        assert refs[0]() is None, "the reference model is still alive during calibration"
-        return real_calibrate(*args, **kwargs)
-
-    monkeypatch.setattr(ostquant_module, "calibrate", checking_calibrate)
-    settings = CalibrationSettings(steps=2, batch_size=2, loss=LossConfig(name="apc", k=16))
-    result = quantize(model, _config(AAQConfig(training=settings)), calibration=TOKENS, reference=make_reference())
-    assert torch.isfinite(_logits(result.model)).all()
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
-def test_recipes_load_and_round_trip(recipe, tmp_path):
-    args = build_parser().parse_args(["quantize", "--model", "m", "--out", str(tmp_path), "--recipe", str(recipe)])
-    config = quantize_config_from_args(args)
-    data = yaml.safe_load(recipe.read_text())
-    assert config.method.name == data["method"]["name"]
-    assert config.method.training.steps == data["method"]["training"]["steps"]
-    assert config.method.training.loss.name == data["method"]["training"]["loss"]["name"]
-    assert config.calibration.n_samples == data["calibration"]["n_samples"]
-    again = QuantizeConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again.method == config.method and again.to_dict() == config.to_dict()
 
 
-def test_cli_flags_override_the_recipe(tmp_path):
-    argv = ["quantize", "--model", "m", "--out", str(tmp_path), "--recipe", str(RECIPES / "aaq_demo.yaml")]
-    args = build_parser().parse_args(argv + ["--steps", "7", "--lam", "0.5", "--loss", "kl", "--no-cache"])
-    training = quantize_config_from_args(args).method.training
-    assert (training.steps, training.loss.lam, training.loss.name, training.cache) == (7, 0.5, "kl", False)
 
 
 @pytest.mark.parametrize("weight_quantizer", ["gptq", "rtn"])
 def test_a_failed_calibration_takes_the_transforms_out_again(monkeypatch, weight_quantizer):
     from torch.nn.utils import parametrize
-
-    from aaq.fake_quant import QuantLinear
 
     def diverge(*_args, **_kwargs):
         raise RuntimeError("diverged")

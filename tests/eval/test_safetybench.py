@@ -4,15 +4,7 @@ import pytest
 import torch
 
 from aaq.errors import AaqError
-from aaq.eval.safetybench import (
-    INSTRUCTION,
-    McqItem,
-    fewshot_prompt,
-    letter_token_ids,
-    load_safetybench,
-    safetybench_accuracy,
-    select_shots,
-)
+from aaq.eval.safetybench import INSTRUCTION, McqItem, fewshot_prompt, letter_token_ids, load_safetybench, safetybench_accuracy, select_shots
 
 DEV_ITEMS = load_safetybench()
 

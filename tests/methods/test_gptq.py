@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from aaq.api import QuantizeConfig, quantize
 from aaq.errors import AaqError
+from aaq.methods import QuaRotConfig, RTNConfig
 from aaq.methods.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, gptq_quantize_with_params
 from aaq.quantizers import QuantSpec, quantize_weight_rtn, weight_quant_params
+from tests.helpers import CALIBRATION, make_tiny_model, quantized_logit_error
 
 OUT, IN, N = 64, 128, 512
 
@@ -111,18 +113,6 @@ def test_accumulator_over_batches_equals_hessian_of_concatenation() -> None:
     assert torch.allclose(acc.hessian, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
-def test_accumulator_as_forward_hook() -> None:
-    x = _correlated_inputs()
-    layer = nn.Linear(IN, 8)
-    acc = HessianAccumulator(IN)
-    handle = layer.register_forward_hook(acc.forward_hook)
-    layer(x[:256])
-    layer(x[256:].reshape(2, 128, IN))
-    handle.remove()
-    assert acc.n_samples == N
-    assert torch.allclose(acc.hessian, _hessian(x), rtol=1e-5, atol=1e-5)
-
-
 def test_indefinite_hessian_raises_with_fix() -> None:
     h = torch.eye(IN)
     h[0, 0] = -1e6
@@ -153,3 +143,52 @@ def test_result_does_not_depend_on_block_size(group_size: int | None, block_size
     # error feedback then moves a few later entries of that row. Such flips stay rare and harmless.
     assert ((blocked - reference).abs() > 1e-4).float().mean() < 0.002
     assert _output_error(x, w, blocked) == pytest.approx(_output_error(x, w, reference), rel=0.01)
+
+
+def test_gptq_model_is_closer_to_fp_than_rtn():
+    assert quantized_logit_error(GPTQConfig(), "w4a16") < 0.9 * quantized_logit_error(RTNConfig(), "w4a16")
+
+
+def _interrupt_gptq_at_call(monkeypatch, call: int) -> None:
+    """Make the GPTQ solver raise KeyboardInterrupt on its `call`-th use, as a killed run would."""
+    import aaq.methods.gptq as gptq_module
+
+    real_solver, calls = gptq_module.gptq_quantize, []
+
+    def failing_solver(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_solver(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", failing_solver)
+
+
+def test_interrupted_gptq_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from aaq.methods.gptq import PROGRESS_DIR
+
+    config = QuantizeConfig(method=QuaRotConfig(), bits="w4a4kv4")
+    uninterrupted = make_tiny_model("llama")
+    quantize(uninterrupted, config, calibration=CALIBRATION)
+
+    with monkeypatch.context() as patch:
+        _interrupt_gptq_at_call(patch, 8)  # first projection of the second layer
+        with pytest.raises(KeyboardInterrupt):
+            quantize(make_tiny_model("llama"), config, calibration=CALIBRATION, run_dir=tmp_path)
+    assert (tmp_path / PROGRESS_DIR / "layer_0000.safetensors").is_file()
+
+    resumed = make_tiny_model("llama")
+    quantize(resumed, config, calibration=CALIBRATION, run_dir=tmp_path, resume=True)
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not (tmp_path / PROGRESS_DIR).exists()
+
+
+def test_gptq_progress_of_another_config_is_refused(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        _interrupt_gptq_at_call(patch, 8)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(make_tiny_model("llama"), QuantizeConfig(method=GPTQConfig(), bits="w4a16"), calibration=CALIBRATION, run_dir=tmp_path)
+    other = QuantizeConfig(method=GPTQConfig(damp=0.1), bits="w4a16")
+    with pytest.raises(AaqError, match="another configuration"):
+        quantize(make_tiny_model("llama"), other, calibration=CALIBRATION, run_dir=tmp_path, resume=True)

@@ -1,0 +1,42 @@
+"""The settings a user may change on top of any method's config (a recipe's or the defaults).
+
+A front end fills `MethodOptions` from its own inputs (the CLI from its flags) and calls
+`MethodConfig.with_options`; each method config applies the options it understands and refuses the
+others, naming them, so a setting is never silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Method settings to change; None keeps the config's value.
+
+    r1, r2, r3, r4, smoothing: the transforms (`aaq.plan.TransformConfig`). weight_quantizer,
+    damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, loss, lam, cache,
+    weights_in_loop, activation_checkpointing: the calibration of learned transforms
+    (`CalibrationSettings`, `LossConfig`).
+    """
+
+    r1: str | None = None
+    r2: str | None = None
+    r3: bool | None = None
+    r4: bool | None = None
+    smoothing: bool | None = None
+    weight_quantizer: str | None = None
+    damp: float | None = None
+    act_order: bool | None = None
+    static_groups: bool | None = None
+    steps: int | None = None
+    loss: str | None = None
+    lam: float | None = None
+    cache: bool | None = None
+    weights_in_loop: bool | None = None
+    activation_checkpointing: bool | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The options that were set, by name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}

@@ -1,0 +1,128 @@
+"""Tiny random models of every supported family, shared by the tests."""
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def make_tiny_model(family: str, hidden_size: int = 96, num_heads: int = 6, tie: bool = True, seed: int = 0):
+    """A 2-layer random model of `family` with GQA (`num_heads` query / 2 KV heads, head_dim 16), perturbed norms/biases.
+
+    hidden 96 = 8 x 12 is not a power of two, so R1 needs a Kronecker Hadamard. Norm gains and
+    biases are randomised so that norm fusion and bias rotation are actually exercised.
+    """
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def calibration_setup(model, scheme, config=None, seed: int = 0, weights_in_loop: bool = True):
+    """`model` prepared for calibration with fresh learnable transforms (smoothing on unless `config` says otherwise)."""
+    from aaq.methods.ostquant import install_for_calibration
+    from aaq.models import transform_plan
+    from aaq.plan import TransformConfig
+
+    config = TransformConfig(smoothing=True) if config is None else config
+    return install_for_calibration(model, transform_plan(model), scheme, config, seed, weights_in_loop)
+
+
+def compressed_tensors_model(folder):
+    """The exported folder loaded with compressed-tensors' own apply functions (quantization and transforms, simulated)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    compressor = ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(config.quantization_config))
+    transforms = config.quantization_config["transform_config"]
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if transforms:
+        apply_transform_config(model, TransformConfig.model_validate(transforms))
+    apply_quantization_config(model, compressor.quantization_config)
+    compressor.compress_model(model)
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    # R3 is a Sylvester Hadamard every loader builds itself: it is not stored.
+    assert not unexpected and all(".R3_" in name for name in missing), (missing, unexpected)
+    compressor.decompress_model(model)
+    return model
+
+
+TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+CALIBRATION = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+HELD_OUT = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def logits_of(model, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    """The model's logits on `tokens`, without a graph."""
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def saved_run(tmp_path, tokenizer, method=None, bits="w4a4kv4", scheme=None, family="llama", hidden_size=96, num_heads=6, name="run"):
+    """Quantize a tiny model (default QuaRot with RTN weights, seed 1) and save the run folder; returns the folder and the run's logits."""
+    from aaq.api import QuantizeConfig, quantize
+    from aaq.checkpoint import save_quantized
+    from aaq.methods import QuaRotConfig
+
+    model = make_tiny_model(family, hidden_size=hidden_size, num_heads=num_heads)
+    method = method or QuaRotConfig(weight_quantizer="rtn")
+    calibration = TOKENS if method.needs_calibration() else None
+    result = quantize(model, QuantizeConfig(method=method, bits=bits, scheme=scheme, seed=1), calibration=calibration)
+    save_quantized(result, tokenizer, tmp_path / name)
+    return tmp_path / name, logits_of(model)
+
+
+def quantized_logit_error(method, bits: str, family: str = "llama") -> float:
+    """Relative logit error on held-out tokens of a tiny model quantized with `method` at `bits`."""
+    from aaq.api import QuantizeConfig, quantize
+
+    model = make_tiny_model(family)
+    reference = logits_of(model, HELD_OUT)
+    quantize(model, QuantizeConfig(method=method, bits=bits), calibration=CALIBRATION)
+    return ((logits_of(model, HELD_OUT) - reference).norm() / reference.norm()).item()
+
+
+def prepared_model(bits: str, r3: bool = False):
+    """A tiny Llama with the fake quantizers of `bits` (and R3 when asked) installed, and its logits before."""
+    from aaq.fake_quant import install_quantizers
+    from aaq.models import transform_plan
+    from aaq.online import install_online_rotations
+    from aaq.quantizers import QuantScheme
+
+    model = make_tiny_model("llama")
+    reference = logits_of(model)
+    plan = transform_plan(model)
+    install_quantizers(model, plan, QuantScheme.from_string(bits))
+    install_online_rotations(model, plan, r3=r3, r4=False)
+    return model, reference
