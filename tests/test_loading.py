@@ -50,8 +50,10 @@ def test_folder_without_model_files_or_with_two_ggufs_is_an_error(tmp_path):
 
 
 def test_unknown_dtype_is_an_error():
+    from aaq.devices import Placement
+
     with pytest.raises(AaqError, match="unknown dtype"):
-        ModelSource("x", dtype="int4")
+        Placement(dtype="int4")
 
 
 def test_alias_registry_entry_pins_the_wheel_and_is_frozen():
@@ -132,7 +134,9 @@ def test_saved_folder_loads_back_with_identical_logits_in_eval_mode(tiny_llama, 
 
 def test_dtype_is_applied(tiny_llama, tiny_tokenizer, tmp_path):
     _save_tiny(tiny_llama, tiny_tokenizer, tmp_path)
-    model, _ = load_model(ModelSource(str(tmp_path), dtype="bfloat16"))
+    from aaq.devices import Placement
+
+    model, _ = load_model(ModelSource(str(tmp_path)), Placement(device="cpu", dtype="bfloat16"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 

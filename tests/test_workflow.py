@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from aaq.api import CalibrationConfig, QuantizeConfig
 from aaq.checkpoint import is_quantized_folder
@@ -61,3 +62,45 @@ def test_an_adapter_on_a_run_folder_is_refused(tmp_path, tiny_model_dir, fake_da
     run_quantization(RunConfig(model=str(tiny_model_dir), out=tmp_path / "run", quantize=QuantizeConfig(method=RTNConfig())))
     with pytest.raises(AaqError, match="applies to full-precision models"):
         evaluate_source(str(tmp_path / "run"), PPL, None, adapter="lora")
+
+
+@pytest.fixture
+def family_dir(tmp_path, tiny_tokenizer, request):
+    """A tiny random model of the requested family saved with the tiny tokenizer."""
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model(request.param)
+    model.resize_token_embeddings(len(tiny_tokenizer))
+    folder = tmp_path / request.param
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family_dir", ["llama", "qwen2", "qwen3", "mistral"], indirect=True)
+def test_bfloat16_runs_keep_exact_integer_codes_through_save_reload_and_export(tmp_path, family_dir, fake_data_dir):
+    from safetensors.torch import load_file
+
+    from aaq.checkpoint import WEIGHTS, load_quantized
+    from aaq.devices import Placement
+    from aaq.exporting import ExportConfig, export
+    from aaq.fake_quant import QuantLinear
+    from tests.helpers import logits_of
+
+    placement = Placement(device="cpu", dtype="bfloat16")
+    config = RunConfig(
+        model=str(family_dir), out=tmp_path / "run", quantize=QuantizeConfig(method=QuaRotConfig(), calibration=TINY_CALIBRATION),
+        placement=placement, evaluation=PPL,
+    )  # fmt: skip
+    run = run_quantization(config)
+    assert run.record["placement"]["dtype"] == "bfloat16" and run.record["metrics"]["ppl"] > 1
+    reloaded, _, info = load_quantized(tmp_path / "run")
+    assert info["dtype"] == "bfloat16" and {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    codes = {n: m.codes for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
+    assert codes and all(c is not None and torch.equal(c.dequantize(torch.bfloat16), reloaded.get_submodule(n).weight) for n, c in codes.items())
+    tokens = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    export(tmp_path / "run", tmp_path / "packed", ExportConfig(format="aaq"))
+    run_files, packed_files = load_file(tmp_path / "run" / WEIGHTS), load_file(tmp_path / "packed" / WEIGHTS)
+    assert run_files.keys() == packed_files.keys() and all(torch.equal(run_files[k], packed_files[k]) for k in run_files)
+    packed, _, _ = load_quantized(tmp_path / "packed")
+    assert torch.equal(logits_of(packed, tokens), logits_of(reloaded, tokens))

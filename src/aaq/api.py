@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.data import TextDataConfig, token_windows
+from aaq.devices import Placement, StageMeter, StageRecord, placement_of
 from aaq.errors import AaqError
 from aaq.methods import MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
 from aaq.models import transform_plan
@@ -96,12 +97,21 @@ class QuantizeConfig:
 
 @dataclass
 class QuantizeResult:
-    """The quantized model (modified in place), its config, the transforms the method applied and stage timings (s)."""
+    """The quantized model (modified in place), its config, the transforms the method applied, and its stages.
+
+    `stages`: seconds and peak memory of each stage (`calibration_data`, the method's, `quantize` for
+    the whole); `timings`: the seconds alone, as `<stage>_s`.
+    """
 
     model: PreTrainedModel
     config: QuantizeConfig
     transforms: AppliedTransforms
-    timings: dict[str, float]
+    stages: dict[str, StageRecord]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage, named `<stage>_s`."""
+        return {f"{name}_s": record.seconds for name, record in self.stages.items()}
 
 
 def calibration_tokens(tokenizer: PreTrainedTokenizerBase, config: QuantizeConfig) -> torch.Tensor:
@@ -131,11 +141,13 @@ def check_reference_compatible(
         raise AaqError("model and reference tokenizers map tokens to different ids; pass a reference that shares the model's tokenizer")
 
 
-def load_reference(source: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedModel:
-    """The reference model loaded from `source`, checked to share `model`'s vocabulary and tokenizer."""
+def load_reference(
+    source: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, placement: Placement | None = None
+) -> PreTrainedModel:
+    """The reference model loaded from `source` (with `placement`), checked to share `model`'s vocabulary and tokenizer."""
     from aaq.loading import load_model
 
-    reference, reference_tokenizer = load_model(source)
+    reference, reference_tokenizer = load_model(source, placement)
     check_reference_compatible(model, reference, tokenizer, reference_tokenizer)
     return reference
 
@@ -145,30 +157,33 @@ def quantize(
     config: QuantizeConfig,
     tokenizer: PreTrainedTokenizerBase | None = None,
     calibration: torch.Tensor | None = None,
-    reference: PreTrainedModel | None = None,
+    reference: PreTrainedModel | Callable[[], PreTrainedModel] | None = None,
     run_dir: Path | None = None,
     resume: bool = False,
+    placement: Placement | None = None,
 ) -> QuantizeResult:
     """Quantize `model` in place with `config`; returns the model with its run description.
 
     Methods that need calibration data take it from `calibration` (token ids, shape
     (n_samples, seq_len)) or build it from `tokenizer` and `config.calibration`. `reference` is the
-    unaligned model of the `aaq` method (freed by the method once its teacher targets are cached, if
-    the caller holds no other reference to it); `run_dir` holds the teacher cache and the
-    calibration checkpoints, and `resume` continues a killed calibration from them.
+    unaligned model of the `aaq` method, or a function loading it (then it is resident only while
+    its teacher targets are computed); the method frees it once they are cached, if the caller
+    holds no other reference to it. `run_dir` holds the teacher cache and the calibration
+    checkpoints, and `resume` continues a killed calibration from them. `placement`: where the
+    stages compute (default: where the model is, no offloading).
     """
     if config.method.needs_reference() and reference is None:
         raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
-    if reference is not None:
+    if isinstance(reference, PreTrainedModel):
         check_reference_compatible(model, reference)
     plan = transform_plan(model)
-    timings: dict[str, float] = {}
+    placement = placement or placement_of(model)
+    meter = StageMeter(placement.compute_device)
     if config.method.needs_calibration() and calibration is None:
         if tokenizer is None:
             raise AaqError(f"method {config.method.name} needs calibration data: pass a tokenizer or calibration token ids")
-        start = time.perf_counter()
-        calibration = calibration_tokens(tokenizer, config)
-        timings["calibration_data_s"] = time.perf_counter() - start
+        with meter.stage("calibration_data"):
+            calibration = calibration_tokens(tokenizer, config)
     model.eval()
     context = MethodContext(
         model=model,
@@ -177,14 +192,15 @@ def quantize(
         method=config.method,
         calibration_tokens=calibration,
         seed=config.seed,
+        placement=placement,
         batch_size=config.calibration.batch_size,
         reference=None if reference is None else ReleasableModel(reference),
         run_dir=None if run_dir is None else Path(run_dir),
         resume=resume,
     )
     del reference  # the context holds the only reference this function keeps, so the method can free it
-    start = time.perf_counter()
-    result = apply_method(context)
-    timings.update(result.timings, quantize_s=time.perf_counter() - start)
-    logger.info("quantized with %s %s in %.1f s", config.method.name, config.bits, timings["quantize_s"])
-    return QuantizeResult(model=model, config=config, transforms=result.transforms, timings=timings)
+    with meter.stage("quantize"):
+        result = apply_method(context)
+    stages = {**meter.records, **result.stages, "quantize": meter.records["quantize"]}
+    logger.info("quantized with %s %s in %.1f s", config.method.name, config.bits, stages["quantize"].seconds)
+    return QuantizeResult(model=model, config=config, transforms=result.transforms, stages=stages)

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from aaq.devices import model_device
 from aaq.errors import AaqError
 from aaq.losses import LossConfig, LossTerms, TeacherTargets, compute_loss
 from aaq.runs import write_atomic, write_json
@@ -38,7 +39,7 @@ OptimizerName = Literal["cayley_sgd", "riemannian_adam"]
 _OPTIMIZERS = ("cayley_sgd", "riemannian_adam")
 _CHECKPOINT_FILE = "checkpoint.json"
 # Settings that may change between a killed run and its resume without changing the trajectory.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "activation_checkpointing")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "activation_checkpointing", "teacher_batch")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class CalibrationSettings:
     decides; OSTQuant/AAQ do so when RTN quantizes the weights afterwards or nothing else is quantized).
     `activation_checkpointing`: recompute each decoder layer's forward during the backward instead of
     keeping its activations (transformers' activation checkpointing): measured on smollm2-135m at
-    2 x 256 tokens, about half the peak memory for a third more time per step.
+    2 x 256 tokens, about half the peak memory for a third more time per step. `teacher_batch`:
+    calibration sequences per teacher forward when the targets are computed (None: the calibration
+    data batch size, smaller if one batch of full-vocabulary logits would not fit in half the free
+    device memory).
     """
 
     steps: int = 150
@@ -71,6 +75,7 @@ class CalibrationSettings:
     divergence_factor: float = 10.0
     weights_in_loop: bool | None = None
     activation_checkpointing: bool = False
+    teacher_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -85,6 +90,8 @@ class CalibrationSettings:
             raise AaqError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
         if self.divergence_factor <= 1:
             raise AaqError(f"divergence_factor must be > 1, got {self.divergence_factor}")
+        if self.teacher_batch is not None and self.teacher_batch < 1:
+            raise AaqError(f"teacher_batch must be >= 1 (or None: sized to the device), got {self.teacher_batch}", setting="teacher_batch")
 
 
 @dataclass
@@ -226,18 +233,22 @@ def load_checkpoint(directory: Path, state: CalibrationState, settings: Calibrat
     return True
 
 
-def _check_loss(value: float, state: CalibrationState, settings: CalibrationSettings, kept: str) -> None:
-    """Raise a one-line AaqError when the loss is not finite or has exploded."""
-    # Measured from the initial loss in units of max(|initial|, 1 nat): APC losses can start near 0 or below.
-    initial = state.initial_loss
-    exploded = initial is not None and abs(value - initial) > settings.divergence_factor * max(abs(initial), 1.0)
-    if math.isfinite(value) and not exploded:
-        return
-    what = "is not finite" if not math.isfinite(value) else f"exploded to {value:.4g} (initial {state.initial_loss:.4g})"
-    raise AaqError(
-        f"calibration diverged: the loss {what} at step {state.step}; {kept}; lower the learning rates "
-        f"(rotation_lr {settings.rotation_lr}, scale_lr {settings.scale_lr}) or set max_grad_norm"
-    )
+def _check_losses(losses: list[dict[str, float]], first_step: int, state: CalibrationState, settings: CalibrationSettings, kept: str) -> None:
+    """Raise a one-line AaqError at the first loss (of steps `first_step`, `first_step + 1`, ...) that is not finite or has exploded."""
+    for offset, scalars in enumerate(losses):
+        value = scalars["loss"]
+        if state.initial_loss is None:
+            state.initial_loss = value
+        # Measured from the initial loss in units of max(|initial|, 1 nat): APC losses can start near 0 or below.
+        initial = state.initial_loss
+        exploded = abs(value - initial) > settings.divergence_factor * max(abs(initial), 1.0)
+        if math.isfinite(value) and not exploded:
+            continue
+        what = "is not finite" if not math.isfinite(value) else f"exploded to {value:.4g} (initial {initial:.4g})"
+        raise AaqError(
+            f"calibration diverged: the loss {what} at step {first_step + offset}; {kept}; lower the learning rates "
+            f"(rotation_lr {settings.rotation_lr}, scale_lr {settings.scale_lr}) or set max_grad_norm"
+        )
 
 
 @contextmanager
@@ -274,13 +285,17 @@ def calibrate(
     seed: int,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    device: torch.device | None = None,
 ) -> CalibrationResult:
     """Optimise `transforms` (already installed in `model`) for `settings.steps` steps; returns the loss history.
 
-    With `checkpoint_dir`, the state is saved every `checkpoint_every` steps and at the end;
-    `resume=True` continues from the checkpoint found there (if any) to the same final state as an
-    uninterrupted run.
+    Batches go to `device` (default: the model's). With `checkpoint_dir`, the state is saved every
+    `checkpoint_every` steps and at the end; `resume=True` continues from the checkpoint found there
+    (if any) to the same final state as an uninterrupted run. The losses are read on the host only
+    every `checkpoint_every` steps (and at the end), so a GPU never waits in between; a diverged
+    loss is caught there, before that checkpoint is written.
     """
+    device = device or model_device(model)
     state = CalibrationState(transforms=transforms, optimizers=build_optimizers(transforms, settings))
     kept = "no checkpoint was kept"
     if checkpoint_dir is not None:
@@ -290,13 +305,12 @@ def calibrate(
             kept = f"the last good checkpoint (step {state.step}) is in {checkpoint_dir}"
     parameters = transforms.rotation_parameters() + transforms.scale_parameters()
     history: list[dict[str, float]] = []
+    pending: list[LossTerms] = []
     bar = tqdm(range(state.step, settings.steps), initial=state.step, total=settings.steps, desc="calibration", unit="step")
     with activation_checkpointing(model, settings.activation_checkpointing):
         for step in bar:
             indices = batch_indices(step, tokens.shape[0], settings.batch_size, seed)
-            terms = student_loss(model, tokens[indices], teacher(indices), settings.loss)
-            scalars = terms.scalars()
-            _check_loss(scalars["loss"], state, settings, kept)
+            terms = student_loss(model, tokens[indices].to(device), teacher(indices), settings.loss)
             for optimizer in state.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -304,12 +318,15 @@ def calibrate(
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
             for optimizer in state.optimizers.values():
                 optimizer.step()
-            if state.initial_loss is None:
-                state.initial_loss = scalars["loss"]
+            pending.append(terms.detached())
             state.step = step + 1
-            history.append(scalars)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in scalars.items()})
-            if checkpoint_dir is not None and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps):
-                save_checkpoint(checkpoint_dir, state, settings, seed)
-                kept = f"the last good checkpoint (step {state.step}) is in {checkpoint_dir}"
+            if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
+                scalars = [terms.scalars() for terms in pending]
+                _check_losses(scalars, state.step - len(scalars), state, settings, kept)
+                history += scalars
+                pending = []
+                bar.set_postfix({k: f"{v:.4f}" for k, v in scalars[-1].items()})
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir, state, settings, seed)
+                    kept = f"the last good checkpoint (step {state.step}) is in {checkpoint_dir}"
     return CalibrationResult(history=history, steps=state.step, initial_loss=state.initial_loss)

@@ -62,6 +62,31 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_placement_options(p: argparse.ArgumentParser) -> None:
+    from aaq.devices import DTYPES
+
+    dev = p.add_argument_group("device and memory")
+    dev.add_argument("--device", default=None, help="compute device: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    dev.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    dev.add_argument(
+        "--max-memory",
+        default=None,
+        help="per-device budgets, e.g. cuda:0=20GiB,cpu=64GiB: the model rests on the CPU, forward passes are dispatched by accelerate "
+        "within them (CPU/disk offload), GPTQ onloads one layer at a time",
+    )
+    dev.add_argument("--fusion-device", default=None, help="where transforms are fused in float64 (default: the compute device)")
+    dev.add_argument("--no-tf32", dest="tf32", action="store_false", help="forbid TF32 matmuls on CUDA")
+
+
+def placement_from_args(args: argparse.Namespace):
+    """The Placement the device and memory flags describe."""
+    from aaq.devices import Placement, parse_memory
+
+    with _in_cli_terms():
+        budgets = None if args.max_memory is None else parse_memory(args.max_memory)
+        return Placement(device=args.device, dtype=args.dtype, max_memory=budgets, fusion_device=args.fusion_device, tf32=args.tf32)
+
+
 def _on_off(value: str | None) -> bool | None:
     return None if value is None else value == "on"
 
@@ -126,6 +151,10 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="recompute each layer in the backward: about half the calibration memory, a third more time (default: off; on in the paper recipes)",
     )
+    learn.add_argument(
+        "--teacher-batch", type=int, default=None, help="sequences per teacher forward (default: sized to the free device memory)"
+    )
+    _add_placement_options(p)
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out (finished GPTQ layers, calibration checkpoint)"
     )
@@ -169,6 +198,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed recorded in the report")
     _add_eval_options(p, default_tasks="ppl,refusal,benign,safetybench")
+    _add_placement_options(p)
     p.set_defaults(handler=cmd_eval)
 
 
@@ -209,6 +239,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of calibration windows, rotations and evaluation")
     p.add_argument("--full", action="store_true", help="paper-sized calibration (128 x 2048 tokens, 150 steps) and evaluation")
     p.add_argument("--save-models", action="store_true", help="also save each variant's quantized weights (exportable run folders)")
+    _add_placement_options(p)
     p.set_defaults(handler=cmd_demo)
 
 
@@ -239,7 +270,7 @@ def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    from aaq.exporting import FORMATS, SCHEMES
+    from aaq.exporting import EXPORT_DTYPES, FORMATS, SCHEMES
 
     p = sub.add_parser(
         "export",
@@ -257,6 +288,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="aaq", help="output format")
     p.add_argument("--scheme", choices=SCHEMES, default=None, help="compressed-tensors preset (default: W4A16)")
     p.add_argument("--strict", action="store_true", help="refuse an export that would compute differently from the run")
+    p.add_argument(
+        "--dtype", choices=EXPORT_DTYPES, default=None, help="dtype of everything but the integer codes (default: the run's if 16-bit, else float16)"
+    )
+    p.add_argument("--int8-embeddings", action="store_true", help="store embeddings and lm_head as int8 rows (aaq format)")
+    p.add_argument("--device", default="cpu", help="device the run is loaded on while exporting")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(handler=cmd_export)
 
@@ -347,6 +383,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
         quantize=config,
+        placement=placement_from_args(args),
         reference=args.reference,
         evaluation=evaluation,
         resume=args.resume,
@@ -362,7 +399,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model or run folder and write report.json / report.md / generations.jsonl."""
     from aaq.workflow import evaluate_source
 
-    report = evaluate_source(args.model, eval_config_from_args(args), args.out, adapter=args.adapter)
+    report = evaluate_source(args.model, eval_config_from_args(args), args.out, adapter=args.adapter, placement=placement_from_args(args))
     print(f"{args.model}: {_summary(report['metrics'])}; report in {args.out / 'report.md'}")
     return 0
 
@@ -373,7 +410,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.scheme is not None and args.format == "aaq":
         raise AaqError("--scheme applies to --format compressed-tensors; the aaq format keeps the run's own scheme")
-    config = ExportConfig(format=args.format, strict=args.strict)
+    config = ExportConfig(format=args.format, strict=args.strict, dtype=args.dtype, int8_embeddings=args.int8_embeddings, device=args.device)
     if args.scheme is not None:
         config = dataclasses.replace(config, scheme=args.scheme)
     report = export(args.run, args.out, config)
@@ -403,7 +440,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aaq.demo import DemoConfig, run_demo
 
     names = ("model", "reference", "bits", "out", "tasks", "seed", "save_models")
-    config = DemoConfig(**{name: getattr(args, name) for name in names})
+    config = DemoConfig(**{name: getattr(args, name) for name in names}, placement=placement_from_args(args))
     if args.full:
         config = config.paper_sized()
     overrides = {name: getattr(args, name) for name in ("steps", "lam") if getattr(args, name) is not None}

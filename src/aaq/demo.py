@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens
 from aaq.calibrate import CalibrationSettings
+from aaq.devices import Placement, dispatched
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.report import write_comparison
 from aaq.eval.suite import EvalConfig, evaluate
@@ -36,8 +37,8 @@ class DemoConfig:
     perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
     the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
     first 200 characters) in batches of 16. `paper_sized()` gives the paper's settings (`aaq demo --full`).
-    `save_models`: also save every quantized variant's weights in its run folder (~0.5 GB each for
-    smollm2 in float32), so that `aaq export` can ship it.
+    `save_models`: also save every quantized variant's weights in its run folder, so that `aaq export`
+    can ship it. `placement`: device, dtype and memory budgets of every stage.
     """
 
     model: str = "smollm2-135m-safe"
@@ -61,6 +62,7 @@ class DemoConfig:
     max_prompts: int | None = 80
     eval_batch_size: int = 16
     save_models: bool = False
+    placement: Placement = field(default_factory=Placement)
 
     def paper_sized(self) -> "DemoConfig":
         """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4, lambda 0.1) and full
@@ -104,7 +106,7 @@ def run_demo(config: DemoConfig) -> str:
     Each variant is a run folder `out/<method>` (run.json, its evaluation). Returns the markdown
     comparison table.
     """
-    aligned, tokenizer = load_model(config.model)
+    aligned, tokenizer = load_model(config.model, config.placement)
     eval_config = EvalConfig(
         tasks=config.tasks, ppl=config.ppl, seed=config.seed, max_new_tokens=config.max_new_tokens,
         batch_size=config.eval_batch_size, max_prompts=config.max_prompts,
@@ -113,7 +115,8 @@ def run_demo(config: DemoConfig) -> str:
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
     logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
     meta = {"model": config.model, "reference": config.reference, "method": "fp", "bits": "fp"}
-    reports = [evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta) | {"run_dir": str(config.out / "fp")}]
+    with dispatched(aligned, config.placement):
+        reports = [evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta) | {"run_dir": str(config.out / "fp")}]
     for number, method in enumerate(methods, start=2):
         logger.info("[%d/%d] quantizing with %s at %s", number, len(methods) + 1, method.name, config.bits)
         run = RunConfig(
@@ -124,6 +127,7 @@ def run_demo(config: DemoConfig) -> str:
             evaluation=eval_config,
             save_model=config.save_models,
             overwrite=True,
+            placement=config.placement,
         )
         result = run_quantization(run, model=copy.deepcopy(aligned), tokenizer=tokenizer, calibration=calibration)
         reports.append(result.report | {"run_dir": str(run.out)})

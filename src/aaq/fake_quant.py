@@ -15,12 +15,17 @@ from transformers import PreTrainedModel
 
 from aaq.attention import KV_QUANTIZER, set_attention_hook, use_aaq_attention
 from aaq.errors import AaqError
+from aaq.packing import WeightCodes
 from aaq.plan import TransformPlan
 from aaq.quantizers import ActivationQuantizer, QuantScheme, QuantSpec
 
 
 class QuantLinear(nn.Linear):
-    """A linear layer whose input is fake-quantized (per token or group) when it has an input quantizer."""
+    """A linear layer whose input is fake-quantized (per token or group) when it has an input quantizer.
+
+    Once its weight is quantized, `codes` holds the integer codes (on the CPU) and the weight is
+    their dequantized value in the model's dtype: the codes, not the weight, are what is saved.
+    """
 
     def __init__(self, linear: nn.Linear, input_quantizer: ActivationQuantizer | None) -> None:
         nn.Module.__init__(self)
@@ -29,6 +34,12 @@ class QuantLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.input_quantizer = input_quantizer
+        self.codes: WeightCodes | None = None
+
+    def set_codes(self, codes: WeightCodes) -> None:
+        """Quantize the weight to `codes`: it becomes their dequantized value, in its dtype and on its device."""
+        self.codes = codes
+        self.weight.data = codes.dequantize(self.weight.dtype, self.weight.device)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the weight sees it."""

@@ -225,6 +225,13 @@ def _leading_block(n: int) -> torch.Tensor:
         return (hadamard_matrix(d) / math.sqrt(n)).T.contiguous()
 
 
+@lru_cache(maxsize=64)
+def _leading_block_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`_leading_block(n)` in `dtype` on `device`, cached: the transform runs in the hot path of every forward."""
+    with torch.inference_mode(False):
+        return _leading_block(n).to(device=device, dtype=dtype)
+
+
 def fast_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Return ``x @ hadamard_matrix(n).T / sqrt(n)`` over the last dimension ``n``, in ``x``'s dtype and device.
 
@@ -239,7 +246,7 @@ def fast_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Ten
     if not has_hadamard(n):
         raise _unavailable(n)
     work_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    block = _leading_block(n).to(dtype=work_dtype, device=x.device)
+    block = _leading_block_on(n, x.device, work_dtype)
     if inverse:
         # The Sylvester butterfly is symmetric; only the dense Kronecker factor needs transposing.
         block = block.T

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from aaq.devices import model_device
+
 
 @dataclass
 class LayerInputs:
@@ -21,6 +23,21 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+
+    def to(self, device: torch.device) -> LayerInputs:
+        """These inputs (and every tensor among the keyword arguments) on `device`."""
+        return LayerInputs(hidden=[h.to(device) for h in self.hidden], kwargs=[_moved(k, device) for k in self.kwargs])
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (through tuples, lists and dicts) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
 
 
 class _StopForward(Exception):
@@ -41,7 +58,7 @@ def capture_first_layer_inputs(model: PreTrainedModel, first_layer: nn.Module, t
     try:
         for batch in tokens.split(batch_size):
             try:
-                model(input_ids=batch.to(model.device), use_cache=False)
+                model(input_ids=batch.to(model_device(model)), use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from aaq.devices import Placement
 from aaq.errors import AaqError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 CACHE_ENV = "AAQ_CACHE_DIR"
 CONVERTED_FOLDER = "hf"
 
@@ -66,20 +66,21 @@ class ModelSource:
     """Where a model comes from (local folder, .gguf file, hub id or alias) and an optional LoRA adapter to merge."""
 
     name_or_path: str
-    dtype: str = "float32"
     revision: str | None = None
     adapter: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise AaqError(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPES)}")
 
+def load_model(source: ModelSource | str, placement: Placement | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return the causal LM (in eval mode) and its tokenizer (pad token defaulting to eos).
 
-def load_model(source: ModelSource | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return the causal LM (in eval mode, in `source.dtype`) and its tokenizer (pad token defaulting to eos)."""
+    The model is in `placement`'s dtype on its resting device (default `Placement()`: CUDA in
+    bfloat16 when available, else the CPU in float32).
+    """
     if isinstance(source, str):
         source = ModelSource(source)
-    dtype = DTYPES[source.dtype]
+    placement = placement or Placement()
+    placement.check_available()
+    dtype = placement.torch_dtype
     name = source.name_or_path
     if name in ADAPTER_ALIASES:
         entry = ADAPTER_ALIASES[name]
@@ -93,7 +94,7 @@ def load_model(source: ModelSource | str) -> tuple[PreTrainedModel, PreTrainedTo
         model = _merge_adapter(model, Path(source.adapter).expanduser())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.to(placement.rest_device).eval(), tokenizer
 
 
 def _aliases_hint() -> str:

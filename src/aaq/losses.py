@@ -67,6 +67,10 @@ class LossTerms(NamedTuple):
     pull: Tensor
     push: Tensor | None = None
 
+    def detached(self) -> LossTerms:
+        """The terms without their graph (still tensors: reading them would make a GPU wait)."""
+        return LossTerms(*(None if value is None else value.detach() for value in self))
+
     def scalars(self) -> dict[str, float]:
         """The terms as Python floats, for a progress bar or a log line."""
         values = {"loss": self.total, "pull": self.pull, "push": self.push}

@@ -1,9 +1,9 @@
-"""Integer codes of quantized weights, packing them two int4 values per byte, and the packed state.
+"""Integer codes of quantized weights: the source of truth of every quantized linear, packed two int4 per byte.
 
-A run folder stores each quantized weight already on its grid, `w = (q - z) * s` in float32, but
-not `q`, `s` or `z`. `recover_codes` finds a scale per row (or group) that reproduces every stored
-value bit for bit and returns the codes; nothing is rounded that was not already on the grid, so a
-weight that is not on a grid of its spec is an error, never a silent approximation.
+RTN and GPTQ produce `WeightCodes` (the codes, a scale per row and group, zero points for
+asymmetric specs, and the group of each input column when GPTQ's act-order scattered them); the
+model computes with `codes.dequantize()` in its own dtype, and run folders and exports store the
+codes themselves, so a bfloat16 run exports the exact integers it was quantized to.
 """
 
 from __future__ import annotations
@@ -13,99 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from aaq.errors import AaqError
-from aaq.quantizers import QuantSpec, _grouped
+from aaq.quantizers import QuantSpec, dequantize_levels, weight_levels
 
-PACKED_FORMAT = "aaq-packed"
-PACKED_WEIGHTS = "aaq_packed.safetensors"
 # Per quantized linear `<name>`: `<name>.qweight` (uint8 codes, packed), `<name>.scale` (float32,
-# one per row/group), `<name>.zero` (uint8, asymmetric specs only); every other tensor as is.
-_SUFFIXES = ("qweight", "scale", "zero")
-
-# Candidate scales are amax / k and their neighbours up to this many float32 ulps: amax itself is
-# the rounded product k * s, so amax / k can miss the true s by an ulp or so.
-_ULP_STEPS = 3
-
-
-@dataclass(frozen=True)
-class WeightCodes:
-    """A quantized weight (out, in) as unsigned codes, a scale per row/group and, if asymmetric, a zero point.
-
-    `codes` hold `q - spec.qmin` in [0, 2^bits - 1] (uint8, one per entry); the weight is
-    `(codes + qmin - zero) * scale` per group, with `zero` 0 for symmetric specs.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    spec: QuantSpec
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight these codes stand for (bit-identical to the weight they came from)."""
-        levels = _grouped(self.codes.to(torch.float32) + self.spec.qmin, self.spec.group_size)
-        if self.zero is not None:
-            levels = levels - self.zero.to(torch.float32).unsqueeze(-1)
-        return (levels * self.scale.unsqueeze(-1)).flatten(-2)
-
-
-def _neighbours(scale: torch.Tensor, steps: int) -> torch.Tensor:
-    """`scale` moved `steps` float32 ulps up (steps > 0) or down."""
-    direction = torch.full_like(scale, float("inf") if steps > 0 else 0.0)
-    for _ in range(abs(steps)):
-        scale = torch.nextafter(scale, direction)
-    return scale
-
-
-def _candidate_order(spec: QuantSpec) -> list[int]:
-    """Integer magnitudes the largest entry of a group may have, most likely first."""
-    largest = -spec.qmin if spec.symmetric else spec.qmax
-    return list(range(largest, 0, -1))
-
-
-def _fits_range(levels: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per group: do the integer levels q - z fit the spec's code range?"""
-    if spec.symmetric:
-        return (levels.amin(-1) >= spec.qmin) & (levels.amax(-1) <= spec.qmax)
-    # Asymmetric ranges always contain 0 (quant_params), so q - z spans at most qmax levels around it.
-    low = levels.amin(-1).clamp(max=0)
-    return levels.amax(-1) - low <= spec.qmax
-
-
-@torch.no_grad()
-def recover_codes(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> WeightCodes:
-    """The codes, scales and zero points that reproduce `weight` (out, in) exactly under `spec`.
-
-    Raises AaqError naming `name` when some row or group is not on a `spec.bits`-bit grid.
-    """
-    grouped = _grouped(weight.detach().to(torch.float32), spec.group_size)
-    amax = grouped.abs().amax(-1)
-    scale = torch.ones_like(amax)
-    levels = torch.zeros_like(grouped)
-    solved = amax == 0
-    for magnitude in _candidate_order(spec):
-        for steps in (0, *[s for k in range(1, _ULP_STEPS + 1) for s in (k, -k)]):
-            if bool(solved.all()):
-                break
-            candidate = _neighbours(amax / magnitude, steps)
-            candidate = torch.where(candidate > 0, candidate, torch.ones_like(candidate))
-            trial = torch.round(grouped / candidate.unsqueeze(-1))
-            exact = (trial * candidate.unsqueeze(-1) == grouped).all(-1) & _fits_range(trial, spec)
-            new = exact & ~solved
-            scale = torch.where(new, candidate, scale)
-            levels = torch.where(new.unsqueeze(-1), trial, levels)
-            solved |= new
-    if not bool(solved.all()):
-        row = int(torch.nonzero(~solved)[0, 0])
-        raise AaqError(
-            f"{name} row {row} is not on a {spec.bits}-bit grid of its quantization spec; export needs the quantized "
-            "weights of an `aaq quantize` run (GPTQ with act_order and groups needs static_groups), re-run quantize"
-        )
-    zero = None
-    if not spec.symmetric:
-        zero = (-levels.amin(-1)).clamp(min=0)
-        levels = levels + zero.unsqueeze(-1)
-        zero = zero.to(torch.uint8)
-    codes = (levels.flatten(-2) - spec.qmin).to(torch.uint8)
-    return WeightCodes(codes=codes, scale=scale, zero=zero, spec=spec)
+# per row and group), `<name>.zero` (uint8, asymmetric specs only), `<name>.g_idx` (int32, the group
+# of each input column, only when GPTQ's act-order scattered the groups).
+SUFFIXES = ("qweight", "scale", "zero", "g_idx")
 
 
 def codes_per_byte(bits: int) -> int:
@@ -134,50 +47,95 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return pairs[..., :n]
 
 
-def pack_state(state: dict[str, torch.Tensor], linears: list[str], spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """`state` with the weight of every linear in `linears` replaced by its packed codes, scales and zeros."""
-    packed = {name: tensor for name, tensor in state.items() if name.removesuffix(".weight") not in linears}
-    for name in linears:
-        codes = recover_codes(state[f"{name}.weight"], spec, name)
-        packed[f"{name}.qweight"] = pack_codes(codes.codes, spec.bits)
-        packed[f"{name}.scale"] = codes.scale.contiguous()
-        if codes.zero is not None:
-            packed[f"{name}.zero"] = codes.zero.contiguous()
-    return packed
+@dataclass(frozen=True)
+class WeightCodes:
+    """A quantized weight (out, in): packed codes `q - qmin`, scale and zero point per row and group, column groups.
+
+    `scale`: float32 (out, groups); `zero`: uint8 (out, groups) for asymmetric specs, else None;
+    `g_idx`: int32 (in,) group of each input column when the groups are not contiguous (GPTQ act-order
+    with dynamic groups), else None. The weight is `(q - zero[:, g]) * scale[:, g]`.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    spec: QuantSpec
+    in_features: int
+
+    @classmethod
+    def from_levels(
+        cls, levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor | None = None
+    ) -> WeightCodes:
+        """Codes of integer levels (out, in) in [qmin, qmax] with their scale and zero point (out, groups), on the CPU."""
+        codes = (levels - spec.qmin).to(device="cpu", dtype=torch.uint8)
+        return cls(
+            qweight=pack_codes(codes, spec.bits),
+            scale=scale.detach().to(device="cpu", dtype=torch.float32).contiguous(),
+            zero=None if spec.symmetric else zero.to(device="cpu", dtype=torch.uint8).contiguous(),
+            g_idx=None if g_idx is None else g_idx.to(device="cpu", dtype=torch.int32).contiguous(),
+            spec=spec,
+            in_features=levels.shape[1],
+        )
+
+    @property
+    def contiguous_groups(self) -> bool:
+        """Whether each group is a contiguous run of input columns (what plain grouped formats store)."""
+        return self.g_idx is None
+
+    def levels(self) -> torch.Tensor:
+        """The integer levels q (out, in) as float32."""
+        return unpack_codes(self.qweight, self.in_features, self.spec.bits).to(torch.float32) + self.spec.qmin
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The weight these codes stand for, computed in float32 and returned in `dtype` on `device`."""
+        zero = torch.zeros_like(self.scale) if self.zero is None else self.zero.to(torch.float32)
+        if self.g_idx is None:
+            weight = dequantize_levels(self.levels(), self.scale, zero, self.spec)
+        else:
+            index = self.g_idx.long()
+            weight = (self.levels() - zero[:, index]) * self.scale[:, index]
+        return weight.to(device=device, dtype=dtype)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of linear `name`."""
+        out = {f"{name}.qweight": self.qweight, f"{name}.scale": self.scale}
+        if self.zero is not None:
+            out[f"{name}.zero"] = self.zero
+        if self.g_idx is not None:
+            out[f"{name}.g_idx"] = self.g_idx
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, shape: torch.Size, spec: QuantSpec) -> WeightCodes:
+        """The codes of linear `name` (out, in) read from stored tensors, validated against `spec`."""
+        out_features, in_features = shape
+        qweight, scale, zero, g_idx = (tensors.get(f"{name}.{suffix}") for suffix in SUFFIXES)
+        _check(qweight is not None and scale is not None, name, "packed weight or scale missing")
+        _check(qweight.dtype == torch.uint8, name, f"packed weight is {qweight.dtype}, expected uint8")
+        expected = (out_features, -(-in_features // codes_per_byte(spec.bits)))
+        _check(tuple(qweight.shape) == expected, name, f"packed weight shape {tuple(qweight.shape)} is not {expected} for {spec.bits}-bit codes")
+        groups = 1 if spec.group_size is None else in_features // spec.group_size
+        _check(tuple(scale.shape) == (out_features, groups), name, f"scale shape {tuple(scale.shape)} is not {(out_features, groups)}")
+        _check(bool(torch.isfinite(scale).all() and (scale > 0).all()), name, "scales must be finite and positive")
+        _check((zero is None) == spec.symmetric, name, "zero points present iff the weights are asymmetric")
+        top = 2**spec.bits - 1
+        _check(int(unpack_codes(qweight, in_features, spec.bits).max()) <= top, name, f"codes exceed the {spec.bits}-bit range")
+        if zero is not None:
+            _check(zero.dtype == torch.uint8, name, f"zero points are {zero.dtype}, expected uint8")
+            _check(tuple(zero.shape) == (out_features, groups) and int(zero.max()) <= top, name, "zero points have the wrong shape or range")
+        if g_idx is not None:
+            _check(tuple(g_idx.shape) == (in_features,) and int(g_idx.min()) >= 0 and int(g_idx.max()) < groups, name, "g_idx has the wrong shape or range")
+        return cls(qweight, scale.to(torch.float32), zero, g_idx, spec, in_features)
 
 
 def _check(condition: bool, name: str, problem: str) -> None:
     """Raise AaqError naming linear `name` and `problem` unless `condition` holds."""
     if not condition:
-        raise AaqError(f"{name}: {problem}; the export is corrupt or its config does not match it, re-run `aaq export`")
+        raise AaqError(f"{name}: {problem}; the folder is corrupt or its config does not match it, write it again")
 
 
-def _unpack_linear(tensors: dict[str, torch.Tensor], name: str, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
-    """The float32 weight of linear `name` (out, in) from its packed tensors, validated against `spec`."""
-    out_features, in_features = shape
-    groups = 1 if spec.group_size is None else in_features // spec.group_size
-    per_byte = codes_per_byte(spec.bits)
-    qweight, scale, zero = (tensors.get(f"{name}.{suffix}") for suffix in _SUFFIXES)
-    _check(qweight is not None and scale is not None, name, "packed weight or scale missing")
-    _check(qweight.dtype == torch.uint8, name, f"packed weight is {qweight.dtype}, expected uint8")
-    expected = (out_features, -(-in_features // per_byte))
-    _check(tuple(qweight.shape) == expected, name, f"packed weight shape {tuple(qweight.shape)} is not {expected} for {spec.bits}-bit codes")
-    _check(tuple(scale.shape) == (out_features, groups), name, f"scale shape {tuple(scale.shape)} is not {(out_features, groups)}")
-    _check(bool(torch.isfinite(scale).all() and (scale > 0).all()), name, "scales must be finite and positive")
-    _check((zero is None) == spec.symmetric, name, "zero points present iff the weights are asymmetric")
-    codes = unpack_codes(qweight, in_features, spec.bits)
-    top = 2**spec.bits - 1
-    _check(int(codes.max()) <= top, name, f"codes exceed the {spec.bits}-bit range")
-    if zero is not None:
-        _check(zero.dtype == torch.uint8, name, f"zero points are {zero.dtype}, expected uint8")
-        _check(tuple(zero.shape) == (out_features, groups) and int(zero.max()) <= top, name, "zero points have the wrong shape or range")
-    return WeightCodes(codes=codes, scale=scale.to(torch.float32), zero=zero, spec=spec).dequantize()
-
-
-def unpack_state(tensors: dict[str, torch.Tensor], linear_shapes: dict[str, torch.Size], spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Inverse of `pack_state`: every packed linear (by name, with its (out, in) shape) back as a float32 weight."""
-    packed = {f"{name}.{suffix}" for name in linear_shapes for suffix in _SUFFIXES}
-    state = {name: tensor for name, tensor in tensors.items() if name not in packed}
-    for name, shape in linear_shapes.items():
-        state[f"{name}.weight"] = _unpack_linear(tensors, name, shape, spec)
-    return state
+def rtn_codes(weight: torch.Tensor, spec: QuantSpec) -> WeightCodes:
+    """Round-to-nearest codes of a weight matrix (out, in)."""
+    levels, scale, zero = weight_levels(weight, spec)
+    return WeightCodes.from_levels(levels, scale, zero, spec)

@@ -133,6 +133,11 @@ class LayerPlan:
         return tuple(dict.fromkeys(names))
 
     @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The projections grouped by the input they read, in data-flow order (GPTQ shares their Hessian)."""
+        return (self.attention_input.readers, (self.values.reader,), self.mlp_input.readers, (self.mlp_hidden.reader,))
+
+    @property
     def stream_inputs(self) -> tuple[NormReaders, NormReaders]:
         """The two norms whose readers take the residual stream in (attention, then MLP)."""
         return (self.attention_input, self.mlp_input)

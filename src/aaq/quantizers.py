@@ -244,56 +244,68 @@ def weight_quant_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Te
     return quant_params(grouped, spec, ratio)
 
 
+def weight_levels(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest integer levels of a weight (out, in) in [qmin, qmax], and its scale and zero point (out, groups).
+
+    Computed in float32 at least, whatever the weight's dtype.
+    """
+    work = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    grouped = _grouped(work, spec.group_size)
+    scale, zero = weight_quant_params(work, spec)
+    levels = torch.clamp(torch.round(grouped / scale) + zero, spec.qmin, spec.qmax)
+    return levels.flatten(-2), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_levels(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The weight (out, in) that integer levels stand for, with a scale and zero point per row/group (out, groups)."""
+    grouped = _grouped(levels, spec.group_size)
+    return ((grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).flatten(-2)
+
+
 def quantize_weight_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest fake-quantized copy of a weight matrix (out_features, in_features)."""
-    grouped = _grouped(weight, spec.group_size)
-    scale, zero = weight_quant_params(weight, spec)
-    return fake_quantize_grouped(grouped, scale, zero, spec).flatten(-2)
+    """Round-to-nearest fake-quantized copy of a weight matrix (out_features, in_features), in its dtype."""
+    return dequantize_levels(*weight_levels(weight, spec), spec).to(weight.dtype)
 
 
-@dataclass(frozen=True)
-class _ExtremumGrad:
-    """Where a row's scale comes from: entries (row, column) and d(scale)/d(entry) for each."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    slope: torch.Tensor
+# Bits of the per-entry code the training quantizer saves for its backward: the entry was clamped,
+# it is a row's maximum (the scale depends on it), or a row's minimum (asymmetric only).
+_CLAMPED, _MAXIMUM, _MINIMUM = 4, 2, 1
 
 
-def _extremum_grad(hits: torch.Tensor, slope: torch.Tensor) -> _ExtremumGrad:
-    """The entries marked in `hits` (rows, size) with their row's `slope` shared evenly among tied entries."""
-    rows, cols = hits.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=hits.shape[0])
-    return _ExtremumGrad(rows, cols, slope.flatten()[rows] / counts[rows])
+def _extremes(rows: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which entries each row's scale is computed from, and d(scale)/d(entry) for a max and a min entry, as autograd sees them.
 
-
-def _scale_slopes(rows: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> list[_ExtremumGrad]:
-    """The entries each row's scale is computed from (its extremes) and d(scale)/d(entry), as autograd sees them.
-
-    The scale is linear in the clipped range, so its derivative is scale / range; rows whose range is
-    0 got scale 1, which does not depend on the row.
+    Returns (code bits `_MAXIMUM`/`_MINIMUM` per entry, slope per row for maxima, slope per row for
+    minima). The scale is linear in the clipped range, so its derivative is scale / range, shared
+    evenly among tied extremes; rows whose range is 0 got scale 1, which does not depend on the row.
     """
     scale = scale.reshape(-1, 1)
     if spec.symmetric:
         magnitude = rows.abs()
         amax = magnitude.amax(-1, keepdim=True)
-        slope = torch.where(amax > 0, scale / amax, 0.0)
-        grad = _extremum_grad(magnitude == amax, slope)
-        return [replace(grad, slope=grad.slope * rows[grad.rows, grad.cols].sign())]
+        hits = magnitude == amax
+        slope = torch.where(amax > 0, scale / amax, 0.0) / hits.sum(-1, keepdim=True)
+        # d|x|/dx is the sign: a positive extreme moves the scale up, a negative one down.
+        code = (hits & (rows >= 0)).to(torch.int8) * _MAXIMUM + (hits & (rows < 0)).to(torch.int8) * _MINIMUM
+        return code, slope, -slope
     xmax, xmin = rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True)
     span = xmax.clamp(min=0) - xmin.clamp(max=0)
     slope = torch.where(span > 0, scale / span, 0.0)
+    at_max, at_min = rows == xmax, rows == xmin
     # The range is [min(xmin, 0), max(xmax, 0)]: an extreme on the wrong side of 0 does not move it.
-    return [_extremum_grad(rows == xmax, slope * (xmax >= 0)), _extremum_grad(rows == xmin, -slope * (xmin <= 0))]
+    max_slope = slope * (xmax >= 0) / at_max.sum(-1, keepdim=True)
+    min_slope = -slope * (xmin <= 0) / at_min.sum(-1, keepdim=True)
+    return at_max.to(torch.int8) * _MAXIMUM + at_min.to(torch.int8) * _MINIMUM, max_slope, min_slope
 
 
 class _ClosedFormFakeQuantize(torch.autograd.Function):
     """`fake_quantize` with its autograd gradient (STE, zero where clamped, scale path) in closed form.
 
     Autograd through the quantizer keeps about ten input-sized temporaries per call and replays
-    some thirty elementwise passes in the backward; this forward saves one input-sized tensor (each
-    entry's d(out)/d(scale)) and the few entries that set each row's scale, and the backward is one
-    reduction and a scatter.
+    some thirty elementwise passes in the backward; this forward saves one input-sized float tensor
+    (each entry's d(out)/d(scale)), one int8 code per entry (clamped, row maximum, row minimum) and
+    two slopes per row, and the backward is one reduction and a few elementwise passes. Nothing here
+    reads a tensor's value on the host: a GPU never waits for it.
     """
 
     @staticmethod
@@ -304,29 +316,26 @@ class _ClosedFormFakeQuantize(torch.autograd.Function):
         level = torch.round(u)
         # d(out)/d(scale) of out = (clamp(round(u) + zero) - zero) * scale, u = x / scale: round(u) - u inside
         # the range (the STE passes x's own gradient), the clamped level - zero outside it (x's is 0).
-        d_scale = level - u
         level.add_(zero)
-        low, high = torch.aminmax(level)
-        inside = None
-        if low < spec.qmin or high > spec.qmax:
-            inside = (level >= spec.qmin).logical_and_(level <= spec.qmax)
-            d_scale = torch.where(inside, d_scale, level.clamp(spec.qmin, spec.qmax) - zero)
+        clamped = (level < spec.qmin).logical_or_(level > spec.qmax)
+        d_scale = torch.where(clamped, level.clamp(spec.qmin, spec.qmax) - zero, level - zero - u)
         out = level.clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
-        ctx.extremes = _scale_slopes(grouped.reshape(-1, grouped.shape[-1]), scale, spec)
+        rows = grouped.reshape(-1, grouped.shape[-1])
+        code, max_slope, min_slope = _extremes(rows, scale, spec)
+        code.add_(clamped.reshape(code.shape).to(torch.int8) * _CLAMPED)
         ctx.spec = spec
-        ctx.save_for_backward(d_scale, inside)
+        ctx.save_for_backward(d_scale, code, max_slope, min_slope)
         return out.flatten(-2)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        d_scale, inside = ctx.saved_tensors
+        d_scale, code, max_slope, min_slope = ctx.saved_tensors
         grouped_grad = _grouped(grad, ctx.spec.group_size)
-        grad_scale = torch.linalg.vecdot(d_scale, grouped_grad).flatten()
-        out = (grouped_grad.clone() if inside is None else grouped_grad * inside).contiguous()
-        flat = out.view(-1, out.shape[-1])
-        for extreme in ctx.extremes:
-            flat.index_put_((extreme.rows, extreme.cols), grad_scale[extreme.rows] * extreme.slope, accumulate=True)
-        return out.flatten(-2), None
+        grad_scale = torch.linalg.vecdot(d_scale, grouped_grad).reshape(-1, 1)
+        flat = grouped_grad.reshape(code.shape)
+        out = torch.where((code & _CLAMPED) > 0, 0.0, flat)
+        out = out + grad_scale * (max_slope * ((code & _MAXIMUM) > 0) + min_slope * ((code & _MINIMUM) > 0))
+        return out.reshape(grouped_grad.shape).flatten(-2), None
 
 
 def fake_quantize_for_training(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -337,14 +346,19 @@ def fake_quantize_for_training(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor
 
 
 class ActivationQuantizer(nn.Module):
-    """Dynamic fake quantization of the last dimension (per token, or per head for the KV cache)."""
+    """Dynamic fake quantization of the last dimension (per token, or per head for the KV cache).
+
+    16-bit inputs are quantized in float32: scales and levels computed in bfloat16 would misplace
+    values on the grid (8 mantissa bits), which no deployment kernel does.
+    """
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_for_training(x, self.spec)
+        work = torch.promote_types(x.dtype, torch.float32)
+        return fake_quantize_for_training(x.to(work), self.spec).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = self.spec

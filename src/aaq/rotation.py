@@ -176,7 +176,7 @@ def fuse_norm_into_linears(norm: nn.Module, linears: Sequence[nn.Linear]) -> Non
     """
     gain = norm.weight.detach().to(torch.float64)
     for linear in linears:
-        _set(linear.weight, linear.weight.detach().to(torch.float64) * gain)
+        _set(linear.weight, linear.weight.detach().to(torch.float64) * gain.to(linear.weight.device))
     _set(norm.weight, torch.ones_like(gain))
 
 
@@ -207,28 +207,35 @@ def fuse_norms(model: PreTrainedModel, plan: TransformPlan) -> None:
 
 
 @torch.no_grad()
-def fuse_transforms(model: PreTrainedModel, plan: TransformPlan, values: Sequence[TransformValues], smoothing: bool) -> None:
+def fuse_transforms(
+    model: PreTrainedModel, plan: TransformPlan, values: Sequence[TransformValues], smoothing: bool, device: torch.device | None = None
+) -> None:
     """Write each layer's transforms (`values`, one per layer, sharing R1) into the weights, in float64.
 
     Norms must be fused first. The embeddings and the lm_head take R1 on their rows and columns.
+    Each tensor is computed on `device` (default: where it lives) and written back in its own
+    dtype and device.
     """
     for layer, layer_values in zip(plan.layers, values, strict=True):
-        as_float64 = _float64(layer_values)
+        on_device: dict[torch.device, TransformValues] = {}
         for (module, name), transform in tensor_transforms(model, layer, plan.geometry, smoothing).items():
             tensor = getattr(module, name)
-            _set(tensor, transform(tensor.detach().to(torch.float64), as_float64))
+            where = device or tensor.device
+            if where not in on_device:
+                on_device[where] = _float64(layer_values, where)
+            _set(tensor, transform(tensor.detach().to(where, torch.float64), on_device[where]))
     r1 = values[0].r1
     if r1 is not None:
-        r1 = r1.to(torch.float64)
         for name in (plan.embeddings, plan.lm_head):
             # Both multiply rows of (vocab, hidden) by R1: the embedding writes x R1, the lm_head reads it.
             weight = model.get_submodule(name).weight
-            _set(weight, weight.detach().to(torch.float64) @ r1)
+            where = device or weight.device
+            _set(weight, weight.detach().to(where, torch.float64) @ r1.to(where, torch.float64))
 
 
-def _float64(values: TransformValues) -> TransformValues:
+def _float64(values: TransformValues, device: torch.device) -> TransformValues:
     def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(torch.float64)
+        return None if t is None else t.detach().to(device, torch.float64)
 
     return TransformValues(
         r1=cast(values.r1), r2=cast(values.r2), attn=cast(values.attn), mlp=cast(values.mlp),
@@ -242,8 +249,8 @@ def normalized_hadamard(n: int) -> Tensor:
 
 
 def rotate_reader(linear: nn.Linear, rotation: Tensor) -> None:
-    """W -> W Q for a linear that reads its input rotated by Q (float64)."""
-    _set(linear.weight, linear.weight.detach().to(torch.float64) @ rotation)
+    """W -> W Q for a linear that reads its input rotated by Q (float64, on the weight's device)."""
+    _set(linear.weight, linear.weight.detach().to(torch.float64) @ rotation.to(linear.weight.device, torch.float64))
 
 
 def make_rotation(kind: RotationKind, n: int, generator: torch.Generator) -> Tensor | None:
@@ -271,10 +278,11 @@ class AppliedTransforms:
     scales: dict[str, Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, Tensor]:
-        """Flat name -> tensor mapping for safetensors."""
-        out = {} if self.r1 is None else {"r1": self.r1.contiguous()}
-        out |= {f"r2.{i}": r.contiguous() for i, r in enumerate(self.r2 or [])}
-        return out | {f"scales.{name}": s.contiguous() for name, s in self.scales.items()}
+        """Flat name -> tensor mapping for safetensors (on the CPU)."""
+        out = {} if self.r1 is None else {"r1": self.r1}
+        out |= {f"r2.{i}": r for i, r in enumerate(self.r2 or [])}
+        out |= {f"scales.{name}": s for name, s in self.scales.items()}
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in out.items()}
 
 
 def check_fixed(config: TransformConfig) -> None:
@@ -284,11 +292,13 @@ def check_fixed(config: TransformConfig) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: PreTrainedModel, plan: TransformPlan, config: TransformConfig, seed: int = 0) -> AppliedTransforms:
+def rotate_model(
+    model: PreTrainedModel, plan: TransformPlan, config: TransformConfig, seed: int = 0, device: torch.device | None = None
+) -> AppliedTransforms:
     """Fuse norms and QuaRot's fixed R1, R2 and the inverse of R4 into the weights; `seed` draws the random signs.
 
     The model computes its original function again once the online R3/R4 of `config` are installed
-    (`aaq.online`).
+    (`aaq.online`). `device`: where the float64 fusion runs (default: where each weight lives).
     """
     check_fixed(config)
     generator = torch.Generator().manual_seed(seed)
@@ -308,5 +318,5 @@ def rotate_model(model: PreTrainedModel, plan: TransformPlan, config: TransformC
     ]
     for values in passes:
         if values is not None:
-            fuse_transforms(model, plan, values, smoothing=False)
+            fuse_transforms(model, plan, values, smoothing=False, device=device)
     return AppliedTransforms(config=config, r1=r1, r2=r2)

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from aaq.devices import model_device
 from aaq.errors import AaqError
 from aaq.losses import LossConfig, TeacherTargets, teacher_targets
 from aaq.runs import write_json
@@ -325,17 +326,19 @@ def open_or_build(
     return cache
 
 
-def cached_teacher(cache: TeacherCache) -> Teacher:
-    """The teacher that reads its targets from the on-disk cache."""
-    return cache.targets
+def cached_teacher(cache: TeacherCache, device: torch.device | str = "cpu") -> Teacher:
+    """The teacher that reads its targets from the on-disk cache, onto `device`."""
+    return lambda indices: cache.targets(indices, device)
 
 
 def live_teacher(aligned: PreTrainedModel, reference: PreTrainedModel | None, tokens: Tensor, loss: LossConfig) -> Teacher:
     """The teacher that runs the teacher models on each batch: top-k targets, or the aligned logits for full-logit losses."""
 
+    device = model_device(aligned)
+
     @torch.no_grad()
     def teacher(indices: Tensor) -> TeacherTargets | Tensor:
-        batch = tokens[indices]
+        batch = tokens[indices].to(device)
         z_a = aligned(input_ids=batch, use_cache=False).logits
         if not loss.cacheable:
             return z_a

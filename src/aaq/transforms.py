@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
+from aaq.devices import compute_dtype
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear
 from aaq.hadamard import fast_hadamard_transform
@@ -119,8 +120,9 @@ class _Transformed(nn.Module):
         self.spec = spec
 
     def transformed(self, original: Tensor) -> Tensor:
-        """The transformed tensor, computed in `original`'s dtype."""
-        return self.fn(original, self._transforms.values(self.layer, original.dtype))
+        """The transformed tensor in `original`'s dtype, computed in float32 at least."""
+        work = compute_dtype(original.dtype)
+        return self.fn(original.to(work), self._transforms.values(self.layer, work)).to(original.dtype)
 
     def forward(self, original: Tensor) -> Tensor:
         value = self.transformed(original)
@@ -166,10 +168,12 @@ def install_weight_form(
             parametrized.append((module, name))
 
     def rotate_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
-        return output @ _plain(transforms.r1).to(output.dtype)
+        work = compute_dtype(output.dtype)
+        return (output.to(work) @ _plain(transforms.r1).to(work)).to(output.dtype)
 
     def unrotate_input(_module: nn.Module, args: tuple) -> tuple:
-        return (args[0] @ _plain(transforms.r1).to(args[0].dtype).T, *args[1:])
+        work = compute_dtype(args[0].dtype)
+        return ((args[0].to(work) @ _plain(transforms.r1).to(work).T).to(args[0].dtype), *args[1:])
 
     def restore_originals() -> None:
         for module, name in parametrized:
@@ -185,6 +189,12 @@ def install_weight_form(
 def _per_head(x: Tensor, matrices: Tensor) -> Tensor:
     """Each head_dim block of `x`'s last axis times its own matrix (heads, head_dim, head_dim)."""
     return torch.einsum("...hi,hij->...hj", x.unflatten(-1, matrices.shape[:2]), matrices).flatten(-2)
+
+
+def _working(x: Tensor, t: LearnableTransforms, layer: int) -> tuple[Tensor, TransformValues]:
+    """An activation in the dtype the transform math runs in (float32 at least), with the layer's transforms in it."""
+    work = compute_dtype(x.dtype)
+    return x.to(work), t.values(layer, work)
 
 
 def _inverse(s: Tensor | None) -> Tensor | None:
@@ -208,35 +218,35 @@ def _activation_hooks(
     def stream_input(kind: str) -> Callable:
         # x -> quant(x R1 diag(1/s)) diag(s) R1^T; the scales ride on the small matrices, not on the tokens.
         def hook(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
-            v = t.values(index, out.dtype)
+            x, v = _working(out, t, index)
             s = getattr(v, kind)
-            return quantize(out @ scale_columns(v.r1, _inverse(s))) @ scale_columns(v.r1, s).T
+            return (quantize(x @ scale_columns(v.r1, _inverse(s))) @ scale_columns(v.r1, s).T).to(out.dtype)
 
         return hook
 
     def head_writer_output(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
         # v -> v R2 diag(1/s) per KV head: the KV cache quantizes values in this basis, and attention
         # carries it to the head reader's input.
-        v = t.values(index, out.dtype)
-        heads = out.shape[-1] // hd
+        x, v = _working(out, t, index)
+        heads = x.shape[-1] // hd
         scales = None if v.vo is None else v.vo.view(heads, 1, hd)
-        return _per_head(out, v.r2.expand(heads, hd, hd) if scales is None else v.r2 / scales)
+        return _per_head(x, v.r2.expand(heads, hd, hd) if scales is None else v.r2 / scales).to(out.dtype)
 
     def head_reader_input(_module: nn.Module, args: tuple) -> tuple:
-        v = t.values(index, args[0].dtype)
-        heads = args[0].shape[-1] // hd
+        x, v = _working(args[0], t, index)
+        heads = x.shape[-1] // hd
         scales = query_head_scales(v.vo, groups, hd)
         back = v.r2.T.expand(heads, hd, hd) if scales is None else scales.view(heads, hd, 1) * v.r2.T
-        return (_per_head(quantize(args[0]), back), *args[1:])
+        return (_per_head(quantize(x), back).to(args[0].dtype), *args[1:])
 
     def channel_reader_input(_module: nn.Module, args: tuple) -> tuple:
-        v = t.values(index, args[0].dtype)
-        x = scale_columns(args[0], _inverse(v.down))
+        x, v = _working(args[0], t, index)
+        x = scale_columns(x, _inverse(v.down))
         if v.r4:
             x = fast_hadamard_transform(quantize(fast_hadamard_transform(x)), inverse=True)
         else:
             x = quantize(x)
-        return (scale_columns(x, v.down), *args[1:])
+        return (scale_columns(x, v.down).to(args[0].dtype), *args[1:])
 
     def module(name: str) -> nn.Module:
         return model.get_submodule(name)
@@ -296,12 +306,12 @@ def remove_learnable_transforms(installed: InstalledTransforms) -> None:
 
 
 @torch.no_grad()
-def fuse_learned_transforms(installed: InstalledTransforms) -> AppliedTransforms:
-    """Write the current transforms into the weights (float64 math, unquantized) and remove every hook and parametrization."""
+def fuse_learned_transforms(installed: InstalledTransforms, device: torch.device | None = None) -> AppliedTransforms:
+    """Write the current transforms into the weights (float64 math on `device`, unquantized) and remove every hook and parametrization."""
     transforms, plan = installed.transforms, installed.plan
     remove_learnable_transforms(installed)
     values = [transforms.values(index, torch.float64) for index in range(len(plan.layers))]
-    fuse_transforms(installed.model, plan, values, transforms.config.smoothing)
+    fuse_transforms(installed.model, plan, values, transforms.config.smoothing, device)
     return AppliedTransforms(
         config=transforms.config,
         r1=transforms.r1.detach().to(torch.float64),

@@ -48,7 +48,7 @@ def test_w4a16_folder_loads_in_transformers_with_the_runlogits(tmp_path, tiny_to
 
     no_r4 = QuaRotConfig(weight_quantizer="rtn", transforms=TransformConfig(r4=False))
     run, _ = saved_run(tmp_path, tiny_tokenizer, method=no_r4, bits="w4a4kv4", family=family)
-    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True))
+    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True, dtype="float32"))
     assert report.differences == [] and report.linear_ratio <= 0.28
     simulation, _, _ = load_quantized(run, scheme=QuantScheme(weights=QuantScheme.from_string("w4a16").weights))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
@@ -89,7 +89,7 @@ def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_p
     no_r4 = QuaRotConfig(weight_quantizer="rtn", transforms=TransformConfig(r4=False))
     scheme = W4A4_SCHEME.with_overrides(weights=weights)
     run, _ = saved_run(tmp_path, tiny_tokenizer, method=no_r4, scheme=scheme)
-    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True))
+    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True, dtype="float32"))
     assert report.differences == [] and any("R3" in note for note in report.notes)
     group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["input_activations"] | {"num_bits": 4, "symmetric": True, "dynamic": True, "strategy": "token"} == group["input_activations"]
@@ -101,7 +101,7 @@ def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_p
 @pytest.mark.parametrize(("hidden_size", "num_heads", "r4_type"), [(96, 6, "random-hadamard"), (64, 4, "hadamard")])
 def test_w4a4_r4_transform_is_aaqs_online_hadamard(tmp_path, tiny_tokenizer, monkeypatch, hidden_size, num_heads, r4_type):
     run, _ = saved_run(tmp_path, tiny_tokenizer, scheme=W4A4_SCHEME, hidden_size=hidden_size, num_heads=num_heads)
-    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True))
+    report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True, dtype="float32"))
     assert report.differences == []
     transforms = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["transform_config"]
     assert transforms["config_groups"]["R4"]["type"] == r4_type
@@ -146,3 +146,25 @@ def test_cli_strict_export_refusal_is_one_line(tmp_path, tiny_tokenizer, capsys)
     assert main(["export", str(run), "--format", "compressed-tensors", "--scheme", "W4A4", "--strict", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("aaq: error: the export would differ from the run") and "Traceback" not in "".join(err)
+
+
+def test_a_bfloat16_run_exports_its_exact_codes(tmp_path, tiny_tokenizer):
+    from aaq.api import QuantizeConfig, quantize
+    from aaq.checkpoint import save_quantized
+    from aaq.devices import Placement
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model("qwen2").to(torch.bfloat16)
+    method = QuaRotConfig(weight_quantizer="rtn", transforms=TransformConfig(r4=False))
+    result = quantize(model, QuantizeConfig(method=method, bits="w4a16"), placement=Placement(device="cpu", dtype="bfloat16"))
+    save_quantized(result, tiny_tokenizer, tmp_path / "run")
+    report = export(tmp_path / "run", tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True))
+    assert report.differences == []
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "ct" / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16 and stored["model.norm.weight"].dtype == torch.bfloat16
+    decompressed = compressed_tensors_model(tmp_path / "ct")
+    for name, module in model.named_modules():
+        if getattr(module, "codes", None) is not None:
+            assert torch.equal(decompressed.get_submodule(name).weight, module.codes.dequantize()), name

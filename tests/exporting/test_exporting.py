@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import aaq
-from aaq.checkpoint import AAQ_CONFIG, load, load_quantized
+from aaq.checkpoint import AAQ_CONFIG, WEIGHTS, load, load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import ExportConfig, export
 from aaq.methods import GPTQConfig, RTNConfig
-from aaq.packing import PACKED_WEIGHTS
 from aaq.quantizers import QuantScheme, QuantSpec
 from tests.helpers import FAMILIES, logits_of, saved_run
 
@@ -37,8 +36,9 @@ from tests.helpers import FAMILIES, logits_of, saved_run
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_export_loads_back_to_the_same_logits(tmp_path, tiny_tokenizer, family):
     run, logits = saved_run(tmp_path, tiny_tokenizer, family=family)
-    report = export(run, tmp_path / "packed", ExportConfig(format="aaq"))
-    assert not (tmp_path / "packed" / "aaq_model.safetensors").exists()
+    report = export(run, tmp_path / "packed", ExportConfig(format="aaq", dtype="float32"))
+    stored = load_file(tmp_path / "packed" / WEIGHTS)
+    assert "model.layers.1.mlp.down_proj.qweight" in stored and "model.layers.1.mlp.down_proj.weight" not in stored
     assert (tmp_path / "packed" / "transforms.safetensors").read_bytes() == (run / "transforms.safetensors").read_bytes()
     assert report.linear_ratio <= 0.28
     run_model, _, _ = load_quantized(run)
@@ -52,8 +52,8 @@ def test_packed_export_loads_back_to_the_same_logits(tmp_path, tiny_tokenizer, f
 def test_packed_export_of_gptq_asymmetric_weights_is_exact(tmp_path, tiny_tokenizer):
     scheme = QuantScheme.from_string("w4a16").with_overrides(weights=QuantSpec(bits=4, symmetric=False, group_size=32))
     run, logits = saved_run(tmp_path, tiny_tokenizer, method=GPTQConfig(static_groups=True), bits="w4a16", scheme=scheme)
-    aaq.export(run, tmp_path / "packed", aaq.ExportConfig(format="aaq"))  # the lazy public API
-    assert "model.layers.0.mlp.up_proj.zero" in load_file(tmp_path / "packed" / PACKED_WEIGHTS)
+    aaq.export(run, tmp_path / "packed", aaq.ExportConfig(format="aaq", dtype="float32"))  # the lazy public API
+    assert "model.layers.0.mlp.up_proj.zero" in load_file(tmp_path / "packed" / WEIGHTS)
     model, _ = load(tmp_path / "packed")
     assert torch.equal(logits_of(model), logits)
 
@@ -64,8 +64,8 @@ def test_truncated_packed_weights_are_a_clear_error(tmp_path, tiny_tokenizer):
     run, _ = saved_run(tmp_path, tiny_tokenizer)
     folder = tmp_path / "packed"
     export(run, folder, ExportConfig(format="aaq"))
-    data = (folder / PACKED_WEIGHTS).read_bytes()
-    (folder / PACKED_WEIGHTS).write_bytes(data[: len(data) // 2])
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(AaqError, match="corrupt or truncated.*aaq export"):
         load(folder)
 
@@ -106,11 +106,11 @@ def test_config_with_a_wrong_bit_width_is_a_clear_error(tmp_path, tiny_tokenizer
 def test_re_exporting_in_another_format_leaves_no_stale_files(tmp_path, tiny_tokenizer):
     run, logits = saved_run(tmp_path, tiny_tokenizer, bits="w4a16")
     folder = tmp_path / "out"
-    export(run, folder, ExportConfig(format="aaq"))
+    export(run, folder, ExportConfig(format="aaq", dtype="float32"))
     export(run, folder, ExportConfig(format="compressed-tensors", scheme="W4A4"))
-    assert not (folder / AAQ_CONFIG).exists() and not (folder / PACKED_WEIGHTS).exists()
+    assert not (folder / AAQ_CONFIG).exists() and not (folder / WEIGHTS).exists()
     assert not (folder / "transforms.safetensors").exists()  # carried by the aaq format only
-    export(run, folder, ExportConfig(format="aaq"))
+    export(run, folder, ExportConfig(format="aaq", dtype="float32"))
     assert not (folder / "model.safetensors").exists()
     assert torch.equal(logits_of(load(folder)[0]), logits)
     with pytest.raises(AaqError, match="is an aaq run folder"):
@@ -133,7 +133,7 @@ def test_cli_export_then_eval_gives_the_run_perplexity(tmp_path, tiny_model_dir,
 
     run, packed = tmp_path / "run", tmp_path / "packed"
     assert main(["quantize", "--model", str(tiny_model_dir), "--method", "quarot", "--out", str(run), "--no-eval", "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
-    assert main(["export", str(run), "--format", "aaq", "--out", str(packed)]) == 0
+    assert main(["export", str(run), "--format", "aaq", "--dtype", "float32", "--out", str(packed)]) == 0
     assert "of fp16" in capsys.readouterr().out
     assert main(["eval", "--model", str(run), "--out", str(tmp_path / "e1"), *EVAL]) == 0
     assert main(["eval", "--model", str(packed), "--out", str(tmp_path / "e2"), *EVAL]) == 0

@@ -61,15 +61,15 @@ def test_gptq_beats_rtn_on_layer_output(group_size: int | None, act_order: bool)
 def test_every_value_on_the_quantization_grid(spec: QuantSpec, config: GPTQConfig) -> None:
     w = _layer()
     result = gptq_quantize_with_params(w, _hessian(_correlated_inputs()), spec, config)
-    levels = result.weight / result.scale + result.zero
-    assert torch.allclose(levels, levels.round(), atol=1e-4)
-    assert levels.round().min() >= spec.qmin and levels.round().max() <= spec.qmax
+    levels = result.codes.levels()
+    assert torch.equal(result.codes.dequantize(), result.weight)
+    assert levels.min() >= spec.qmin and levels.max() <= spec.qmax
     if spec.group_size is None or config.static_groups:
         # Scales fixed up front are exactly those of the original weight.
         scale, zero = weight_quant_params(w, spec)
-        width = IN // scale.shape[1]
-        assert torch.equal(result.scale, scale.squeeze(-1).repeat_interleave(width, dim=1))
-        assert torch.equal(result.zero, zero.squeeze(-1).repeat_interleave(width, dim=1))
+        assert torch.equal(result.codes.scale, scale.squeeze(-1)) and result.codes.contiguous_groups
+        if not spec.symmetric:
+            assert torch.equal(result.codes.zero.float(), zero.squeeze(-1))
 
 
 def test_dynamic_groups_with_act_order_are_contiguous_in_processing_order() -> None:
@@ -78,8 +78,7 @@ def test_dynamic_groups_with_act_order_are_contiguous_in_processing_order() -> N
     spec = QuantSpec(bits=4, symmetric=True, group_size=32)
     result = gptq_quantize_with_params(w, h, spec, GPTQConfig(act_order=True))
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    processed = result.scale[:, perm].unflatten(1, (IN // 32, 32))
-    assert torch.equal(processed, processed[..., :1].expand_as(processed))
+    assert torch.equal(result.codes.g_idx[perm].long(), torch.arange(IN) // 32)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
@@ -153,7 +152,7 @@ def _interrupt_gptq_at_call(monkeypatch, call: int) -> None:
     """Make the GPTQ solver raise KeyboardInterrupt on its `call`-th use, as a killed run would."""
     import aaq.methods.gptq as gptq_module
 
-    real_solver, calls = gptq_module.gptq_quantize, []
+    real_solver, calls = gptq_module.gptq_quantize_with_params, []
 
     def failing_solver(*args, **kwargs):
         calls.append(1)
@@ -161,7 +160,7 @@ def _interrupt_gptq_at_call(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt
         return real_solver(*args, **kwargs)
 
-    monkeypatch.setattr(gptq_module, "gptq_quantize", failing_solver)
+    monkeypatch.setattr(gptq_module, "gptq_quantize_with_params", failing_solver)
 
 
 def test_interrupted_gptq_resumes_to_the_same_weights(tmp_path, monkeypatch):

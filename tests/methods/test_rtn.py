@@ -6,7 +6,6 @@ from aaq.api import QuantizeConfig, quantize
 from aaq.fake_quant import QuantLinear
 from aaq.methods import RTNConfig
 from aaq.models import transform_plan
-from aaq.packing import recover_codes
 from tests.helpers import make_tiny_model
 
 
@@ -20,8 +19,7 @@ def test_rtn_puts_every_projection_on_its_grid_and_leaves_embeddings_and_norms()
     for name in plan.linears:
         linear = model.get_submodule(name)
         assert isinstance(linear, QuantLinear) and linear.input_quantizer.spec.bits == 8
-        codes = recover_codes(linear.weight, spec, name)
-        assert torch.equal(codes.dequantize(), linear.weight.detach())
+        assert linear.codes.spec == spec and torch.equal(linear.codes.dequantize(), linear.weight.detach())
     for name, tensor in untouched.items():
         assert torch.equal(model.state_dict()[name], tensor), name
     assert result.transforms.tensors() == {} and not result.transforms.config.online

@@ -211,17 +211,17 @@ def _saved_run(tmp_path, tiny_tokenizer, transforms: TransformConfig, name: str)
 
 def test_both_export_formats_give_the_runs_logits(tmp_path, tiny_tokenizer, monkeypatch):
     run, logits = _saved_run(tmp_path, tiny_tokenizer, TransformConfig(), "run")
-    export(run, tmp_path / "packed", ExportConfig(format="aaq"))
+    export(run, tmp_path / "packed", ExportConfig(format="aaq", dtype="float32"))
     packed, _ = load(tmp_path / "packed")
     assert torch.equal(_logits(packed), logits)
 
     no_r4, _ = _saved_run(tmp_path, tiny_tokenizer, TransformConfig(r4=False), "no_r4")
-    assert export(no_r4, tmp_path / "w4a16", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True)).differences == []
+    assert export(no_r4, tmp_path / "w4a16", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True, dtype="float32")).differences == []
     simulation, _, _ = load_quantized(no_r4, scheme=QuantScheme(weights=W4A4.weights), transforms=NO_TRANSFORMS)
     in_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "w4a16").eval()
     torch.testing.assert_close(_logits(in_transformers), _logits(simulation), rtol=1e-5, atol=1e-5)
 
-    report = export(run, tmp_path / "w4a4", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True))
+    report = export(run, tmp_path / "w4a4", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True, dtype="float32"))
     assert report.differences == []
     vllm_like = compressed_tensors_model(tmp_path / "w4a4")
     assert hasattr(vllm_like.backbone.blocks[1].ffn.w2, "R4_input")

@@ -20,19 +20,23 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.api import QuantizeConfig
-from aaq.checkpoint import AAQ_CONFIG, FORMAT_VERSION, TRANSFORMS, WEIGHTS, load_quantized, model_state
+from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, is_quantized_folder, load_quantized, read_aaq_config, write_marker, write_model_files
+from aaq.devices import Placement
 from aaq.errors import AaqError
 from aaq.fake_quant import quantized_linears
-from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, pack_state
+from aaq.models import transform_plan
 from aaq.quantizers import QuantScheme
 from aaq.runs import provenance, write_atomic, write_json
 
 FORMATS = ("aaq", "compressed-tensors")
+HALF_DTYPES = ("float16", "bfloat16")
+EXPORT_DTYPES = (*HALF_DTYPES, "float32")
 SCHEMES = ("W4A16", "W4A4")
 EXPORT_REPORT = "aaq_export.json"
+EXPORTED_FROM = "exported_from"
 # The transformers file names of a compressed-tensors export.
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -42,17 +46,37 @@ _CARRIED_FILES = (TRANSFORMS,)
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Which format to write; `scheme` picks the compressed-tensors preset; `strict` refuses lossy exports."""
+    """Which format to write and how.
+
+    `scheme` picks the compressed-tensors preset; `strict` refuses lossy exports. `dtype`: the dtype
+    of everything that is not integer codes (embeddings, lm_head, norms, biases, R4 matrices); None:
+    the run's dtype when it is 16-bit, else float16 (float32 keeps a float32 run bit for bit).
+    `int8_embeddings`: store the embeddings and the lm_head as int8 rows with a scale each (aaq
+    format only). `device`: where the run is loaded while it is exported.
+    """
 
     format: Literal["aaq", "compressed-tensors"] = "aaq"
     scheme: Literal["W4A16", "W4A4"] = "W4A16"
     strict: bool = False
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    int8_embeddings: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise AaqError(f"unknown export format {self.format!r}; use one of {', '.join(FORMATS)}")
         if self.scheme not in SCHEMES:
             raise AaqError(f"unknown compressed-tensors scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+        if self.dtype not in (None, *EXPORT_DTYPES):
+            raise AaqError(f"unknown export dtype {self.dtype!r}; use one of {', '.join(EXPORT_DTYPES)}", setting="dtype")
+        if self.int8_embeddings and self.format != "aaq":
+            raise AaqError("int8 embeddings are stored only by the aaq format; compressed-tensors exports keep them 16-bit", setting="int8_embeddings")
+
+    def tensor_dtype(self, info: dict[str, Any]) -> str:
+        """The dtype of the exported non-code tensors for a run saved with `info` (its aaq_config.json)."""
+        if self.dtype is not None:
+            return self.dtype
+        return info["dtype"] if info["dtype"] in HALF_DTYPES else "float16"
 
 
 @dataclass
@@ -107,10 +131,10 @@ def start_folder(out: Path) -> None:
     A crash mid-export then leaves no folder that looks complete, and a folder re-exported in the
     other format (or from another run) holds no stale weights or transforms of the first.
     """
-    if (out / WEIGHTS).is_file():
+    if is_quantized_folder(out) and EXPORTED_FROM not in read_aaq_config(out):
         raise AaqError(f"{out} is an aaq run folder; export to another folder ({{setting}})", setting="out")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, PACKED_WEIGHTS, HF_WEIGHTS, *_CARRIED_FILES):
+    for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, WEIGHTS, HF_WEIGHTS, *_CARRIED_FILES):
         (out / name).unlink(missing_ok=True)
 
 
@@ -132,24 +156,28 @@ def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:
     return scheme
 
 
+def load_for_export(run_dir: Path, config: ExportConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """The run's fake-quantized model on the export's device in its tensor dtype, its tokenizer and aaq config."""
+    info = read_aaq_config(run_dir)
+    model, tokenizer, info = load_quantized(run_dir, placement=Placement(device=config.device, dtype=config.tensor_dtype(info)))
+    run_scheme(info, run_dir)
+    return model, tokenizer, info
+
+
 def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
-    """Write the run as a packed int4 aaq folder (marker: aaq_config.json)."""
-    model, tokenizer, info = load_quantized(run_dir)
-    spec = run_scheme(info, run_dir).weights
-    linears = quantized_linears(model)
-    tensors = pack_state(model_state(model), list(linears), spec)
+    """Write the run as an aaq folder: integer codes, 16-bit (or int8) other tensors, the transforms (marker: aaq_config.json)."""
+    model, tokenizer, info = load_for_export(run_dir, config)
+    plan = transform_plan(model)
+    int8_rows = (plan.embeddings, plan.lm_head) if config.int8_embeddings else ()
     start_folder(out)
-    model.config.save_pretrained(out)
-    write_atomic(out / PACKED_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": PACKED_FORMAT}))
+    tensors = write_model_files(model, tokenizer, out, int8_rows)
     for name in _CARRIED_FILES:
         if (run_dir / name).is_file():
             write_atomic(out / name, lambda tmp, src=run_dir / name: shutil.copyfile(src, tmp))
-    tokenizer.save_pretrained(out)
-    stored, fp16 = linear_bytes(tensors, linears)
+    stored, fp16 = linear_bytes(tensors, quantized_linears(model))
     report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
-    keep = {key: info[key] for key in ("source_model", "quantize", "transforms")}
-    marker = {"format": PACKED_FORMAT, "format_version": FORMAT_VERSION, **keep, "exported_from": str(run_dir), **provenance()}
-    return report, lambda: write_json(out / AAQ_CONFIG, marker)
+    record = {key: info[key] for key in ("source_model", "quantize", "transforms")} | {EXPORTED_FROM: str(run_dir), **provenance()}
+    return report, lambda: write_marker(out, model, record, int8_rows)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:

@@ -12,7 +12,7 @@ writing it would: vLLM 0.33 applies no `q_attn`/`k_cache` transforms, and compre
 0.20's `k_cache` hook never fires under transformers 5 attention (it renamed the cache argument
 to `cache`), so that loader would rotate the queries alone.
 
-The integer codes are the run's own (`aaq.packing.recover_codes`), written through
+The integer codes are the run's own (`aaq.packing.WeightCodes`), written through
 compressed-tensors' `ModelCompressor` (pack-quantized), so the weights are bit-identical.
 """
 
@@ -29,7 +29,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from aaq.checkpoint import load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import (
     HF_CONFIG,
@@ -39,15 +38,16 @@ from aaq.exporting import (
     Written,
     check_strict,
     linear_bytes,
+    load_for_export,
     quantized_linears,
     run_scheme,
     start_folder,
 )
 from aaq.hadamard import hadamard_matrix
 from aaq.models import transform_plan
-from aaq.packing import recover_codes
+from aaq.packing import WeightCodes, rtn_codes
 from aaq.plan import TransformConfig, TransformPlan
-from aaq.quantizers import QuantScheme, QuantSpec, quantize_weight_rtn
+from aaq.quantizers import QuantScheme, QuantSpec
 from aaq.rotation import normalized_hadamard, rotate_reader
 from aaq.runs import write_atomic
 
@@ -61,8 +61,6 @@ except ImportError:  # an optional dependency: only this format needs it
     raise AaqError('the compressed-tensors format needs the `compressed-tensors` package; pip install "aaq[export]"') from None
 
 R4_GROUP = "R4"
-# Hadamard entries are +-1, exact in fp16; half the bytes of the per-layer copies vLLM needs.
-TRANSFORM_DTYPE = torch.float16
 PRESET_GROUP_SIZE = 128
 PACKED = "pack-quantized"
 HadamardKind = Literal["hadamard", "random-hadamard"]
@@ -234,47 +232,66 @@ def transform_config(plan: CompressedPlan) -> CompressedTransformConfig | None:
     return CompressedTransformConfig(config_groups={R4_GROUP: r4})
 
 
-def r4_weight(n: int) -> torch.Tensor:
-    """The +-1 matrix M with x -> x M / sqrt(n) equal to aaq's online R4 (x H^T / sqrt(n))."""
-    return hadamard_matrix(n).T.to(TRANSFORM_DTYPE).contiguous()
+def r4_weight(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The +-1 matrix M with x -> x M / sqrt(n) equal to aaq's online R4 (x H^T / sqrt(n)), in `dtype` (exact in 16 bits)."""
+    return hadamard_matrix(n).T.to(dtype).contiguous()
 
 
-def r4_tensors(plan: TransformPlan) -> dict[str, torch.Tensor]:
-    """One R4 matrix per R4 reader, under the name compressed-tensors and vLLM load it from."""
+def r4_tensors(plan: TransformPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One R4 matrix per R4 reader (in `dtype`: the +-1 entries are exact), under the name compressed-tensors and vLLM load it from."""
     n = plan.geometry.intermediate_size
-    return {f"{name}.{R4_GROUP}_input.weight": r4_weight(n) for name in r4_readers(plan)}
+    return {f"{name}.{R4_GROUP}_input.weight": r4_weight(n, dtype) for name in r4_readers(plan)}
 
 
 def _plain_model(run_dir: Path, fake_quant: PreTrainedModel) -> PreTrainedModel:
-    """A transformers model of the run's architecture (nn.Linear layers) holding the run's weights."""
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir), dtype=torch.float32)
+    """A transformers model of the run's architecture (nn.Linear layers) holding the run's weights, in the run model's dtype."""
+    dtype = next(fake_quant.parameters()).dtype
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir), dtype=dtype)
     model.load_state_dict(fake_quant.state_dict())
     return model.eval()
 
 
+def run_codes(fake_quant: PreTrainedModel, name: str) -> WeightCodes:
+    """The integer codes of quantized linear `name`, or AaqError when compressed-tensors' grouped layout cannot hold them."""
+    codes = fake_quant.get_submodule(name).codes
+    if not codes.contiguous_groups:
+        raise AaqError(
+            f"{name}: GPTQ's act-order scattered the weight groups over the input columns, which this format cannot store; "
+            "quantize with static groups ({setting}) or export in the aaq format",
+            setting="static_groups",
+        )
+    return codes
+
+
 @torch.no_grad()
-def _unfuse_r4(model: PreTrainedModel, plan: TransformPlan, spec: QuantSpec) -> None:
-    """Rotate each R4 reader back to the plain basis (undoing its fused W H^T) and re-quantize it with RTN."""
+def _unfuse_r4(model: PreTrainedModel, plan: TransformPlan, codes: dict[str, WeightCodes], spec: QuantSpec) -> None:
+    """Rotate each R4 reader back to the plain basis (undoing its fused W H^T) and re-quantize it with RTN (new codes)."""
     for name in r4_readers(plan):
         linear = model.get_submodule(name)
+        linear.weight.data = codes[name].dequantize(torch.float32)
         rotate_reader(linear, normalized_hadamard(linear.in_features))
-        linear.weight.data = quantize_weight_rtn(linear.weight, spec)
+        codes[name] = rtn_codes(linear.weight, spec)
+        linear.weight.data = codes[name].dequantize(torch.float32)
 
 
 @torch.no_grad()
-def _compress(model: PreTrainedModel, plan: CompressedPlan) -> ModelCompressor:
-    """Attach the quantization config with the run's scales, then pack the weights in place."""
+def _compress(model: PreTrainedModel, plan: CompressedPlan, codes: dict[str, WeightCodes]) -> ModelCompressor:
+    """Attach the quantization config with the run's codes' scales, then pack the weights in place.
+
+    Scales stay float32 (loaders cast them to their own dtype); each weight is the dequantized value
+    of its codes in the model dtype, from which the compressor recovers the same codes.
+    """
     config = quantization_config(plan)
     apply_quantization_config(model, config, show_progress=False)
     spec = plan.weights
     for name, module in model.named_modules():
         if not hasattr(module, "weight_scale"):
             continue
-        codes = recover_codes(module.weight, spec, name)
-        module.weight_scale.data.copy_(codes.scale)
-        if codes.zero is not None:
+        module.weight.data = codes[name].dequantize(module.weight.dtype, module.weight.device)
+        module.weight_scale.data = codes[name].scale.clone()
+        if codes[name].zero is not None:
             # aaq's asymmetric codes are 0..2^bits-1, compressed-tensors' are signed: both shift by 2^(bits-1).
-            module.weight_zero_point.data.copy_(codes.zero.to(torch.int16) - 2 ** (spec.bits - 1))
+            module.weight_zero_point.data.copy_(codes[name].zero.to(torch.int16) - 2 ** (spec.bits - 1))
     # Built from our own config: inferring it from the model would pick int-quantized (no packing)
     # for W4A4, with a warning per layer, and override it anyway.
     compressor = ModelCompressor(quantization_config=config, transform_config=transform_config(plan), force_compression_format=PACKED)
@@ -292,21 +309,22 @@ def _write_config(out: Path, model: PreTrainedModel, compressor: ModelCompressor
 
 def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
     """Write `run_dir` as a compressed-tensors folder with the `config.scheme` preset (marker: config.json)."""
-    fake_quant, tokenizer, info = load_quantized(run_dir)
+    fake_quant, tokenizer, info = load_for_export(run_dir, config)
     scheme = run_scheme(info, run_dir)
     model_plan = transform_plan(fake_quant)
     plan = plan_export(scheme, TransformConfig(**info["transforms"]), model_plan, config.scheme)
     report = ExportReport(out_dir=out, format=config.format, scheme=config.scheme, differences=list(plan.differences), notes=list(plan.notes))
     check_strict(report, config.strict)
     linears = quantized_linears(fake_quant)
+    codes = {name: run_codes(fake_quant, name) for name in linears}
     model = _plain_model(run_dir, fake_quant)
     del fake_quant
     if plan.unfuse_r4:
-        _unfuse_r4(model, model_plan, scheme.weights)
-    compressor = _compress(model, plan)
+        _unfuse_r4(model, model_plan, codes, scheme.weights)
+    compressor = _compress(model, plan, codes)
     tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     if plan.r4 is not None:
-        tensors.update(r4_tensors(model_plan))
+        tensors.update(r4_tensors(model_plan, model.dtype))
     start_folder(out)
     write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     tokenizer.save_pretrained(out)

@@ -22,11 +22,14 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from aaq.devices import StageMeter, model_device
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear, install_quantizers
 from aaq.layerwise import capture_first_layer_inputs, run_layer
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.quantizers import QuantSpec, fake_quantize_grouped, weight_quant_params
+from aaq.packing import WeightCodes
+from aaq.plan import LayerPlan
+from aaq.quantizers import QuantSpec, weight_quant_params
 from aaq.runs import write_atomic
 from aaq.teachers import tokens_fingerprint
 
@@ -113,54 +116,88 @@ class HessianAccumulator:
 
 
 @dataclass(frozen=True)
-class GPTQResult:
-    """A GPTQ-quantized weight with the quantization parameters of every entry.
+class PreparedHessian:
+    """What GPTQ takes from a Hessian, shared by every linear that reads the same input.
 
-    `weight` has the input's dtype; `scale` and `zero` are float32 (or float64) of the weight's
-    shape (out, in), in the original column order, so `weight / scale + zero` is an integer in
-    [spec.qmin, spec.qmax] whatever the group layout.
+    `dead`: input columns that never saw a non-zero value; `perm`: the processing order of the
+    columns; `u`: the upper Cholesky factor of the damped inverse Hessian in that order (float64).
     """
 
+    dead: torch.Tensor
+    perm: torch.Tensor
+    u: torch.Tensor
+
+
+@torch.no_grad()
+def prepare_hessian(hessian: torch.Tensor, config: GPTQConfig) -> PreparedHessian:
+    """Dead columns, processing order and the inverse-Hessian factor of a Hessian (computed once per input)."""
+    if not torch.isfinite(hessian).all():
+        raise AaqError("Hessian has non-finite entries; check the calibration activations for inf/NaN (e.g. run in float32)")
+    h = hessian.detach().to(torch.float64).clone()
+    # A column whose input is always zero carries no information; it is quantized to exactly 0.
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    perm = _processing_order(h, config.act_order)
+    return PreparedHessian(dead=dead, perm=perm, u=_inverse_hessian_cholesky(h[perm][:, perm], config.damp))
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """A GPTQ-quantized weight (in the input's dtype) and its integer codes."""
+
     weight: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
+    codes: WeightCodes
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig) -> torch.Tensor:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> torch.Tensor:
     """Fake-quantized (dequantized, on the quantization grid) copy of `weight` (out, in), same dtype and shape."""
     return gptq_quantize_with_params(weight, hessian, spec, config).weight
 
 
 @torch.no_grad()
-def gptq_quantize_with_params(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig) -> GPTQResult:
-    """GPTQ-quantized weight together with the per-entry scale and zero point it was quantized with."""
-    _check_shapes(weight, hessian, spec)
+def gptq_quantize_with_params(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> GPTQResult:
+    """GPTQ-quantized weight together with the codes, scales and zero points it was quantized to.
+
+    `hessian`: the raw Hessian of the weight's inputs, or one prepared once for all linears sharing them.
+    """
+    if not isinstance(hessian, PreparedHessian):
+        _check_shapes(weight, hessian, spec)
+        hessian = prepare_hessian(hessian, config)
+    _check_shapes(weight, hessian.u, spec)
     work_dtype = torch.promote_types(weight.dtype, torch.float32)
     w = weight.detach().to(work_dtype).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    w[:, hessian.dead.to(w.device)] = 0.0
+    perm = hessian.perm.to(w.device)
 
-    # A column whose input is always zero carries no information; it is quantized to exactly 0.
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
-    perm = _processing_order(h, config.act_order)
     static_scale, static_zero = _static_column_params(w, spec, config)
     w = w[:, perm]
-    h = h[perm][:, perm]
     if static_scale is not None:
         static_scale, static_zero = static_scale[:, perm], static_zero[:, perm]
 
-    u = _inverse_hessian_cholesky(h, config.damp).to(work_dtype)
+    u = hessian.u.to(device=w.device, dtype=work_dtype)
     block_size = _aligned_block_size(config.block_size, spec.group_size)
-    quantized, scale, zero = _quantize_columns(w, u, spec, block_size, static_scale, static_zero)
+    quantized, levels, scale, zero = _quantize_columns(w, u, spec, block_size, static_scale, static_zero)
 
     inverse = torch.argsort(perm)
-    return GPTQResult(
-        weight=quantized[:, inverse].to(weight.dtype),
-        scale=scale[:, inverse],
-        zero=zero[:, inverse],
-    )
+    return GPTQResult(weight=quantized[:, inverse].to(weight.dtype), codes=_codes(levels, scale, zero, perm, inverse, spec, config))
+
+
+def _codes(
+    levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, spec: QuantSpec, config: GPTQConfig
+) -> WeightCodes:
+    """The codes of GPTQ's per-column levels, scales and zero points (given in processing order).
+
+    Dynamic groups are runs of `group_size` columns in processing order: with act-order they are
+    scattered in the original order, which `g_idx` records. Static groups (and per-channel scales)
+    are contiguous in the original order.
+    """
+    n = levels.shape[1]
+    size = n if spec.group_size is None else spec.group_size
+    starts = torch.arange(0, n, size, device=levels.device)
+    scattered = spec.group_size is not None and config.act_order and not config.static_groups
+    firsts = starts if scattered else inverse[starts]
+    g_idx = inverse // size if scattered else None
+    return WeightCodes.from_levels(levels[:, inverse], scale[:, firsts], zero[:, firsts], spec, g_idx)
 
 
 def _check_shapes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> None:
@@ -171,8 +208,6 @@ def _check_shapes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
         raise AaqError(
             f"Hessian shape {tuple(hessian.shape)} does not match the weight's {n_in} input features; collect it from this layer's inputs"
         )
-    if not torch.isfinite(hessian).all():
-        raise AaqError("Hessian has non-finite entries; check the calibration activations for inf/NaN (e.g. run in float32)")
     if spec.group_size is not None and n_in % spec.group_size:
         raise AaqError(f"in_features {n_in} is not divisible by group_size {spec.group_size}; pick a divisor")
 
@@ -236,8 +271,8 @@ def _quantize_columns(
     block_size: int,
     static_scale: torch.Tensor | None,
     static_zero: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantized weight and per-column scale/zero, columns in the given (processing) order.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantized weight, its integer levels and per-column scale/zero, columns in the given (processing) order.
 
     `u` is the upper Cholesky factor of H^-1 in the same order. Row i of `u` divided by u[i, i]
     gives the optimal update of the remaining columns for the error of column i (GPTQ eq. 3 in
@@ -245,6 +280,7 @@ def _quantize_columns(
     """
     n_in = w.shape[1]
     quantized = torch.empty_like(w)
+    levels = torch.empty_like(w)
     scale = torch.empty_like(w) if static_scale is None else static_scale
     zero = torch.empty_like(w) if static_zero is None else static_zero
     group_spec = replace(spec, group_size=None)
@@ -258,14 +294,16 @@ def _quantize_columns(
                 group_scale, group_zero = weight_quant_params(block[:, i : i + spec.group_size], group_spec)
                 scale[:, col : col + spec.group_size] = group_scale.view(-1, 1)
                 zero[:, col : col + spec.group_size] = group_zero.view(-1, 1)
-            column = block[:, i : i + 1]
-            q = fake_quantize_grouped(column, scale[:, col : col + 1], zero[:, col : col + 1], spec)
+            column, s, z = block[:, i : i + 1], scale[:, col : col + 1], zero[:, col : col + 1]
+            level = torch.clamp(torch.round(column / s) + z, spec.qmin, spec.qmax)
+            q = (level - z) * s
             quantized[:, col : col + 1] = q
+            levels[:, col : col + 1] = level
             err = (column - q) / u[col, col]
             block[:, i:] -= err * u[col : col + 1, col:end]
             errors[:, i : i + 1] = err
         w[:, end:] -= errors @ u[start:end, end:]
-    return quantized, scale, zero
+    return quantized, levels, scale, zero
 
 
 def _hessian_hook(accumulator: HessianAccumulator):
@@ -306,54 +344,68 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     """GPTQ every projection of the plan, layer by layer, on the inputs the quantized prefix produces.
 
     Each layer sees the outputs of the already-quantized layers before it (weights, activations
-    and KV cache fake-quantized), so later layers compensate for earlier layers' error. With a
-    `run_dir`, each finished layer is saved, and `resume` reuses them: the finished layers only
-    rerun their forward, so the result equals an uninterrupted run.
+    and KV cache fake-quantized), so later layers compensate for earlier layers' error. Each layer
+    is onloaded to the compute device for its turn and put back where it rests (sequential
+    onloading: a model resting on the CPU needs one layer of device memory). With a `run_dir`, each
+    finished layer is saved, and `resume` reuses them: the finished layers only rerun their forward,
+    so the result equals an uninterrupted run.
     """
     if context.calibration_tokens is None:
         raise AaqError("GPTQ needs calibration tokens; pass a tokenizer or calibration token ids")
     model, plan, spec = context.model, context.plan, context.scheme.weights
+    device = context.placement.compute_device
     progress = None if context.run_dir is None else context.run_dir / PROGRESS_DIR
     if progress is not None and not context.resume:
         shutil.rmtree(progress, ignore_errors=True)
     key = _progress_key(context, config)
     first_block = model.get_submodule(plan.layers[0].block)
-    inputs = capture_first_layer_inputs(model, first_block, context.calibration_tokens, context.batch_size)
+    inputs = capture_first_layer_inputs(model, first_block, context.calibration_tokens, context.batch_size).to(device)
     for index, layer in enumerate(tqdm(plan.layers, desc="GPTQ", unit="layer")):
-        linears = {name: model.get_submodule(name) for name in layer.linears}
         block = model.get_submodule(layer.block)
+        rest = model_device(block)
+        block.to(device)
+        linears = {name: model.get_submodule(name) for name in layer.linears}
         layer_file = None if progress is None else progress / f"layer_{index:04d}.safetensors"
         saved = None if layer_file is None or not context.resume else _finished_layer(layer_file, key)
         if saved is not None:
             for name, linear in linears.items():
-                linear.weight.data = saved[name].to(linear.weight.dtype)
+                linear.set_codes(WeightCodes.from_tensors(saved, name, linear.weight.shape, spec))
         else:
-            _quantize_layer(linears, block, inputs, spec, config)
+            _quantize_layer(layer, linears, block, inputs, spec, config)
             if layer_file is not None:
-                state = {name: linear.weight.data.contiguous() for name, linear in linears.items()}
+                state = {key: t for name, linear in linears.items() for key, t in linear.codes.tensors(name).items()}
                 write_atomic(layer_file, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
         inputs = run_layer(block, inputs)
+        block.to(rest)
     if progress is not None:
         shutil.rmtree(progress, ignore_errors=True)
 
 
-def _quantize_layer(linears: dict[str, nn.Linear], block: nn.Module, inputs, spec: QuantSpec, config: GPTQConfig) -> None:
-    """Collect each projection's input Hessian over one pass of the layer, then GPTQ its weight."""
-    accumulators = {name: HessianAccumulator(linear.in_features) for name, linear in linears.items()}
-    handles = [linear.register_forward_hook(_hessian_hook(accumulators[name])) for name, linear in linears.items()]
+def _quantize_layer(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.Module, inputs, spec: QuantSpec, config: GPTQConfig) -> None:
+    """Collect the Hessian of each distinct input over one pass of the layer, then GPTQ every weight.
+
+    Linears that read the same input (q/k/v, gate/up) share one Hessian and one factorisation.
+    """
+    groups = {group[0]: group for group in layer.input_groups}
+    accumulators = {first: HessianAccumulator(linears[first].in_features) for first in groups}
+    handles = [linears[first].register_forward_hook(_hessian_hook(accumulators[first])) for first in groups]
     try:
         run_layer(block, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    for name, linear in linears.items():
-        linear.weight.data = gptq_quantize(linear.weight.data, accumulators[name].hessian, spec, config)
+    for first, group in groups.items():
+        prepared = prepare_hessian(accumulators.pop(first).hessian, config)
+        for name in group:
+            linears[name].set_codes(gptq_quantize_with_params(linears[name].weight.data, prepared, spec, config).codes)
 
 
 @register_method(GPTQConfig)
 def apply_gptq(context: MethodContext) -> MethodResult:
     """Fake-quantize activations/KV as the scheme says and GPTQ the weights (no rotations)."""
     install_quantizers(context.model, context.plan, context.scheme)
+    meter = StageMeter(context.placement.compute_device)
     if context.scheme.weights is not None:
-        quantize_weights_gptq(context, context.method)
-    return MethodResult()
+        with meter.stage("gptq"):
+            quantize_weights_gptq(context, context.method)
+    return MethodResult(stages=meter.records)

@@ -17,7 +17,7 @@ class MethodOptions:
 
     r1, r2, r3, r4, smoothing: the transforms (`aaq.plan.TransformConfig`). weight_quantizer,
     damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, loss, lam, cache,
-    weights_in_loop, activation_checkpointing: the calibration of learned transforms
+    weights_in_loop, activation_checkpointing, teacher_batch: the calibration of learned transforms
     (`CalibrationSettings`, `LossConfig`).
     """
 
@@ -36,6 +36,7 @@ class MethodOptions:
     cache: bool | None = None
     weights_in_loop: bool | None = None
     activation_checkpointing: bool | None = None
+    teacher_batch: int | None = None
 
     def given(self) -> dict[str, Any]:
         """The options that were set, by name."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from aaq.calibrate import CalibrationSettings, calibrate
+from aaq.devices import StageMeter, dispatched, free_memory, model_device
 from aaq.errors import AaqError
 from aaq.fake_quant import install_quantizers
 from aaq.methods.quarot import ROTATION_OPTIONS
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_DIR = "calibration"
 TEACHER_CACHE_DIR = "teacher_cache"
-TRAINING_OPTIONS = ("steps", "cache", "weights_in_loop", "activation_checkpointing")
+TRAINING_OPTIONS = ("steps", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch")
 LOSS_OPTIONS = {"loss": "name", "lam": "lam"}
 
 
@@ -93,11 +93,22 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
         )
 
 
+def teacher_batch_size(settings: CalibrationSettings, context: MethodContext, vocab_size: int) -> int:
+    """Sequences per teacher forward: the setting, or the data batch size shrunk until two teachers' logits fit half the free memory."""
+    if settings.teacher_batch is not None:
+        return settings.teacher_batch
+    seq_len = context.calibration_tokens.shape[1]
+    per_sequence = 2 * seq_len * vocab_size * context.placement.torch_dtype.itemsize
+    fits = free_memory(context.placement.compute_device) // (2 * per_sequence)
+    return max(1, min(context.batch_size, fits))
+
+
 def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Path) -> Teacher:
     """The teacher for calibration, taken from the still untransformed model (and the reference).
 
-    Cached: the targets go to disk and the reference is released. Uncached: a frozen copy of the
-    aligned model stays resident next to the reference.
+    Cached: the targets go to disk in teacher batches, and the reference is released (with a
+    loader, it was resident only meanwhile). Uncached: a frozen copy of the aligned model stays
+    resident next to the reference.
     """
     tokens = context.calibration_tokens
     reference = context.reference.get() if settings.loss.needs_reference else None
@@ -105,23 +116,29 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
         aligned = copy.deepcopy(context.model).requires_grad_(False)
         return live_teacher(aligned, reference, tokens, settings.loss)
 
+    device = context.placement.compute_device
+
     def logits_of(model):
-        return lambda batch: model(input_ids=batch, use_cache=False).logits
+        return lambda batch: model(input_ids=batch.to(device), use_cache=False).logits
 
     build = open_or_build if context.resume else build_teacher_cache
-    cache = build(
-        logits_of(context.model),
-        None if reference is None else logits_of(reference),
-        tokens,
-        work_dir / TEACHER_CACHE_DIR,
-        settings.loss.k,
-        getattr(torch, settings.cache_dtype),
-        context.batch_size,
-    )
+    with ExitStack() as placed:
+        placed.enter_context(dispatched(context.model, context.placement))
+        if reference is not None:
+            placed.enter_context(dispatched(reference, context.placement))
+        cache = build(
+            logits_of(context.model),
+            None if reference is None else logits_of(reference),
+            tokens,
+            work_dir / TEACHER_CACHE_DIR,
+            settings.loss.k,
+            getattr(torch, settings.cache_dtype),
+            teacher_batch_size(settings, context, context.plan.geometry.vocab_size),
+        )
     del reference
     if context.reference is not None:
         context.reference.release()
-    return cached_teacher(cache)
+    return cached_teacher(cache, device)
 
 
 @dataclass
@@ -142,9 +159,9 @@ class CalibrationSetup:
         remove_learnable_transforms(self.installed)
         self.online.remove()
 
-    def fuse(self) -> AppliedTransforms:
-        """Fuse the learned transforms into the weights and put the remaining online rotations in place."""
-        applied = fuse_learned_transforms(self.installed)
+    def fuse(self, device: torch.device | None = None) -> AppliedTransforms:
+        """Fuse the learned transforms into the weights (in float64 on `device`, default where each weight lives) and put the remaining online rotations in place."""
+        applied = fuse_learned_transforms(self.installed, device)
         if not self.weights_in_loop:
             installed = self.installed
             install_online_rotations(installed.model, installed.plan, r3=False, r4=applied.config.r4)
@@ -152,18 +169,24 @@ class CalibrationSetup:
 
 
 def install_for_calibration(
-    model: PreTrainedModel, plan: TransformPlan, scheme: QuantScheme, config: TransformConfig, seed: int, weights_in_loop: bool
+    model: PreTrainedModel,
+    plan: TransformPlan,
+    scheme: QuantScheme,
+    config: TransformConfig,
+    seed: int,
+    weights_in_loop: bool,
+    device: torch.device | None = None,
 ) -> CalibrationSetup:
     """Fuse norms, install the quantizers and online rotations, and put fresh learnable transforms in place.
 
     `weights_in_loop`: the weight form (weights fake-quantized every step) instead of the activation
     form. The activation form carries R4 inside its down-projection hook, so the online R4 waits
-    for fusion.
+    for fusion. The transforms live on `device` (default: the model's).
     """
     fuse_norms(model, plan)
     install_quantizers(model, plan, scheme)
     online = install_online_rotations(model, plan, r3=config.r3, r4=config.r4 and weights_in_loop)
-    transforms = LearnableTransforms(plan.geometry, config, seed)
+    transforms = LearnableTransforms(plan.geometry, config, seed).to(device or model_device(model))
     if weights_in_loop:
         installed = install_weight_form(model, plan, transforms, scheme.weights)
     else:
@@ -179,37 +202,44 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
         raise AaqError(f"method {config.name} (loss {config.training.loss.name}) needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     # The resolved choice goes into the settings, so checkpoints record it and a resume must match it.
     settings = replace(config.training, weights_in_loop=config.calibrates_quantized_weights(context.scheme))
-    timings: dict[str, float] = {}
+    placement = context.placement
+    if placement.max_memory and settings.weights_in_loop:
+        raise AaqError(
+            "an offloaded model (memory budgets set) can only calibrate in the activation form; quantize the weights with GPTQ "
+            "and turn off {setting}, or drop the memory budgets",
+            setting="weights_in_loop",
+        )
+    meter = StageMeter(placement.compute_device)
     with ExitStack() as stack:
         work_dir = context.run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aaq-")))
-        start = time.perf_counter()
-        teacher = _teacher(context, settings, work_dir)
-        timings["teachers_s"] = time.perf_counter() - start
+        with meter.stage("teachers"):
+            teacher = _teacher(context, settings, work_dir)
         setup = install_for_calibration(
-            context.model, context.plan, context.scheme, config.transforms, context.seed, settings.weights_in_loop
+            context.model, context.plan, context.scheme, config.transforms, context.seed, settings.weights_in_loop, placement.compute_device
         )
-        start = time.perf_counter()
         try:
-            result = calibrate(
-                context.model,
-                setup.transforms,
-                context.calibration_tokens,
-                teacher,
-                settings,
-                context.seed,
-                checkpoint_dir=None if context.run_dir is None else context.run_dir / CALIBRATION_DIR,
-                resume=context.resume,
-            )
+            with meter.stage("calibration"), dispatched(context.model, placement):
+                result = calibrate(
+                    context.model,
+                    setup.transforms,
+                    context.calibration_tokens,
+                    teacher,
+                    settings,
+                    context.seed,
+                    checkpoint_dir=None if context.run_dir is None else context.run_dir / CALIBRATION_DIR,
+                    resume=context.resume,
+                    device=placement.compute_device,
+                )
         except BaseException:
             setup.remove()
             raise
         del teacher
-        timings["calibration_s"] = time.perf_counter() - start
         if result.history:
             logger.info("calibration: loss %.4f -> %.4f in %d steps", result.history[0]["loss"], result.history[-1]["loss"], result.steps)
-    transforms = setup.fuse()
-    quantize_fused_weights(context, config)
-    return MethodResult(transforms=transforms, timings=timings)
+    with meter.stage("fusion"):
+        transforms = setup.fuse(placement.fusion_target)
+    quantize_fused_weights(context, config, meter)
+    return MethodResult(transforms=transforms, stages=meter.records)
 
 
 @register_method(OSTQuantConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from aaq.devices import StageMeter
 from aaq.fake_quant import install_quantizers
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
@@ -45,8 +46,10 @@ class QuaRotConfig(FusedWeightQuantization, MethodConfig):
 def apply_quarot(context: MethodContext) -> MethodResult:
     """Rotate, install the fake quantizers and the online rotations, then quantize the weights."""
     config: QuaRotConfig = context.method
-    transforms = rotate_model(context.model, context.plan, config.transforms, context.seed)
+    meter = StageMeter(context.placement.compute_device)
+    with meter.stage("fusion"):
+        transforms = rotate_model(context.model, context.plan, config.transforms, context.seed, context.placement.fusion_target)
     install_quantizers(context.model, context.plan, context.scheme)
     install_online_rotations(context.model, context.plan, r3=config.transforms.r3, r4=config.transforms.r4)
-    quantize_fused_weights(context, config)
-    return MethodResult(transforms=transforms)
+    quantize_fused_weights(context, config, meter)
+    return MethodResult(transforms=transforms, stages=meter.records)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, get_type_hints
 import torch
 from transformers import PreTrainedModel
 
+from aaq.devices import Placement, StageRecord
 from aaq.errors import AaqError
 from aaq.methods.options import MethodOptions
 from aaq.plan import NO_TRANSFORMS, TransformPlan
@@ -60,28 +61,38 @@ def take_options(options: Options, names: tuple[str, ...]) -> tuple[Options, Opt
 
 
 class ReleasableModel:
-    """A model a method may let go of once it is done with it, so that its memory can be freed (the unaligned reference)."""
+    """A model a method uses for a while and then lets go of, so that its memory can be freed (the unaligned reference).
 
-    def __init__(self, model: PreTrainedModel) -> None:
-        self._model: PreTrainedModel | None = model
+    Given a loader instead of a model, the model is loaded on first use: it is then resident only
+    between `get` and `release`.
+    """
+
+    def __init__(self, model: PreTrainedModel | Callable[[], PreTrainedModel]) -> None:
+        self._model: PreTrainedModel | None = None if callable(model) and not isinstance(model, torch.nn.Module) else model
+        self._loader = model if self._model is None else None
+        self._released = False
 
     def get(self) -> PreTrainedModel:
-        """The model; AaqError once released."""
-        if self._model is None:
+        """The model (loaded now if it was given as a loader); AaqError once released."""
+        if self._released:
             raise AaqError("the reference model was already released by this run; pass it again to quantize another model")
+        if self._model is None:
+            self._model = self._loader()
         return self._model
 
     def release(self) -> None:
-        """Drop this holder's reference to the model."""
-        self._model = None
+        """Drop this holder's references to the model and its loader."""
+        self._model, self._loader, self._released = None, None, True
 
 
 @dataclass(frozen=True)
 class MethodContext:
     """What a method reads: the model with its plan, the scheme, its settings, calibration data and the run folder.
 
-    `reference`: the unaligned model (methods with a push term), released once the method no
-    longer needs it. `run_dir` holds resumable progress (teacher cache, checkpoints, GPTQ layers).
+    `placement`: where the stages compute (GPTQ onloads layers to its device; forward passes are
+    dispatched within its memory budgets). `reference`: the unaligned model (methods with a push
+    term), released once the method no longer needs it. `run_dir` holds resumable progress (teacher
+    cache, checkpoints, GPTQ layers).
     """
 
     model: PreTrainedModel
@@ -90,6 +101,7 @@ class MethodContext:
     method: MethodConfig
     calibration_tokens: torch.Tensor | None
     seed: int
+    placement: Placement
     batch_size: int = 8
     reference: ReleasableModel | None = None
     run_dir: Path | None = None
@@ -98,10 +110,10 @@ class MethodContext:
 
 @dataclass
 class MethodResult:
-    """What a method made: the transforms it fused and runs online, and how long its stages took (seconds)."""
+    """What a method made: the transforms it fused and runs online, and its stages' seconds and peak memory."""
 
     transforms: AppliedTransforms = field(default_factory=lambda: AppliedTransforms(config=NO_TRANSFORMS))
-    timings: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
 
 
 MethodFn = Callable[[MethodContext], MethodResult]

@@ -8,10 +8,12 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
+from aaq.devices import StageMeter
 from aaq.fake_quant import install_quantizers
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, register_method
+from aaq.packing import rtn_codes
 from aaq.plan import TransformPlan
-from aaq.quantizers import QuantSpec, quantize_weight_rtn
+from aaq.quantizers import QuantSpec
 
 
 @dataclass
@@ -23,16 +25,18 @@ class RTNConfig(MethodConfig):
 
 @torch.no_grad()
 def quantize_weights_rtn(model: PreTrainedModel, plan: TransformPlan, spec: QuantSpec) -> None:
-    """Replace every projection weight of the plan by its round-to-nearest fake-quantized copy."""
+    """Round every projection weight of the plan to nearest (its codes and their dequantized value)."""
     for name in plan.linears:
         linear = model.get_submodule(name)
-        linear.weight.data = quantize_weight_rtn(linear.weight.data, spec)
+        linear.set_codes(rtn_codes(linear.weight.data, spec))
 
 
 @register_method(RTNConfig)
 def apply_rtn(context: MethodContext) -> MethodResult:
     """Fake-quantize activations/KV as the scheme says and round the weights to nearest."""
     install_quantizers(context.model, context.plan, context.scheme)
+    meter = StageMeter(context.placement.compute_device)
     if context.scheme.weights is not None:
-        quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
-    return MethodResult()
+        with meter.stage("rtn"):
+            quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
+    return MethodResult(stages=meter.records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from aaq.devices import StageMeter
 from aaq.errors import AaqError
 from aaq.methods.gptq import GPTQConfig, quantize_weights_gptq
 from aaq.methods.registry import MethodContext, Options, take_options
@@ -31,11 +32,12 @@ class FusedWeightQuantization:
         return replace(self, gptq=gptq, **taken), rest
 
 
-def quantize_fused_weights(context: MethodContext, config: FusedWeightQuantization) -> None:
-    """Quantize every projection with the config's weight quantizer (no-op for 16-bit weights)."""
+def quantize_fused_weights(context: MethodContext, config: FusedWeightQuantization, meter: StageMeter) -> None:
+    """Quantize every projection with the config's weight quantizer (no-op for 16-bit weights), measured as stage `gptq` or `rtn`."""
     if context.scheme.weights is None:
         return
-    if config.weight_quantizer == "gptq":
-        quantize_weights_gptq(context, config.gptq)
-    else:
-        quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
+    with meter.stage(config.weight_quantizer):
+        if config.weight_quantizer == "gptq":
+            quantize_weights_gptq(context, config.gptq)
+        else:
+            quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
