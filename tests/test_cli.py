@@ -229,3 +229,16 @@ def test_start_of_a_learned_rotation_is_an_option():
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "ostquant", "--r1", "hadamard", "--no-smoothing"])
     transforms = quantize_config_from_args(args).method.transforms
     assert transforms.r1 == "hadamard" and transforms.smoothing is False
+
+
+def test_plan_prints_each_stage_and_what_fits_a_budget(tmp_path, tiny_model_dir, capsys):
+    argv = ["plan", "--model", str(tiny_model_dir), "--method", "aaq", "--reference", str(tiny_model_dir), "--device", "cuda", "--dtype", "bfloat16"]
+    assert main([*argv, "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("load", "teachers", "calibration", "gptq", "eval", "save"):
+        assert f"\n{stage} " in out
+    assert "device budget 1.0 GiB: fits as configured" in out
+    assert main([*argv, "--budget", "1KiB"]) == 0
+    assert "does not fit even with --teacher-batch 1 --activation-checkpointing on --step-batch 1" in capsys.readouterr().out
+    assert main([*argv[:-4], "--budget", "lots"]) == 2
+    assert "--budget" in _error_line(capsys)

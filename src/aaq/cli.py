@@ -31,6 +31,7 @@ _FLAGS = {
     "cache": "--no-cache",
     "reference": "--reference MODEL",
     "calibration": "--calib-dataset/--calib-samples",
+    "batch_size": "--step-batch",
 }
 
 
@@ -92,12 +93,6 @@ def _on_off(value: str | None) -> bool | None:
 
 
 def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
-    from aaq.data import DATASETS
-    from aaq.losses import LOSS_NAMES
-    from aaq.methods import method_names
-    from aaq.methods.weights import WEIGHT_QUANTIZERS
-    from aaq.plan import ROTATION_KINDS
-
     p = sub.add_parser(
         "quantize",
         help="quantize a model and save it with its run record",
@@ -107,6 +102,44 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="local folder, .gguf file, hub id, or alias (e.g. smollm2-135m-instruct)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_config_options(p)
+    _add_placement_options(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue a killed run in --out (finished GPTQ layers, calibration checkpoint)"
+    )
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantization")
+    _add_eval_options(p, default_tasks="ppl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing finished run in --out")
+    p.set_defaults(handler=cmd_quantize)
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="estimate each stage's peak memory from the model config alone, and what fits a device budget",
+        description="Read only the model's config (no weights) and print, per stage of `aaq quantize` with the same options, the "
+        "estimated peak device and host memory and the disk the teacher cache and run folder take. With --budget, search "
+        "the settings (teacher batch, activation checkpointing, calibration batch, evaluation batch, offloading) under which "
+        "every stage fits that much device memory.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="local folder, .gguf file, config.json file, hub id, or alias (only its config is read)")
+    _add_config_options(p)
+    _add_placement_options(p)
+    _add_eval_options(p, default_tasks="ppl")
+    p.add_argument("--no-eval", action="store_true", help="plan without the evaluation stage")
+    p.add_argument("--budget", default=None, help="device memory to fit, e.g. 24GiB or 80GB")
+    p.set_defaults(handler=cmd_plan)
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """The options that make a QuantizeConfig (recipe, method, bits, calibration, transforms, GPTQ)."""
+    from aaq.data import DATASETS
+    from aaq.losses import LOSS_NAMES
+    from aaq.methods import method_names
+    from aaq.methods.weights import WEIGHT_QUANTIZERS
+    from aaq.plan import ROTATION_KINDS
+
     p.add_argument("--recipe", type=Path, help="YAML recipe with the config (flags given explicitly override it)")
     p.add_argument("--method", choices=method_names(), default=None, help="quantization method (default: the recipe's, else quarot)")
     p.add_argument("--bits", default=None, help="w<W>a<A>[kv<KV>]: w4a4kv4, w4a8kv8, w4a16, w8a8 ... (default: w4a4kv4)")
@@ -137,6 +170,7 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     learn.add_argument("--reference", default=None, help="unaligned reference model sharing the tokenizer (needed by aaq)")
     learn.add_argument("--no-cache", dest="cache", action="store_false", default=None, help="run the teachers every step instead of caching their targets")
     learn.add_argument("--steps", type=int, default=None, help="calibration steps (default: recipe or 150)")
+    learn.add_argument("--step-batch", dest="batch_size", type=int, default=None, help="calibration sequences per step (default: recipe or 4)")
     learn.add_argument("--loss", choices=LOSS_NAMES, default=None, help="calibration loss")
     learn.add_argument("--lam", type=float, default=None, help="push weight lambda of the apc loss (default: 0.1)")
     learn.add_argument(
@@ -154,14 +188,6 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     learn.add_argument(
         "--teacher-batch", type=int, default=None, help="sequences per teacher forward (default: sized to the free device memory)"
     )
-    _add_placement_options(p)
-    p.add_argument(
-        "--resume", action="store_true", help="continue a killed run in --out (finished GPTQ layers, calibration checkpoint)"
-    )
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantization")
-    _add_eval_options(p, default_tasks="ppl")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing finished run in --out")
-    p.set_defaults(handler=cmd_quantize)
 
 
 def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
@@ -308,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize_parser(sub)
+    _add_plan_parser(sub)
     _add_eval_parser(sub)
     _add_report_parser(sub)
     _add_demo_parser(sub)
@@ -392,6 +419,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     result = run_quantization(run)
     print(f"{config.method.name} {config.bits}: {_summary(result.record['metrics'])}; saved to {args.out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan of a quantize run with these options."""
+    from accelerate.utils import convert_file_size_to_int
+
+    from aaq.memory import format_plan, plan_memory
+
+    config = quantize_config_from_args(args)
+    if config.method.needs_reference() and not args.reference:
+        raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one (--reference MODEL)")
+    evaluation = None if args.no_eval else eval_config_from_args(args)
+    try:
+        budget = None if args.budget is None else convert_file_size_to_int(args.budget)
+    except ValueError:
+        raise AaqError(f"bad --budget {args.budget!r}; write an amount such as 24GiB or 80GB") from None
+    plan = plan_memory(args.model, config, placement_from_args(args), evaluation, budget)
+    print(f"{args.model}: {config.method.name} {config.bits} on {placement_from_args(args).compute_device}")
+    print(format_plan(plan, flag))
     return 0
 
 

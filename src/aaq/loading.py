@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.devices import Placement
 from aaq.errors import AaqError
@@ -95,6 +95,30 @@ def load_model(source: ModelSource | str, placement: Placement | None = None) ->
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(placement.rest_device).eval(), tokenizer
+
+
+def load_model_config(source: str) -> PretrainedConfig:
+    """The transformers config of a model (folder, `.gguf` file, `config.json` file, hub id or alias), without loading its weights."""
+    if source in ADAPTER_ALIASES:
+        source = ADAPTER_ALIASES[source].base
+    if source in MODEL_ALIASES:
+        converted = alias_cache_dir(source) / CONVERTED_FOLDER
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        path = alias_model_file(source)
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    path = Path(source).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".json":
+            return AutoConfig.from_pretrained(path)
+        if path.is_file():
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if path.is_dir() and not (path / "config.json").is_file():
+            gguf = _single_gguf_in(path)
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise AaqError(f"could not read the config of model {source!r} ({str(error).splitlines()[0]}); pass a model folder, a .gguf file, a config.json, a hub id or an alias") from None
 
 
 def _aliases_hint() -> str:

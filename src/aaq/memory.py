@@ -8,7 +8,9 @@ On a CPU the device is the host, so a stage's peak is one number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from transformers import PretrainedConfig
 
@@ -35,6 +37,8 @@ LOGIT_COPIES = 4
 # temporaries that takes (softmax, log-softmax, |z_a - z_b|, top-k).
 TARGET_ROWS = 512
 TARGET_COPIES = 6
+# The host budget the planner assumes when it offloads: the host holds what the device does not.
+HOST_UNBOUNDED = "1TiB"
 
 
 @dataclass(frozen=True)
@@ -143,24 +147,41 @@ def _eval_bytes(s: Shapes, evaluation: EvalConfig) -> int:
     return max(ppl, kv + evaluation.batch_size * length * g.vocab_size * s.bytes_per_value)
 
 
+def device_budget(placement: Placement) -> int | None:
+    """The compute device's budget in `placement.max_memory`, in bytes (None without one)."""
+    if not placement.max_memory:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    device = placement.compute_device
+    for key in (str(device), f"{device.type}:{device.index or 0}", device.type, str(device.index or 0)):
+        if key in placement.max_memory:
+            return convert_file_size_to_int(placement.max_memory[key])
+    return None
+
+
 def estimate(
     config: PretrainedConfig, quantize: QuantizeConfig, placement: Placement, evaluation: EvalConfig | None = None, teacher_batch: int = 1
 ) -> list[StageMemory]:
     """Each stage's estimated peak device, host and disk bytes for quantizing the model `config` describes.
 
-    With `placement.max_memory` the model rests on the host: GPTQ holds one layer on the device and
-    forward passes hold what the budgets allow (the estimate then shows the device part as the
-    budget's share).
+    With a device budget in `placement.max_memory` the model rests on the host: forward passes keep
+    as much of it on the device as the budget leaves beside their working memory (accelerate
+    streams the rest), and GPTQ holds one layer at a time.
     """
     s = shapes_of(config, placement)
-    offload = bool(placement.max_memory)
+    budget = device_budget(placement)
     on_cpu = placement.compute_device.type == "cpu"
     model, fused = s.model_bytes(untied=False), s.model_bytes(untied=True)
+    one_layer = s.layer_params * s.bytes_per_value
 
     def stage(name: str, resident: int, work: int, disk: int = 0, note: str = "") -> StageMemory:
-        device = (0 if offload else resident) + work
-        host = HOST_BASELINE + (resident if offload else 0)
-        return StageMemory(name, device if not on_cpu else 0, host + (device if on_cpu else 0), disk, note)
+        if budget is None:
+            device, host = resident + work, HOST_BASELINE
+        else:
+            kept = one_layer if name == "gptq" else min(resident, max(budget - work, one_layer))
+            device, host = kept + work, HOST_BASELINE + resident
+        return StageMemory(name, 0 if on_cpu else device, host + (device if on_cpu else 0), disk, note)
 
     stages = [stage("load", model, 0)]
     method = quantize.method
@@ -178,18 +199,118 @@ def estimate(
     return stages
 
 
-def advice(stages: list[StageMemory], device_budget: int, quantize: QuantizeConfig) -> list[str]:
-    """Settings that bring the stages over `device_budget` bytes under it, one line per stage."""
-    lines = []
-    for stage in stages:
-        if stage.device <= device_budget:
-            continue
-        fixes = {
-            "teachers": "--teacher-batch 1 and --max-memory (the reference is dispatched within the budget)",
-            "calibration": "--activation-checkpointing on, a smaller calibration batch, or --max-memory (activation form)",
-            "gptq": "--max-memory (GPTQ then onloads one layer at a time) or fewer --calib-samples",
-            "eval": "--eval-batch-size 1 or --max-memory",
-            "load": "--max-memory (the model rests on the CPU)",
-        }
-        lines.append(f"{stage.stage}: needs {stage.device / GiB:.1f} GiB, over the {device_budget / GiB:.1f} GiB budget; use {fixes.get(stage.stage, '--max-memory')}")
-    return lines
+@dataclass(frozen=True)
+class Fit:
+    """Settings under which every stage fits a device budget, and the stages' estimates with them.
+
+    `changes`: the settings changed, by their config names (`teacher_batch`, `activation_checkpointing`,
+    `batch_size`, `max_memory`, `eval_batch_size`), in the order they were needed; `fits`: False when
+    even all of them are not enough.
+    """
+
+    changes: dict[str, object]
+    stages: list[StageMemory]
+    fits: bool
+
+
+# What each change costs the user, so the search prefers free changes to slow ones and keeps the
+# calibration batch (which changes the result) and offloading (many times slower) for last.
+CHANGE_COSTS = {"teacher_batch": 1, "eval_batch_size": 1, "activation_checkpointing": 3, "batch_size": 4, "max_memory": 10}
+
+
+def fit_to_budget(
+    config: PretrainedConfig, quantize: QuantizeConfig, placement: Placement, evaluation: EvalConfig | None, budget: int, teacher_batch: int
+) -> Fit:
+    """The cheapest set of setting changes (by `CHANGE_COSTS`) under which every stage's device peak fits `budget` bytes."""
+    candidates = [
+        (name, value)
+        for name, value in (("teacher_batch", 1), ("activation_checkpointing", True), ("batch_size", 1), ("eval_batch_size", 1), ("max_memory", budget))
+        if _with_change(name, value, quantize, placement, evaluation, teacher_batch) != (quantize, placement, evaluation, teacher_batch)
+    ]
+    subsets = [chosen for size in range(len(candidates) + 1) for chosen in itertools.combinations(candidates, size)]
+    subsets.sort(key=lambda chosen: sum(CHANGE_COSTS[name] for name, _ in chosen))
+    tried = None
+    for chosen in subsets:
+        inputs = (quantize, placement, evaluation, teacher_batch)
+        for name, value in chosen:
+            inputs = _with_change(name, value, *inputs)
+        stages = estimate(config, *inputs)
+        tried = Fit(dict(chosen), stages, all(stage.device <= budget for stage in stages))
+        if tried.fits:
+            return tried
+    return tried
+
+
+def _with_change(name: str, value, quantize: QuantizeConfig, placement: Placement, evaluation: EvalConfig | None, teacher_batch: int):
+    """The planning inputs (quantize config, placement, evaluation, teacher batch) with one setting changed."""
+    method = quantize.method
+    if name == "teacher_batch":
+        teacher_batch = value
+    elif name in ("activation_checkpointing", "batch_size") and hasattr(method, "training"):
+        quantize = replace(quantize, method=replace(method, training=replace(method.training, **{name: value})))
+    elif name == "eval_batch_size" and evaluation is not None:
+        evaluation = replace(evaluation, batch_size=value, ppl=replace(evaluation.ppl, batch_size=value))
+    elif name == "max_memory" and not placement.max_memory:
+        placement = replace(placement, max_memory={str(placement.compute_device): value, "cpu": HOST_UNBOUNDED})
+    return quantize, placement, evaluation, teacher_batch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The estimated stages of a run as configured, and, with a device budget, the settings that make it fit."""
+
+    model: str
+    stages: list[StageMemory]
+    teacher_batch: int
+    budget: int | None = None
+    fit: Fit | None = None
+
+
+def plan_memory(
+    source: str,
+    quantize: QuantizeConfig,
+    placement: Placement,
+    evaluation: EvalConfig | None = None,
+    budget: int | None = None,
+) -> MemoryPlan:
+    """Estimate each stage of quantizing `source` (reading its config only, no weights); with `budget` bytes of device memory, find the settings that fit."""
+    from aaq.loading import load_model_config
+
+    config = load_model_config(source)
+    training = getattr(quantize.method, "training", None)
+    teacher_batch = 1
+    if training is not None:
+        teacher_batch = training.teacher_batch or (training.batch_size if budget is None else quantize.calibration.batch_size)
+    stages = estimate(config, quantize, placement, evaluation, teacher_batch)
+    fit = None if budget is None else fit_to_budget(config, quantize, placement, evaluation, budget, teacher_batch)
+    return MemoryPlan(source, stages, teacher_batch, budget, fit)
+
+
+def format_plan(plan: MemoryPlan, setting_name: Callable[[str], str] = str) -> str:
+    """The plan as a table, with the settings that fit the budget named by `setting_name`."""
+
+    def gib(value: int) -> str:
+        return f"{value / GiB:.1f} GiB" if value else "-"
+
+    lines = [f"{'stage':<12} {'device':>10} {'host':>10} {'disk':>10}  note"]
+    lines += [f"{st.stage:<12} {gib(st.device):>10} {gib(st.host):>10} {gib(st.disk):>10}  {st.note}" for st in plan.stages]
+    if plan.fit is not None:
+        budget = f"device budget {plan.budget / GiB:.1f} GiB"
+        if not plan.fit.changes:
+            lines.append(f"{budget}: fits as configured")
+        else:
+            host = max(stage.host for stage in plan.fit.stages)
+            settings = " ".join(f"{setting_name(name)} {_shown(name, value, host)}" for name, value in plan.fit.changes.items())
+            verdict = "fits with" if plan.fit.fits else "does not fit even with"
+            peak = max(stage.device for stage in plan.fit.stages)
+            lines.append(f"{budget}: {verdict} {settings} (device peak {peak / GiB:.1f} GiB, host peak {host / GiB:.1f} GiB)")
+    return "\n".join(lines)
+
+
+def _shown(name: str, value: object, host: int) -> str:
+    """A changed setting's value as a user writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name == "max_memory":
+        return f"cuda={value // 2**20}MiB,cpu={-(-host // GiB)}GiB" if value < GiB else f"cuda={value / GiB:.0f}GiB,cpu={-(-host // GiB)}GiB"
+    return str(value)

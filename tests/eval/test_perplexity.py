@@ -27,6 +27,18 @@ def test_perplexity_is_exp_of_cross_entropy_on_the_heldout_windows(fake_data_dir
     assert result.seconds > 0
 
 
+def test_the_lm_head_sees_a_chunk_of_positions_at_a_time(fake_data_dir, tiny_llama, tiny_tokenizer, monkeypatch):
+    # The (batch, seq, vocab) logits of a large vocabulary are the largest tensor of an evaluation.
+    full = evaluate_perplexity(tiny_llama, tiny_tokenizer, CONFIG)
+    monkeypatch.setattr("aaq.eval.perplexity.NLL_CHUNK", 7)
+    rows = []
+    hook = tiny_llama.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[:-1].numel()))
+    chunked = evaluate_perplexity(tiny_llama, tiny_tokenizer, CONFIG)
+    hook.remove()
+    assert max(rows) == 7 and sum(rows) == 3 * 15
+    assert chunked.nll == pytest.approx(full.nll, rel=1e-6)
+
+
 def test_batch_size_does_not_change_the_result(fake_data_dir, tiny_llama, tiny_tokenizer):
     one = evaluate_perplexity(tiny_llama, tiny_tokenizer, PerplexityConfig("python-docs", 3, 16, batch_size=1))
     three = evaluate_perplexity(tiny_llama, tiny_tokenizer, PerplexityConfig("python-docs", 3, 16, batch_size=3))

@@ -44,16 +44,30 @@ class PerplexityResult:
     seconds: float
 
 
-def window_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return the summed next-token NLL (fp32) of windows given the model's logits on them."""
-    predicted = logits[:, :-1].float()
-    targets = input_ids[:, 1:].to(predicted.device)
-    return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), reduction="sum")
+# Positions whose float32 logits exist at once. A window's full logits would be (batch, seq, vocab):
+# 4 x 2048 x 128256 float32 values are 4.2 GB, and the log-softmax doubles that.
+NLL_CHUNK = 1024
 
 
-def _model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    output = model(input_ids=input_ids)
-    return output.logits if hasattr(output, "logits") else output[0]
+def window_nll_sum(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return the summed next-token NLL (fp32) of token windows under a causal LM."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or not hasattr(model, "get_decoder"):
+        output = model(input_ids=input_ids)
+        return _nll_sum(output.logits if hasattr(output, "logits") else output[0], input_ids, lambda logits: logits)
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    return _nll_sum(hidden, input_ids, head)
+
+
+def _nll_sum(states: torch.Tensor, input_ids: torch.Tensor, to_logits) -> torch.Tensor:
+    """Sum of -log p(next token) from per-position states (hidden states or logits), a chunk of positions at a time."""
+    states = states[:, :-1].reshape(-1, states.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1).to(states.device)
+    total = torch.zeros((), dtype=torch.float32, device=states.device)
+    for chunk, target in zip(states.split(NLL_CHUNK), targets.split(NLL_CHUNK), strict=True):
+        logits = to_logits(chunk).float()
+        total += F.cross_entropy(logits, target.to(logits.device), reduction="sum").to(total.device)
+    return total
 
 
 def evaluate_perplexity(
@@ -74,7 +88,7 @@ def evaluate_perplexity(
     with torch.no_grad():
         for batch in tqdm(windows.split(config.batch_size), desc="perplexity", unit="batch"):
             batch = batch.to(device)
-            total_nll += window_nll_sum(_model_logits(model, batch), batch).item()
+            total_nll += window_nll_sum(model, batch).item()
     model.train(was_training)
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total_nll / n_tokens

@@ -16,7 +16,7 @@ class MethodOptions:
     """Method settings to change; None keeps the config's value.
 
     r1, r2, r3, r4, smoothing: the transforms (`aaq.plan.TransformConfig`). weight_quantizer,
-    damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, loss, lam, cache,
+    damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, batch_size, loss, lam, cache,
     weights_in_loop, activation_checkpointing, teacher_batch: the calibration of learned transforms
     (`CalibrationSettings`, `LossConfig`).
     """
@@ -31,6 +31,7 @@ class MethodOptions:
     act_order: bool | None = None
     static_groups: bool | None = None
     steps: int | None = None
+    batch_size: int | None = None
     loss: str | None = None
     lam: float | None = None
     cache: bool | None = None

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_DIR = "calibration"
 TEACHER_CACHE_DIR = "teacher_cache"
-TRAINING_OPTIONS = ("steps", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch")
+TRAINING_OPTIONS = ("steps", "batch_size", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch")
 LOSS_OPTIONS = {"loss": "name", "lam": "lam"}
 
 

@@ -1,0 +1,63 @@
+"""Measured peak memory of each stage of an `aaq quantize` run next to the planner's estimate.
+
+Runs one quantization (a recipe, default the AAQ demo recipe) with perplexity evaluation, reads
+the stages' seconds and peak memory that the run records, estimates the same stages from the model
+config alone (`aaq.memory.estimate`, what `aaq plan` prints), and writes both with their ratio.
+Run it alone on the machine, once per model and dtype:
+
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --model smollm2-135m-safe --reference smollm2-135m-instruct --dtype float32
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --model /tmp/llama-1b --reference /tmp/llama-1b --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from aaq.devices import Placement
+from aaq.eval.perplexity import PerplexityConfig
+from aaq.eval.suite import EvalConfig
+from aaq.loading import load_model_config
+from aaq.memory import GiB, estimate
+from aaq.recipes import load_recipe
+from aaq.runs import provenance, write_json
+from aaq.workflow import RunConfig, run_quantization
+
+RESULTS = Path(__file__).parent / "results"
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "aaq_demo.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-safe")
+    parser.add_argument("--reference", default="smollm2-135m-instruct")
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/memory_plan_<model>_<dtype>.json)")
+    args = parser.parse_args()
+    quantize = load_recipe(args.recipe)
+    placement = Placement(device=args.device, dtype=args.dtype)
+    evaluation = EvalConfig(tasks="ppl", ppl=PerplexityConfig(n_samples=8, seq_len=512))
+    with tempfile.TemporaryDirectory(prefix="aaq-memory-plan-") as work:
+        run = RunConfig(model=args.model, out=Path(work) / "run", quantize=quantize, placement=placement, reference=args.reference, evaluation=evaluation)
+        record = run_quantization(run).record
+    teacher_batch = quantize.method.training.teacher_batch or quantize.calibration.batch_size
+    planned = {stage.stage: stage for stage in estimate(load_model_config(args.model), quantize, placement, evaluation, teacher_batch)}
+    rows = []
+    for name, measured in record["stages"].items():
+        plan = planned.get(name)
+        peak = measured["peak_device"] or measured["peak_host"]
+        expected = None if plan is None else (plan.device or plan.host)
+        rows.append({"stage": name, **measured, "estimate": None if plan is None else asdict(plan), "ratio": None if not expected else peak / expected})
+        ratio = "" if not expected else f"   estimate {expected / GiB:6.2f} GiB   measured/estimate {peak / expected:5.2f}"
+        print(f"{name:<18} {measured['seconds']:8.1f} s   peak {peak / GiB:6.2f} GiB{ratio}")
+    out = args.out or RESULTS / f"memory_plan_{Path(args.model).name}_{args.dtype}.json"
+    write_json(out, {"model": args.model, "dtype": args.dtype, "recipe": str(args.recipe), "metrics": record["metrics"], "stages": rows, **provenance()})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
