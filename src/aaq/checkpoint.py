@@ -1,7 +1,8 @@
 """Saving a quantized model to a folder and loading it back as the same fake-quantized model.
 
 A quantized folder holds `aaq_config.json` (written last: its presence means the folder is
-complete), the transformers `config.json` of the transformed architecture, the weights in
+complete), `aaq_folder.json` with every file's checksum (`aaq.folders`; the weights are checked
+when read), the transformers `config.json` of the transformed architecture, the weights in
 `aaq_model.safetensors` (named so that plain `from_pretrained` does not load them without the
 online transforms they need), the fused rotations in `transforms.safetensors`, and the tokenizer.
 `aaq export --format aaq` writes the same folder with the weights packed as int4 codes
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from aaq.api import QuantizeConfig, QuantizeResult
 from aaq.errors import AaqError
 from aaq.fake_quant import install_quantizers, quantized_linears
+from aaq.folders import folder_kind, prepare_output_folder, verify_file
 from aaq.loading import ModelSource, load_model
 from aaq.models import transform_plan
 from aaq.online import install_online_rotations
@@ -30,9 +32,11 @@ from aaq.packing import PACKED_FORMAT, PACKED_WEIGHTS, unpack_state
 from aaq.plan import TransformConfig
 from aaq.quantizers import QuantScheme
 from aaq.rotation import ties_embeddings
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.runs import provenance, write_atomic, write_json, write_staged
 
 AAQ_CONFIG = "aaq_config.json"
+# What a run that stopped on an error leaves in its folder: the error and the stage it happened in.
+FAILED_RECORD = "failed.json"
 WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq-fakequant"
@@ -44,6 +48,12 @@ _READABLE_FORMATS = (FORMAT, PACKED_FORMAT)
 def is_quantized_folder(path: str | Path) -> bool:
     """True when `path` is a folder written by `save_quantized`."""
     return (Path(path) / AAQ_CONFIG).is_file()
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """True for a quantized folder, finished or not (a killed or failed run, a deleted `aaq_config.json`)."""
+    path = Path(path)
+    return is_quantized_folder(path) or (path / WEIGHTS).is_file() or folder_kind(path) == "run"
 
 
 def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -63,17 +73,17 @@ def save_quantized(
 ) -> Path:
     """Write the quantized model of `result` to `out_dir`; returns the folder."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out, "run")
     (out / AAQ_CONFIG).unlink(missing_ok=True)
     model = result.model
-    model.config.save_pretrained(out)
+    write_staged(out, model.config.save_pretrained)
     write_atomic(out / WEIGHTS, lambda tmp: save_file(model_state(model), str(tmp), metadata={"format": FORMAT}))
     if result.transforms.tensors():
         write_atomic(out / TRANSFORMS, lambda tmp: save_file(result.transforms.tensors(), str(tmp)))
     else:
         (out / TRANSFORMS).unlink(missing_ok=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        write_staged(out, tokenizer.save_pretrained)
     write_json(
         out / AAQ_CONFIG,
         {
@@ -94,7 +104,11 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise AaqError(f"{path} has no {AAQ_CONFIG}: it is not a finished aaq run; re-run `aaq quantize`") from None
+        raise AaqError(
+            f"{path} has no {AAQ_CONFIG}: it is not a finished aaq run{_failure(Path(path))}; "
+            "finish it with `aaq quantize` into that folder with {setting}, or re-run it",
+            setting="resume",
+        ) from None
     except json.JSONDecodeError as err:
         raise AaqError(f"{file} is not valid JSON ({err.msg}); the folder is corrupt, re-run `aaq quantize`") from None
     if data.get("format") not in _READABLE_FORMATS or data.get("format_version") != FORMAT_VERSION:
@@ -108,8 +122,18 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _failure(path: Path) -> str:
+    """How the run in `path` failed, from its `failed.json` (empty when it has none)."""
+    try:
+        failed = json.loads((path / FAILED_RECORD).read_text())
+        return f" (it failed in stage {failed['stage']}: {failed['error']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _load_weights(file: Path, remedy: str = "re-run `aaq quantize`") -> dict[str, torch.Tensor]:
     try:
+        verify_file(file, remedy)
         return load_file(str(file))
     except FileNotFoundError:
         raise AaqError(f"{file} is missing; the folder is incomplete, {remedy}") from None
@@ -163,7 +187,7 @@ def load_quantized(
 
 def load(path_or_name: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a quantized aaq folder, or any model `aaq.loading.load_model` accepts."""
-    if is_quantized_folder(path_or_name):
+    if is_run_folder(path_or_name):
         model, tokenizer, _ = load_quantized(path_or_name)
         return model, tokenizer
     return load_model(ModelSource(str(path_or_name)))

@@ -18,9 +18,7 @@ compressed-tensors' `ModelCompressor` (pack-quantized), so the weights are bit-i
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,27 +27,16 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from aaq.checkpoint import load_quantized
+from aaq.checkpoint import load_quantized, model_state
 from aaq.errors import AaqError
-from aaq.exporting import (
-    HF_CONFIG,
-    HF_WEIGHTS,
-    ExportConfig,
-    ExportReport,
-    Written,
-    check_strict,
-    linear_bytes,
-    quantized_linears,
-    run_scheme,
-    start_folder,
-)
+from aaq.exporting import HF_WEIGHTS, ExportConfig, ExportReport, Written, check_strict, linear_bytes, quantized_linears, run_scheme, start_folder
 from aaq.hadamard import hadamard_matrix
 from aaq.models import transform_plan
 from aaq.packing import recover_codes
 from aaq.plan import TransformConfig, TransformPlan
 from aaq.quantizers import QuantScheme, QuantSpec, quantize_weight_rtn
 from aaq.rotation import normalized_hadamard, rotate_reader
-from aaq.runs import write_atomic
+from aaq.runs import write_atomic, write_staged
 
 try:
     from compressed_tensors.compressors import ModelCompressor
@@ -284,10 +271,12 @@ def _compress(model: PreTrainedModel, plan: CompressedPlan) -> ModelCompressor:
 
 def _write_config(out: Path, model: PreTrainedModel, compressor: ModelCompressor) -> None:
     """Write config.json with its quantization_config (the folder's completion marker), atomically."""
-    with tempfile.TemporaryDirectory(dir=out, prefix=".config-") as tmp:
-        model.config.save_pretrained(tmp)
-        compressor.update_config(tmp)
-        os.replace(Path(tmp) / HF_CONFIG, out / HF_CONFIG)
+
+    def save(folder: Path) -> None:
+        model.config.save_pretrained(folder)
+        compressor.update_config(str(folder))
+
+    write_staged(out, save)
 
 
 def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
@@ -304,11 +293,12 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     if plan.unfuse_r4:
         _unfuse_r4(model, model_plan, scheme.weights)
     compressor = _compress(model, plan)
-    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    # model_state leaves out a tied lm_head: safetensors refuses tensors that share memory, transformers re-ties it.
+    tensors = model_state(model)
     if plan.r4 is not None:
         tensors.update(r4_tensors(model_plan))
     start_folder(out)
     write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    tokenizer.save_pretrained(out)
+    write_staged(out, tokenizer.save_pretrained)
     report.linear_bytes, report.linear_fp16_bytes = linear_bytes(tensors, linears)
     return report, lambda: _write_config(out, model, compressor)
