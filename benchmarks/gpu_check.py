@@ -111,7 +111,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                     save_quantized(result, tokenizer, Path(work) / "run")
                 for fmt in ("aaq", "compressed-tensors"):
                     with meter.stage(f"export_{fmt}"):
-                        export(Path(work) / "run", Path(work) / fmt, ExportConfig(format=fmt))
+                        export(Path(work) / "run", Path(work) / f"export-{fmt}", ExportConfig(format=fmt))
                 rows += [_row(f"aaq/{name}", record, planned.get(name)) for name, record in meter.records.items()]
             del model, result
     return {"config": args.config, "placement": asdict(placement), "settings": vars(args) | {"out": str(args.out)}, "stages": rows, **provenance()}

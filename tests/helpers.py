@@ -44,6 +44,11 @@ def make_tiny_model(family: str, hidden_size: int = 96, num_heads: int = 6, tie:
     return model
 
 
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under `folder` with its content, to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def calibration_setup(model, scheme, config=None, seed: int = 0, weights_in_loop: bool = True):
     """`model` prepared for calibration with fresh learnable transforms (smoothing on unless `config` says otherwise)."""
     from aaq.methods.ostquant import install_for_calibration

@@ -48,3 +48,19 @@ def test_aaq_without_reference_is_a_clear_error():
     config = QuantizeConfig(method=AAQConfig(), calibration=CalibrationConfig(n_samples=2, seq_len=8))
     with pytest.raises(AaqError, match=r"pass one \(`reference`\)"):
         quantize(make_tiny_model("llama"), config, calibration=torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_a_reference_source_is_checked_from_its_config_and_tokenizer_alone(tmp_path, tiny_tokenizer, monkeypatch):
+    import aaq.loading
+    from aaq.api import check_reference_source
+
+    monkeypatch.setattr(aaq.loading, "_load_pretrained", lambda *a, **k: pytest.fail("the reference's weights were loaded"))
+    model = make_tiny_model("llama")
+    model.resize_token_embeddings(len(tiny_tokenizer))
+    other = make_tiny_model("llama")
+    for name, reference in (("same", model), ("other", other)):
+        reference.save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    check_reference_source(str(tmp_path / "same"), model, tiny_tokenizer)
+    with pytest.raises(AaqError, match=rf"vocabularies differ \({len(tiny_tokenizer)} vs 128 tokens\)"):
+        check_reference_source(str(tmp_path / "other"), model, tiny_tokenizer)

@@ -52,7 +52,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path, tiny_tokenizer):
     folder, _, _ = _saved_run(tmp_path, tiny_tokenizer, RTNConfig())
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(AaqError, match="corrupt or truncated"):
+    with pytest.raises(AaqError, match="corrupt"):
         load_quantized(folder)
 
 
@@ -81,3 +81,32 @@ def test_saving_without_rotations_removes_stale_transforms(tmp_path, tiny_tokeni
     result = quantize(make_tiny_model("llama"), QuantizeConfig(method=RTNConfig(), bits="w4a16"))
     save_quantized(result, tiny_tokenizer, folder)
     assert not (folder / TRANSFORMS).exists()
+
+
+def test_saving_into_a_folder_of_foreign_files_is_refused(tmp_path, tiny_tokenizer):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("the user's")
+    result = quantize(make_tiny_model("llama"), QuantizeConfig(method=RTNConfig(), bits="w4a16"))
+    with pytest.raises(AaqError, match=r"holds files aaq did not write \(config.json\)"):
+        save_quantized(result, tiny_tokenizer, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_text() == "the user's"
+
+
+def test_weights_changed_after_the_save_are_refused_on_load(tmp_path, tiny_tokenizer):
+    folder, _, _ = _saved_run(tmp_path, tiny_tokenizer, RTNConfig())
+    with (folder / WEIGHTS).open("r+b") as handle:
+        handle.seek(4096)
+        handle.write(bytes(4096))
+    with pytest.raises(AaqError, match="aaq_model.safetensors changed after aaq wrote it .* write the folder again"):
+        load_quantized(folder)
+
+
+def test_an_unfinished_run_folder_is_still_a_run_folder(tmp_path, tiny_tokenizer):
+    from aaq.checkpoint import is_run_folder
+    from aaq.folders import prepare_output_folder
+
+    assert not is_run_folder(tmp_path / "nothing") and not is_run_folder("some/hub-id")
+    prepare_output_folder(tmp_path / "killed", "run")
+    assert is_run_folder(tmp_path / "killed") and not is_quantized_folder(tmp_path / "killed")
+    with pytest.raises(AaqError, match=r"not a finished aaq run; finish it with `aaq quantize` into that folder with `resume`"):
+        load(tmp_path / "killed")

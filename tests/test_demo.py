@@ -3,11 +3,13 @@
 import json
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from aaq.api import CalibrationConfig
 from aaq.demo import DemoConfig, run_demo
+from aaq.errors import AaqError
 from aaq.eval.perplexity import PerplexityConfig
 
 
@@ -57,3 +59,36 @@ def test_paper_sized_config_scales_calibration_and_evaluation():
     aaq = full.methods()[-1]
     assert aaq.name == "aaq" and aaq.training.loss.lam == 0.1 and aaq.training.steps == 150
     assert aaq.training.activation_checkpointing and not DemoConfig().methods()[-1].training.activation_checkpointing
+
+
+def _fails(*args, **kwargs):
+    pytest.fail("the work started")
+
+
+def test_a_reference_with_another_tokenizer_is_refused_before_any_evaluation(tmp_path, tiny_model_dir, fake_data_with_harmbench, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import aaq.demo
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["extra"])
+    tokenizer.save_pretrained(other)
+    monkeypatch.setattr(aaq.demo, "evaluate", _fails)
+    monkeypatch.setattr(aaq.demo, "run_quantization", _fails)
+    with pytest.raises(AaqError, match="tokenizers map tokens to different ids"):
+        run_demo(DemoConfig(model=str(tiny_model_dir), reference=str(other), out=tmp_path / "demo", tasks="ppl"))
+
+
+def test_a_demo_folder_with_foreign_files_is_refused_before_loading(tmp_path, monkeypatch):
+    import aaq.demo
+    from aaq.folders import prepare_output_folder
+
+    monkeypatch.setattr(aaq.demo, "load_model", _fails)
+    prepare_output_folder(tmp_path / "demo", "report")  # an earlier demo, where the user then added notes to a run
+    prepare_output_folder(tmp_path / "demo" / "rtn", "run")
+    (tmp_path / "demo" / "rtn" / "notes.txt").write_text("mine")
+    with pytest.raises(AaqError, match=r"rtn holds files aaq did not write \(notes.txt\)"):
+        run_demo(DemoConfig(out=tmp_path / "demo"))
+    assert (tmp_path / "demo" / "rtn" / "notes.txt").read_text() == "mine"

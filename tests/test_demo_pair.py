@@ -120,6 +120,17 @@ def test_make_demo_pair_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, fak
     assert not list(tmp_path.glob(".adapter-*/")), "no staging folder is left behind"
 
 
+def test_an_output_folder_of_foreign_files_is_refused_before_training(tmp_path, monkeypatch):
+    import aaq.demo_pair
+
+    monkeypatch.setattr(aaq.demo_pair, "load_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"someone else's adapter")
+    with pytest.raises(AaqError, match=r"holds files aaq did not write \(adapter_model.safetensors\)"):
+        make_demo_pair(PairConfig(out=tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"someone else's adapter"
+
+
 def test_shipped_adapter_is_complete_and_names_its_training():
     entry = ADAPTER_ALIASES["smollm2-135m-safe"]
     assert entry.base in MODEL_ALIASES

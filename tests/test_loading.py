@@ -181,3 +181,50 @@ def test_real_alias_loads_with_the_smollm2_config():
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert tokenizer.pad_token is not None and len(tokenizer) == 49152
     assert (alias_cache_dir(ALIAS) / loading.CONVERTED_FOLDER / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "break_folder,fragment",
+    [
+        (lambda folder: (folder / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda folder: (folder / "config.json").write_text('{"hidden_size": 8}'), "names no model_type"),
+        (lambda folder: (folder / "model.safetensors").unlink(), "has config.json but no weights (model.safetensors"),
+    ],
+)
+def test_a_broken_model_folder_is_a_one_line_error(tiny_llama, tiny_tokenizer, tmp_path, break_folder, fragment):
+    _save_tiny(tiny_llama, tiny_tokenizer, tmp_path)
+    break_folder(tmp_path)
+    with pytest.raises(AaqError) as error:
+        load_model(str(tmp_path))
+    _assert_one_line_error(error, fragment)
+
+
+def test_an_aaq_run_folder_is_not_a_model_to_quantize(tiny_llama, tiny_tokenizer, tmp_path):
+    from aaq.folders import mark_folder
+
+    _save_tiny(tiny_llama, tiny_tokenizer, tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").unlink()
+    mark_folder(tmp_path / "run", "run")
+    with pytest.raises(AaqError) as error:
+        load_model(str(tmp_path / "run"))
+    _assert_one_line_error(error, "is an aaq run folder (already quantized); pass the full-precision model")
+
+
+def test_a_hub_model_without_the_hub_fails_at_once_or_loads_from_the_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "unavailable_reason", lambda: "HF_HUB_OFFLINE is set")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(AaqError) as error:
+        load_model("someone/not-cached")
+    _assert_one_line_error(error, "'someone/not-cached' is not in the local hub cache and the hub is unavailable (HF_HUB_OFFLINE is set)")
+    calls = []
+    monkeypatch.setattr(loading, "snapshot_download", lambda name, **kwargs: calls.append((name, kwargs)) or str(tmp_path / "snapshot"))
+    with pytest.raises(AaqError):  # the (empty) snapshot folder is read as a local model
+        load_model("someone/cached")
+    assert calls == [("someone/cached", {"revision": None, "local_files_only": True})]
+
+
+def test_config_and_tokenizer_are_read_without_the_weights(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    _save_tiny(tiny_llama, tiny_tokenizer, tmp_path)
+    monkeypatch.setattr(loading, "_load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    config, tokenizer = loading.load_config_and_tokenizer(str(tmp_path))
+    assert config.vocab_size == tiny_llama.config.vocab_size and tokenizer.get_vocab() == tiny_tokenizer.get_vocab()

@@ -1,9 +1,11 @@
 """Run folders' writes are atomic, and every output records where it came from."""
 
+import errno
 import json
 
 import pytest
 
+from aaq.errors import AaqError
 from aaq.runs import git_commit, provenance, write_atomic, write_json
 
 
@@ -13,9 +15,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
     def failing(tmp):
         tmp.write_text("half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(AaqError, match=r"could not write .*data.txt \(No space left on device\); free some disk space"):
         write_atomic(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]

@@ -192,3 +192,43 @@ def test_targets_written_in_row_chunks_match(models, tokens, tmp_path: Path, mon
         assert torch.equal(getattr(cached, field), getattr(expected, field))
     for field in ("pull_prob", "push_prob", "push_ref"):
         assert torch.allclose(getattr(cached, field), getattr(expected, field), rtol=1e-6, atol=1e-7)
+
+
+def test_stored_size_is_what_the_metadata_says(models, tokens, tmp_path: Path) -> None:
+    aligned, reference, _ = models
+    cache = build_teacher_cache(aligned, reference, tokens, tmp_path, k=7)
+    on_disk = sum(np.load(path, mmap_mode="r").nbytes for path in tmp_path.glob("*.npy"))
+    assert cache.meta.nbytes == on_disk > 0
+
+
+@pytest.mark.parametrize("fallocate", [True, False])
+def test_a_full_disk_is_an_error_that_removes_the_partial_files(models, tokens, tmp_path: Path, monkeypatch, fallocate) -> None:
+    import errno
+    import os
+
+    aligned, reference, _ = models
+    if fallocate:
+        monkeypatch.setattr(os, "posix_fallocate", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    else:  # systems without fallocate get their blocks by writing zeros, which raise on a full disk as well
+        monkeypatch.delattr(os, "posix_fallocate")
+        real_open = Path.open
+
+        def full_when_writing(self, mode="r", *args, **kwargs):
+            handle = real_open(self, mode, *args, **kwargs)
+            if mode == "r+b":
+                handle.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            return handle
+
+        monkeypatch.setattr(Path, "open", full_when_writing)
+    with pytest.raises(AaqError, match=r"could not write the teacher cache in .* \(No space left on device\); free some disk space"):
+        build_teacher_cache(aligned, reference, tokens, tmp_path, k=7)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_allocation_by_writing_zeros_gives_a_usable_cache(models, tokens, tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    aligned, reference, _ = models
+    monkeypatch.delattr(os, "posix_fallocate")
+    cache = build_teacher_cache(aligned, reference, tokens, tmp_path, k=7)
+    assert torch.equal(cache.targets([2]).pull_idx, teacher_targets(aligned(tokens[[2]]), reference(tokens[[2]]), 7).pull_idx)

@@ -10,7 +10,9 @@ from aaq.checkpoint import is_quantized_folder
 from aaq.errors import AaqError
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.suite import EvalConfig
+from aaq.folders import MARKER
 from aaq.methods import AAQConfig, QuaRotConfig, RTNConfig
+from aaq.runs import write_json
 from aaq.workflow import RUN_RECORD, RunConfig, evaluate_source, prepare_run_folder, run_quantization
 
 TINY_CALIBRATION = CalibrationConfig(n_samples=4, seq_len=32)
@@ -50,12 +52,15 @@ def test_the_reference_is_required_exactly_when_the_method_pushes(tmp_path):
 
 
 def test_a_finished_run_is_replaced_only_when_asked(tmp_path):
-    (tmp_path / RUN_RECORD).write_text("{}")
+    out = tmp_path / "run"
+    prepare_run_folder(out, overwrite=False)
+    write_json(out / RUN_RECORD, {})
+    write_json(out / "teacher_cache" / "meta.json", {})
     with pytest.raises(AaqError, match="already holds a finished run") as info:
-        prepare_run_folder(tmp_path, overwrite=False)
+        prepare_run_folder(out, overwrite=False)
     assert info.value.setting == "overwrite"
-    prepare_run_folder(tmp_path, overwrite=True)
-    assert not tmp_path.exists()
+    prepare_run_folder(out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == [MARKER]
 
 
 def test_an_adapter_on_a_run_folder_is_refused(tmp_path, tiny_model_dir, fake_data_dir):
@@ -104,3 +109,34 @@ def test_bfloat16_runs_keep_exact_integer_codes_through_save_reload_and_export(t
     assert run_files.keys() == packed_files.keys() and all(torch.equal(run_files[k], packed_files[k]) for k in run_files)
     packed, _, _ = load_quantized(tmp_path / "packed")
     assert torch.equal(logits_of(packed, tokens), logits_of(reloaded, tokens))
+
+
+@pytest.mark.parametrize("error,recorded", [(AaqError("the disk is full"), "the disk is full"), (KeyboardInterrupt(), "interrupted")])
+def test_a_failed_run_records_its_error_and_stage(tmp_path, tiny_model_dir, fake_data_dir, monkeypatch, error, recorded):
+    import aaq.workflow
+
+    def fail(*args, **kwargs):
+        raise error
+
+    config = RunConfig(model=str(tiny_model_dir), out=tmp_path / "run", quantize=QuantizeConfig(method=RTNConfig()))
+    with monkeypatch.context() as patch, pytest.raises(type(error)):
+        patch.setattr(aaq.workflow, "save_quantized", fail)
+        run_quantization(config)
+    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert (failed["status"], failed["stage"], failed["error"]) == ("failed", "save", recorded) and failed["versions"]["torch"]
+    run_quantization(config)
+    assert not (tmp_path / "run" / "failed.json").exists() and (tmp_path / "run" / RUN_RECORD).is_file()
+
+
+def test_the_disk_space_a_run_plans_for(tmp_path, tiny_model_dir):
+    from aaq.loading import load_model
+    from aaq.workflow import planned_run_bytes
+
+    model, _ = load_model(str(tiny_model_dir))
+    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32, the tied lm_head counted once
+    aaq = RunConfig(model="m", out=tmp_path, quantize=QuantizeConfig(method=AAQConfig(), calibration=TINY_CALIBRATION), reference="r")
+    planned = planned_run_bytes(aaq, model, calibration=None)
+    k = min(1000, model.config.vocab_size)
+    assert planned == {"teacher cache": 4 * 32 * (2 * k * (4 + 2) + 4), "GPTQ progress": weights, "weights": weights}
+    rtn = RunConfig(model="m", out=tmp_path, quantize=QuantizeConfig(method=RTNConfig()), save_model=False)
+    assert planned_run_bytes(rtn, model, calibration=None) == {"teacher cache": 0, "GPTQ progress": 0, "weights": 0}

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.data import TextDataConfig, token_windows
 from aaq.devices import Placement, StageMeter, StageRecord, placement_of
 from aaq.errors import AaqError
-from aaq.methods import MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
+from aaq.folders import prepare_output_folder
+from aaq.methods import RUN_WORK_FOLDERS, MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
 from aaq.models import transform_plan
 from aaq.quantizers import QuantScheme
 from aaq.rotation import AppliedTransforms
+from aaq.typed import checked_value, dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +84,13 @@ class QuantizeConfig:
         if unknown:
             raise AaqError(f"unknown recipe key(s) {', '.join(unknown)}; a recipe (a quantization config) has {', '.join(CONFIG_KEYS)}")
         method = data.get("method", {"name": QuaRotConfig.name})
-        calibration = data.get("calibration", {})
-        known = {f.name for f in fields(CalibrationConfig)}
-        if not isinstance(calibration, dict) or set(calibration) - known:
-            raise AaqError(f"unknown calibration setting(s) in {calibration}; known: {', '.join(sorted(known))}")
+        scheme = data.get("scheme")
         return cls(
             method=method_config_from_dict({"name": method} if isinstance(method, str) else method),
-            bits=data.get("bits", cls.bits),
-            scheme=QuantScheme.from_dict(data["scheme"]) if data.get("scheme") else None,
-            calibration=CalibrationConfig(**calibration),
-            seed=data.get("seed", cls.seed),
+            bits=checked_value(data.get("bits", cls.bits), str, "bits"),
+            scheme=QuantScheme.from_dict(scheme) if scheme else None,
+            calibration=dataclass_from_dict(CalibrationConfig, data.get("calibration", {}), "calibration"),
+            seed=checked_value(data.get("seed", cls.seed), int, "seed"),
         )
 
 
@@ -130,15 +129,35 @@ def check_reference_compatible(
     reference_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> None:
     """Raise AaqError unless `reference` shares the vocabulary (and, when both are given, the tokenizer) of `model`."""
-    sizes = (model.config.get_text_config().vocab_size, reference.config.get_text_config().vocab_size)
     rows = (model.get_input_embeddings().weight.shape[0], reference.get_input_embeddings().weight.shape[0])
-    if sizes[0] != sizes[1] or rows[0] != rows[1]:
-        raise AaqError(
-            f"model and reference vocabularies differ ({sizes[0]} vs {sizes[1]} tokens); "
-            "pass a reference built on the same tokenizer (e.g. the base model of the instruct model)"
-        )
+    _check_vocabularies(model.config, reference.config, tokenizer, reference_tokenizer)
+    if rows[0] != rows[1]:
+        raise AaqError(f"model and reference vocabularies differ ({rows[0]} vs {rows[1]} embedding rows); {_SAME_TOKENIZER}")
+
+
+_SAME_TOKENIZER = "pass a reference built on the same tokenizer (e.g. the base model of the instruct model)"
+
+
+def _check_vocabularies(
+    config: PretrainedConfig,
+    reference_config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase | None,
+    reference_tokenizer: PreTrainedTokenizerBase | None,
+) -> None:
+    """Raise AaqError unless two model configs (and tokenizers, when both are given) share their vocabulary."""
+    sizes = (config.get_text_config().vocab_size, reference_config.get_text_config().vocab_size)
+    if sizes[0] != sizes[1]:
+        raise AaqError(f"model and reference vocabularies differ ({sizes[0]} vs {sizes[1]} tokens); {_SAME_TOKENIZER}")
     if tokenizer is not None and reference_tokenizer is not None and tokenizer.get_vocab() != reference_tokenizer.get_vocab():
         raise AaqError("model and reference tokenizers map tokens to different ids; pass a reference that shares the model's tokenizer")
+
+
+def check_reference_source(source: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Raise AaqError unless the reference at `source` shares `model`'s vocabulary and tokenizer; reads only its config and tokenizer."""
+    from aaq.loading import load_config_and_tokenizer
+
+    reference_config, reference_tokenizer = load_config_and_tokenizer(source)
+    _check_vocabularies(model.config, reference_config, tokenizer, reference_tokenizer)
 
 
 def load_reference(
@@ -168,10 +187,12 @@ def quantize(
     (n_samples, seq_len)) or build it from `tokenizer` and `config.calibration`. `reference` is the
     unaligned model of the `aaq` method, or a function loading it (then it is resident only while
     its teacher targets are computed); the method frees it once they are cached, if the caller
-    holds no other reference to it. `run_dir` holds the teacher cache and the calibration
-    checkpoints, and `resume` continues a killed calibration from them. `placement`: where the
-    stages compute (default: where the model is, no offloading).
+    holds no other reference to it. `run_dir` (an empty folder or an aaq run folder) holds the
+    teacher cache and the calibration checkpoints, and `resume` continues a killed calibration from
+    them. `placement`: where the stages compute (default: where the model is, no offloading).
     """
+    if run_dir is not None:
+        prepare_output_folder(run_dir, "run", work_folders=RUN_WORK_FOLDERS)
     if config.method.needs_reference() and reference is None:
         raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     if isinstance(reference, PreTrainedModel):

@@ -1,7 +1,8 @@
 """Saving a quantized model to a folder and loading it back as the same fake-quantized model.
 
 A quantized folder holds `aaq_config.json` (written last: its presence means the folder is
-complete), the transformers `config.json` of the transformed architecture, the weights in
+complete), `aaq_folder.json` with every file's checksum (`aaq.folders`; the weights are checked
+when read), the transformers `config.json` of the transformed architecture, the weights in
 `aaq_model.safetensors`, the fused rotations and smoothing scales in `transforms.safetensors`,
 and the tokenizer. The weights file holds each quantized linear as its integer codes (packed two
 int4 per byte, with scales and zero points: `aaq.packing.WeightCodes`), every other tensor in the
@@ -26,6 +27,7 @@ from aaq.api import QuantizeConfig, QuantizeResult
 from aaq.devices import Placement, default_device, dtype_name
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear, install_quantizers
+from aaq.folders import folder_kind, prepare_output_folder, verify_file
 from aaq.loading import ModelSource, load_model
 from aaq.models import transform_plan
 from aaq.online import install_online_rotations
@@ -33,9 +35,11 @@ from aaq.packing import SUFFIXES, WeightCodes, rtn_codes
 from aaq.plan import TransformConfig
 from aaq.quantizers import QuantScheme, QuantSpec
 from aaq.rotation import ties_embeddings
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.runs import provenance, write_atomic, write_json, write_staged
 
 AAQ_CONFIG = "aaq_config.json"
+# What a run that stopped on an error leaves in its folder: the error and the stage it happened in.
+FAILED_RECORD = "failed.json"
 WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq"
@@ -51,15 +55,24 @@ def is_quantized_folder(path: str | Path) -> bool:
     return (Path(path) / AAQ_CONFIG).is_file()
 
 
-def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The tensors a quantized folder stores: quantized linears as codes, `int8_rows` modules as int8 rows, the rest as is.
+def is_run_folder(path: str | Path) -> bool:
+    """True for a quantized folder, finished or not (a killed or failed run, a deleted `aaq_config.json`)."""
+    path = Path(path)
+    return is_quantized_folder(path) or (path / WEIGHTS).is_file() or folder_kind(path) == "run"
 
-    A lm_head tied to the embeddings is stored once.
-    """
+
+def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's state dict without a tied lm_head (safetensors refuses tensors that share memory; loading re-ties it)."""
     plan = transform_plan(model)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     if ties_embeddings(model, plan):
         state.pop(f"{plan.lm_head}.weight", None)
+    return state
+
+
+def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors a quantized folder stores: quantized linears as codes, `int8_rows` modules as int8 rows, the rest as is."""
+    state = model_state(model)
     for name, module in model.named_modules():
         codes = module.codes if isinstance(module, QuantLinear) else None
         if name in int8_rows and f"{name}.weight" in state:
@@ -73,14 +86,13 @@ def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> di
 def write_model_files(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, int8_rows: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """Write the model files of a quantized folder (not its marker); returns the stored tensors."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the model files of a quantized folder (not its marker) into a prepared output folder; returns the stored tensors."""
     (out / AAQ_CONFIG).unlink(missing_ok=True)
-    model.config.save_pretrained(out)
+    write_staged(out, model.config.save_pretrained)
     tensors = model_tensors(model, int8_rows)
     write_atomic(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        write_staged(out, tokenizer.save_pretrained)
     return tensors
 
 
@@ -98,7 +110,7 @@ def save_quantized(
 ) -> Path:
     """Write the quantized model of `result` to `out_dir`; returns the folder."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out, "run")
     (out / AAQ_CONFIG).unlink(missing_ok=True)
     if result.transforms.tensors():
         write_atomic(out / TRANSFORMS, lambda tmp: save_file(result.transforms.tensors(), str(tmp)))
@@ -116,7 +128,11 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise AaqError(f"{path} has no {AAQ_CONFIG}: it is not a finished aaq run; re-run `aaq quantize`") from None
+        raise AaqError(
+            f"{path} has no {AAQ_CONFIG}: it is not a finished aaq run{_failure(Path(path))}; "
+            "finish it with `aaq quantize` into that folder with {setting}, or re-run it",
+            setting="resume",
+        ) from None
     except json.JSONDecodeError as err:
         raise AaqError(f"{file} is not valid JSON ({err.msg}); the folder is corrupt, re-run `aaq quantize`") from None
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
@@ -130,9 +146,19 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _failure(path: Path) -> str:
+    """How the run in `path` failed, from its `failed.json` (empty when it has none)."""
+    try:
+        failed = json.loads((path / FAILED_RECORD).read_text())
+        return f" (it failed in stage {failed['stage']}: {failed['error']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     remedy = "write the folder again (`aaq quantize` or `aaq export`)"
     try:
+        verify_file(file, remedy)
         return load_file(str(file))
     except FileNotFoundError:
         raise AaqError(f"{file} is missing; the folder is incomplete, {remedy}") from None
@@ -205,7 +231,7 @@ def load_quantized(
 
 def load(path_or_name: str | Path, placement: Placement | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a quantized aaq folder, or any model `aaq.loading.load_model` accepts."""
-    if is_quantized_folder(path_or_name):
+    if is_run_folder(path_or_name):
         model, tokenizer, _ = load_quantized(path_or_name, placement=placement)
         return model, tokenizer
     return load_model(ModelSource(str(path_or_name)), placement)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -109,7 +110,9 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantization")
     _add_eval_options(p, default_tasks="ppl")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing finished run in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the aaq output in --out (removes only files aaq wrote there; anything else is an error)"
+    )
     p.set_defaults(handler=cmd_quantize)
 
 
@@ -402,9 +405,13 @@ def _summary(metrics: dict) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize, save the model, evaluate it, write run.json."""
+    from aaq.exporting import export_blocker
     from aaq.workflow import RunConfig, run_quantization
 
     config = quantize_config_from_args(args)
+    blocker = export_blocker(config)
+    if blocker is not None:
+        logger.warning("warning: %s", cli_message(blocker))
     evaluation = None if args.no_eval else dataclasses.replace(eval_config_from_args(args), seed=config.seed)
     run = RunConfig(
         model=args.model,
@@ -520,6 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aaq: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # A full disk can stop any library's write (a datasets or hub cache, say); aaq's own writes say so themselves.
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"aaq: error: {err.strerror} ({err.filename or 'while writing'}); free some disk space and run again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

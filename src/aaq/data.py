@@ -114,9 +114,11 @@ def _import_datasets() -> ModuleType:
 
 
 @contextmanager
-def _datasets_offline(datasets: ModuleType) -> Iterator[None]:
+def datasets_offline() -> Iterator[None]:
+    """Within the block, the `datasets` library reads only its local cache (never the hub)."""
     # datasets has no per-call offline switch; without one an offline machine spends ~25 s in hub
     # retries before it falls back to its cache, so flip the library's own flag and restore it.
+    datasets = _import_datasets()
     was_offline = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = True
     try:
@@ -129,7 +131,7 @@ def _hf_rows(label: str, allow_network: bool, *args: str, **kwargs: object):
     """Return a `datasets` split, from the local cache first and, if allowed, from the hub."""
     datasets = _import_datasets()
     try:
-        with _datasets_offline(datasets):
+        with datasets_offline():
             return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # datasets raises many unrelated types for a data set it cannot find
         if not allow_network:
@@ -170,9 +172,14 @@ def resolve_dataset(dataset: str) -> str:
     return "wikitext2"
 
 
+def corpus_documents(dataset: str, split: str) -> list[str]:
+    """Return the documents of a corpus split ("auto" resolved); AaqError when its text is not available."""
+    return CORPORA[resolve_dataset(dataset)](split)
+
+
 def corpus_token_ids(tokenizer: PreTrainedTokenizerBase, dataset: str, split: str) -> torch.Tensor:
     """Return the 1-D int64 token ids of a corpus split ("auto" resolved): documents joined by blank lines."""
-    text = DOCUMENT_SEPARATOR.join(CORPORA[resolve_dataset(dataset)](split))
+    text = DOCUMENT_SEPARATOR.join(corpus_documents(dataset, split))
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64)
 

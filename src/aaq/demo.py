@@ -14,15 +14,17 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens
+from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, check_reference_source
 from aaq.calibrate import CalibrationSettings
 from aaq.devices import Placement, dispatched
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.report import write_comparison
-from aaq.eval.suite import EvalConfig, evaluate
+from aaq.eval.suite import EvalConfig, evaluate, prepare_inputs
+from aaq.folders import check_output_folder, prepare_output_folder
 from aaq.loading import load_model
 from aaq.losses import LossConfig
 from aaq.methods import AAQConfig, MethodConfig, OSTQuantConfig, QuaRotConfig, RTNConfig
+from aaq.quantizers import QuantScheme
 from aaq.workflow import RunConfig, run_quantization
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class DemoConfig:
     save_models: bool = False
     placement: Placement = field(default_factory=Placement)
 
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        QuantScheme.from_string(self.bits)
+
     def paper_sized(self) -> "DemoConfig":
         """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4, lambda 0.1) and full
         evaluation budgets."""
@@ -103,20 +109,28 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> str:
     """Evaluate the FP aligned model and each quantized variant; write report.md/json and the safety-vs-PPL plot.
 
-    Each variant is a run folder `out/<method>` (run.json, its evaluation). Returns the markdown
-    comparison table.
+    Each variant is a run folder `out/<method>` (run.json, its evaluation), replaced when it holds
+    an earlier demo's run. Returns the markdown comparison table. The output folders, the
+    evaluation's inputs and the reference's vocabulary are checked before the first evaluation.
     """
-    aligned, tokenizer = load_model(config.model, config.placement)
     eval_config = EvalConfig(
         tasks=config.tasks, ppl=config.ppl, seed=config.seed, max_new_tokens=config.max_new_tokens,
         batch_size=config.eval_batch_size, max_prompts=config.max_prompts,
     )  # fmt: skip
     methods = config.methods()
+    check_output_folder(config.out, "report")
+    check_output_folder(config.out / "fp", "eval")
+    for method in methods:
+        check_output_folder(config.out / method.name, "run", overwrite=True)
+    inputs = prepare_inputs(eval_config)
+    aligned, tokenizer = load_model(config.model, config.placement)
+    check_reference_source(config.reference, aligned, tokenizer)
+    prepare_output_folder(config.out, "report")
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
     logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
     meta = {"model": config.model, "reference": config.reference, "method": "fp", "bits": "fp"}
     with dispatched(aligned, config.placement):
-        reports = [evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta) | {"run_dir": str(config.out / "fp")}]
+        reports = [evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta, inputs=inputs) | {"run_dir": str(config.out / "fp")}]
     for number, method in enumerate(methods, start=2):
         logger.info("[%d/%d] quantizing with %s at %s", number, len(methods) + 1, method.name, config.bits)
         run = RunConfig(

@@ -40,6 +40,7 @@ from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig, chat_texts, generate_responses
 from aaq.eval.prompts import benign_train_records, harmbench_prompts, harmbench_tuning_records
 from aaq.eval.refusal import is_refusal
+from aaq.folders import check_output_folder, mark_folder, remove_aaq_folder
 from aaq.loading import load_model
 from aaq.runs import provenance, write_atomic, write_json
 
@@ -278,8 +279,10 @@ def make_demo_pair(config: PairConfig) -> Path:
 
     The folder is complete or absent: it is built in a staging folder and renamed into place. The
     self-distilled answers are cached next to it, so a rerun after an interruption skips generation.
-    Returns the adapter folder (loadable with `aaq.loading.ModelSource(base, adapter=folder)`).
+    Returns the adapter folder (loadable with `aaq.loading.ModelSource(base, adapter=folder)`). An
+    existing `config.out` is replaced only when it is an earlier aaq adapter (checked before training).
     """
+    check_output_folder(config.out, "adapter")
     started = time.perf_counter()
     model, tokenizer = load_model(config.base)
     benign_prompts = [record.text for record in benign_train_records()]
@@ -305,8 +308,9 @@ def make_demo_pair(config: PairConfig) -> Path:
         }
         write_json(staging / CONFIG_FILE, summary)
         staging.chmod(0o755)
+        mark_folder(staging, "adapter")
         if config.out.exists():
-            shutil.rmtree(config.out)
+            remove_aaq_folder(config.out)
         os.replace(staging, config.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

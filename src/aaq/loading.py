@@ -8,6 +8,7 @@ load a dequantised safetensors copy with its tokenizer is kept beside it, so lat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,15 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from aaq.devices import Placement
 from aaq.errors import AaqError
+from aaq.folders import folder_kind
+from aaq.hub import unavailable_reason
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "AAQ_CACHE_DIR"
 CONVERTED_FOLDER = "hf"
+# The weight files transformers looks for in a model folder.
+_WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 @dataclass(frozen=True)
@@ -99,26 +106,15 @@ def load_model(source: ModelSource | str, placement: Placement | None = None) ->
 
 def load_model_config(source: str) -> PretrainedConfig:
     """The transformers config of a model (folder, `.gguf` file, `config.json` file, hub id or alias), without loading its weights."""
-    if source in ADAPTER_ALIASES:
-        source = ADAPTER_ALIASES[source].base
-    if source in MODEL_ALIASES:
-        converted = alias_cache_dir(source) / CONVERTED_FOLDER
-        if (converted / "config.json").is_file():
-            return AutoConfig.from_pretrained(converted)
-        path = alias_model_file(source)
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     path = Path(source).expanduser()
+    location = _Location(str(path)) if path.is_file() and path.suffix == ".json" else _config_location(source, weights=False)
     try:
-        if path.is_file() and path.suffix == ".json":
-            return AutoConfig.from_pretrained(path)
-        if path.is_file():
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        if path.is_dir() and not (path / "config.json").is_file():
-            gguf = _single_gguf_in(path)
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(location.name_or_path, gguf_file=location.gguf_file, revision=location.revision)
     except (OSError, ValueError) as error:
-        raise AaqError(f"could not read the config of model {source!r} ({str(error).splitlines()[0]}); pass a model folder, a .gguf file, a config.json, a hub id or an alias") from None
+        raise AaqError(
+            f"could not read the config of model {source!r} ({str(error).strip().splitlines()[0]}); "
+            "pass a model folder, a .gguf file, a config.json, a hub id or an alias"
+        ) from None
 
 
 def _aliases_hint() -> str:
@@ -132,32 +128,109 @@ def _looks_local(name: str) -> bool:
     return parent != Path(".") and parent.is_dir()
 
 
-def _load_local_or_hub(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    name = source.name_or_path
+@dataclass(frozen=True)
+class _Location:
+    """Where transformers reads a model from: a local folder or hub id, and the GGUF file in the folder if any."""
+
+    name_or_path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+def _location(name: str, revision: str | None = None, weights: bool = True) -> _Location:
+    """The location of a model that is not an alias: a local folder or .gguf file, or a hub id; AaqError when unusable.
+
+    `weights`: a model folder must hold weights (False when only its config is read).
+    """
     path = Path(name).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise AaqError(
-                    f"model file {path} is not a .gguf file; pass a model folder (with config.json) or a .gguf file"
-                )
-            return _load_gguf(path, dtype)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise AaqError(f"model file {path} is not a .gguf file; pass a model folder (with config.json) or a .gguf file")
+        return _Location(str(path.parent), path.name)
+    if path.is_dir():
         if (path / "config.json").is_file():
-            return _load_pretrained(str(path), dtype)
-        return _load_gguf(_single_gguf_in(path), dtype)
+            _check_model_folder(path, weights)
+            return _Location(str(path))
+        return _Location(str(path), _single_gguf_in(path).name)
     if _looks_local(name):
         raise AaqError(
             f"model path {name} does not exist; pass a local folder, a .gguf file, a hub id, or one of the aliases: "
             f"{_aliases_hint()}"
         )
+    return _Location(_hub_source(name, revision), revision=revision)
+
+
+def _check_model_folder(path: Path, weights: bool = True) -> None:
+    """Raise AaqError when a transformers model folder has an unreadable config.json or (when `weights`) no weights."""
+    file = path / "config.json"
     try:
-        return _load_pretrained(name, dtype, revision=source.revision)
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise AaqError(f"{file} is not valid JSON ({error}); repair it or pass another model folder") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise AaqError(f"{file} names no model_type, so it is no transformers model config; repair it or pass another model folder")
+    if folder_kind(path) == "run":
+        raise AaqError(f"{path} is an aaq run folder (already quantized); pass the full-precision model it was made from")
+    if weights and not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise AaqError(f"model folder {path} has config.json but no weights ({' or '.join(_WEIGHT_FILES)}); pass a complete model folder")
+
+
+def _hub_source(name: str, revision: str | None) -> str:
+    """What to load a hub model from: the hub id, or its local snapshot when the hub cannot be used right now.
+
+    Deciding up front avoids a minute of retries on a machine without network; AaqError when the
+    hub is unavailable and the model is not in the local hub cache.
+    """
+    reason = unavailable_reason()
+    if reason is None:
+        return name
+    try:
+        return snapshot_download(name, revision=revision, local_files_only=True)
+    except (OSError, ValueError):  # huggingface_hub's "not in the cache" errors are OSError subclasses
+        raise AaqError(
+            f"model {name!r} is not in the local hub cache and the hub is unavailable ({reason}); download it where the hub "
+            f"is reachable, or pass a local folder, a .gguf file, or one of the aliases: {_aliases_hint()}"
+        ) from None
+
+
+def _load_local_or_hub(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    location = _location(source.name_or_path, source.revision)
+    if location.gguf_file is not None:
+        return _load_gguf(Path(location.name_or_path) / location.gguf_file, dtype)
+    try:
+        return _load_pretrained(location.name_or_path, dtype, revision=location.revision)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AaqError(
-            f"could not load model {name!r} from the hub ({reason}); pass a local folder, a .gguf file, "
+            f"could not load model {source.name_or_path!r} ({reason}); pass a local folder, a .gguf file, a hub id, "
             f"or one of the aliases: {_aliases_hint()}"
         ) from error
+
+
+def _config_location(name: str, weights: bool = True) -> _Location:
+    """Where the config and tokenizer of a model source are read from (an adapter alias: its base's)."""
+    if name in ADAPTER_ALIASES:  # a LoRA adapter leaves the base's config and vocabulary as they are
+        name = ADAPTER_ALIASES[name].base
+    if name not in MODEL_ALIASES:
+        return _location(name, weights=weights)
+    converted = alias_cache_dir(name) / CONVERTED_FOLDER
+    if (converted / "config.json").is_file():
+        return _Location(str(converted))
+    file = alias_model_file(name)
+    return _Location(str(file.parent), file.name)
+
+
+def load_config_and_tokenizer(name: str) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The config and tokenizer of a model source (path, .gguf file, hub id or alias) without its weights.
+
+    For checks before the work (a reference's vocabulary); AaqError when the source is unusable.
+    """
+    location = _config_location(name)
+    kwargs = {"gguf_file": location.gguf_file, "revision": location.revision}
+    try:
+        return AutoConfig.from_pretrained(location.name_or_path, **kwargs), AutoTokenizer.from_pretrained(location.name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise AaqError(f"could not read the config and tokenizer of model {name!r} ({str(error).strip().splitlines()[0]}); pass a complete model") from None
 
 
 def _single_gguf_in(folder: Path) -> Path:

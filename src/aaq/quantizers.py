@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from aaq.errors import AaqError
+from aaq.typed import dataclass_from_dict
 
 FULL_PRECISION_BITS = 16
 _SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -168,7 +169,9 @@ class QuantScheme:
     @classmethod
     def from_dict(cls, data: dict) -> "QuantScheme":
         """Inverse of `to_dict`."""
-        specs = {k: (QuantSpec(**data[k]) if data.get(k) else None) for k in ("weights", "activations", "kv_cache")}
+        if not isinstance(data, dict):
+            raise AaqError(f"scheme must be a mapping with weights, activations and kv_cache, got {data!r}; correct it in the recipe")
+        specs = {k: (dataclass_from_dict(QuantSpec, data[k], f"scheme.{k}") if data.get(k) else None) for k in ("weights", "activations", "kv_cache")}
         return cls(**specs, name=data.get("name", "custom"))
 
 

@@ -9,11 +9,14 @@ reference can be freed and each calibration step is one student forward+backward
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from transformers import PreTrainedModel
 
 from aaq.devices import model_device
 from aaq.errors import AaqError
+from aaq.folders import TEMP_SUFFIX
 from aaq.losses import LossConfig, TeacherTargets, teacher_targets
 from aaq.runs import write_json
 
@@ -88,6 +92,11 @@ class CacheMeta:
             return rows, np.dtype(np.float32)
         dtype = np.int32 if field.endswith("_idx") else self.value_dtype
         return (*rows, self.k_eff), np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored arrays (their `.npy` headers aside)."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in map(self.field_spec, self.fields))
 
 
 def tokens_fingerprint(tokens: Tensor) -> str:
@@ -207,8 +216,22 @@ def _teacher_logits(teacher: LogitsFn, batch: Tensor, role: str) -> Tensor:
 
 
 def _partial_path(directory: Path, field: str) -> Path:
-    """Where an array is written before it is moved into place."""
-    return directory / f".{field}.npy.partial"
+    """Where an array is written before it is moved into place (a temporary name the next aaq run removes if this one is killed)."""
+    return directory / f".{field}.npy{TEMP_SUFFIX}"
+
+
+@contextmanager
+def _partial_files_removed_on_error(directory: Path, arrays: dict[str, np.ndarray]) -> Iterator[None]:
+    """On any error, drop the memory maps in `arrays` and delete the partial files; a failed write becomes an AaqError."""
+    try:
+        yield
+    except BaseException as error:
+        arrays.clear()
+        for field in _PULL_FIELDS + _PUSH_FIELDS:
+            _partial_path(directory, field).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise AaqError(f"could not write the teacher cache in {directory} ({error.strerror or error}); free some disk space and run again") from None
+        raise
 
 
 def build_teacher_cache(
@@ -241,7 +264,7 @@ def build_teacher_cache(
     num_sequences, seq_len = batches.shape
     arrays: dict[str, np.ndarray] = {}
     meta: CacheMeta | None = None
-    with torch.no_grad():
+    with _partial_files_removed_on_error(directory, arrays), torch.no_grad():
         for start in tqdm(range(0, num_sequences, batch_size), desc="teacher targets", unit="batch"):
             batch = batches[start : start + batch_size]
             z_a = _teacher_logits(aligned, batch, "aligned")
@@ -256,26 +279,53 @@ def build_teacher_cache(
                     has_push=reference is not None,
                     fingerprint=tokens_fingerprint(batches),
                 )
-                arrays = _create_partial_arrays(directory, meta)
+                arrays.update(_create_partial_arrays(directory, meta))
             _write_batch_targets(arrays, meta, start, z_a, z_b)
             del z_a, z_b
-    assert meta is not None  # the loop ran at least once: num_sequences > 0
-    for field, array in arrays.items():
-        array.flush()
-        os.replace(_partial_path(directory, field), directory / f"{field}.npy")
-    del arrays
+        assert meta is not None  # the loop ran at least once: num_sequences > 0
+        for field, array in arrays.items():
+            array.flush()
+            os.replace(_partial_path(directory, field), directory / f"{field}.npy")
+        arrays.clear()
     write_json(directory / _META_FILE, asdict(meta))
     log.info("teacher cache: %d x %d positions, k=%d, %s values", num_sequences, seq_len, meta.k_eff, dtype_name)
     return TeacherCache.open(directory, batches)
 
 
 def _create_partial_arrays(directory: Path, meta: CacheMeta) -> dict[str, np.ndarray]:
-    """Writable ``.npy`` memory maps for every cached field, at their temporary paths."""
+    """Writable ``.npy`` memory maps for every cached field, at their temporary paths, with their disk space allocated."""
     arrays = {}
     for field in meta.fields:
         shape, dtype = meta.field_spec(field)
-        arrays[field] = np.lib.format.open_memmap(_partial_path(directory, field), mode="w+", dtype=dtype, shape=shape)
+        path = _partial_path(directory, field)
+        arrays[field] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        _allocate(path, arrays[field].nbytes)
     return arrays
+
+
+def _allocate(path: Path, data_bytes: int) -> None:
+    """Give the (sparse) `.npy` file at `path` its disk blocks now, raising OSError if the disk is full.
+
+    Writing through a memory map into a file the disk has no room for kills the process with
+    SIGBUS ("Bus error") instead of raising an error. `data_bytes`: the array's bytes, which follow
+    the header at the end of the file.
+    """
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        # No fallocate on this system or file system: real writes of the array's zeros raise on a full disk too.
+        chunk = bytes(1 << 20)
+        handle.seek(size - data_bytes)
+        for offset in range(0, data_bytes, len(chunk)):
+            handle.write(chunk[: data_bytes - offset])
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _write_batch_targets(

@@ -68,3 +68,24 @@ def test_plot_needs_ppl_and_refusal(tmp_path):
 def test_full_precision_detection():
     assert is_full_precision({"method": "fp"}) and is_full_precision({"method": "x", "bits": "W16A16"})
     assert not is_full_precision({"method": "aaq", "bits": "w4a4kv4"})
+
+
+def test_a_comparison_is_read_as_its_runs_and_anything_else_is_refused(run_dirs, tmp_path):
+    from aaq.eval.report import write_comparison
+
+    write_comparison(merge_reports(run_dirs[:2]), tmp_path / "cmp", "first two")
+    assert [r["method"] for r in merge_reports([tmp_path / "cmp", run_dirs[2]])] == ["fp", "rtn", "quarot"]
+    for name, content in (("list", [RUNS[0][1]]), ("random", {"a": 1}), ("broken", {"kind": "aaq-comparison", "runs": [{"a": 1}]})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+        with pytest.raises(AaqError, match=f"{name}.json is not an aaq report; pass folders written by `aaq eval"):
+            merge_reports([tmp_path / f"{name}.json"])
+
+
+def test_a_comparison_is_never_written_over_foreign_files(run_dirs, tmp_path):
+    from aaq.eval.report import write_comparison
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    with pytest.raises(AaqError, match=r"holds files aaq did not write \(report.md\)"):
+        write_comparison(merge_reports(run_dirs), tmp_path / "mine", "title")
+    assert (tmp_path / "mine" / "report.md").read_text() == "my notes"

@@ -66,3 +66,24 @@ def test_max_prompts_takes_an_evenly_spaced_subset():
     assert benign_prompt_set(EvalConfig(max_prompts=10_000)) == everything
     with pytest.raises(AaqError, match="max_prompts"):
         EvalConfig(max_prompts=0)
+
+
+def test_bad_inputs_fail_before_the_first_task(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
+    import aaq.eval.suite
+
+    monkeypatch.setattr(aaq.eval.suite, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,category\n1,a\n")
+    config = EvalConfig(tasks="ppl,refusal", harmful_prompts=str(prompts))
+    with pytest.raises(AaqError, match="prompts.csv"):
+        evaluate(tiny_llama, tiny_tokenizer, config, tmp_path / "out")
+    with pytest.raises(AaqError, match="SafetyBench file .* does not exist"):
+        evaluate(tiny_llama, tiny_tokenizer, EvalConfig(tasks="ppl,safetybench", safetybench=str(tmp_path / "none.json")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_judge_that_does_not_exist_fails_before_any_model_work(tmp_path):
+    from aaq.eval.suite import prepare_inputs
+
+    with pytest.raises(AaqError, match="model path .*no-judge does not exist"):
+        prepare_inputs(EvalConfig(tasks="refusal", judge=str(tmp_path / "no-judge")))

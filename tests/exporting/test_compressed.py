@@ -10,7 +10,7 @@ from aaq.checkpoint import load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import EXPORT_REPORT, ExportConfig, export
 from aaq.hadamard import fast_hadamard_transform, hadamard_matrix
-from aaq.methods import QuaRotConfig
+from aaq.methods import GPTQConfig, QuaRotConfig, RTNConfig
 from aaq.plan import NO_TRANSFORMS, TransformConfig
 from aaq.quantizers import QuantScheme, QuantSpec, fake_quantize
 from tests.helpers import FAMILIES, compressed_tensors_model, logits_of, saved_run
@@ -57,6 +57,18 @@ def test_w4a16_folder_loads_in_transformers_with_the_runlogits(tmp_path, tiny_to
     assert "aaq" not in text  # nothing in the folder needs aaq to load
     config = json.loads(text)["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["input_activations"] is None
+
+
+@pytest.mark.parametrize("method", [RTNConfig(), GPTQConfig()], ids=["rtn", "gptq"])
+def test_a_tied_run_without_rotations_exports_with_its_embeddings_shared(tmp_path, tiny_tokenizer, method):
+    from transformers import AutoModelForCausalLM
+
+    run, _ = saved_run(tmp_path, tiny_tokenizer, method=method, bits="w4a16")
+    export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16", strict=True, dtype="float32"))
+    simulation, _, _ = load_quantized(run)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(logits_of(model), logits_of(simulation), rtol=1e-5, atol=1e-5)
 
 
 def test_w4a16_export_refuses_asymmetric_weights_transformers_would_garble(tmp_path, tiny_tokenizer):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aaq.errors import AaqError
+from aaq.folders import prepare_output_folder
 from aaq.runs import provenance, write_atomic, write_json
 
 REPORT_JSON = "report.json"
@@ -88,7 +89,11 @@ def _report_path(run: str | Path) -> Path:
 
 
 def merge_reports(run_dirs: Sequence[str | Path]) -> list[dict]:
-    """Return the report.json of every run folder (or report file) in order, each with its `run_dir` added."""
+    """Return the evaluation reports of every run folder (or report file) in order, each with its `run_dir` added.
+
+    A folder may hold an `aaq eval` report or an `aaq report` comparison (its runs are taken in
+    order); anything else is an AaqError.
+    """
     reports = []
     for run in run_dirs:
         path = _report_path(run)
@@ -96,10 +101,21 @@ def merge_reports(run_dirs: Sequence[str | Path]) -> list[dict]:
             raise AaqError(f"{path} does not exist; pass run folders written by `aaq eval --out DIR`")
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise AaqError(f"{path} is not valid JSON ({error}); re-run `aaq eval` for that folder") from error
-        reports.append({**report, "run_dir": str(path.parent)})
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise AaqError(f"{path} is not valid JSON ({error}); re-run `aaq eval` for that folder") from None
+        comparison = isinstance(report, dict) and report.get("kind") == COMPARISON_KIND
+        found = report.get("runs") if comparison else [report]
+        if not isinstance(found, list) or not all(is_evaluation_report(r) for r in found):
+            raise AaqError(
+                f"{path} is not an aaq report; pass folders written by `aaq eval --out DIR` or `aaq report --out DIR`"
+            )
+        reports += found if comparison else [{**report, "run_dir": str(path.parent)}]
     return reports
+
+
+def is_evaluation_report(data: object) -> bool:
+    """Whether `data` has the shape of the report `aaq eval` writes (model, method, bits and a metrics mapping)."""
+    return isinstance(data, dict) and isinstance(data.get("metrics"), dict) and {"model", "method", "bits"} <= set(data)
 
 
 def comparison_table(reports: Sequence[dict]) -> str:
@@ -182,6 +198,7 @@ def write_comparison(reports: Sequence[dict], out_dir: str | Path, title: str, e
     and perplexity.
     """
     out_dir = Path(out_dir)
+    prepare_output_folder(out_dir, "report")
     table = comparison_table(reports)
     write_json(out_dir / REPORT_JSON, {"kind": COMPARISON_KIND, "runs": list(reports), **(extra or {}), **provenance()})
     write_atomic(out_dir / REPORT_MD, lambda tmp: tmp.write_text(f"# {title}\n\n{table}\n", encoding="utf-8"))

@@ -9,16 +9,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from aaq.data import corpus_documents
 from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig
-from aaq.eval.lmeval import LmEvalConfig, lmeval_tasks
+from aaq.eval.lmeval import LmEvalConfig, lmeval_tasks, prepare_lmeval
 from aaq.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from aaq.eval.prompts import HARMBENCH_TUNING, Prompt, benign_records, harmbench_records, harmbench_tuning_records, load_prompt_records
 from aaq.eval.refusal import Judge, PhraseJudge
 from aaq.eval.report import write_report
 from aaq.eval.safety import SafetyResult, benign_compliance, refusal_rate
-from aaq.eval.safetybench import SafetyBenchResult, safetybench_accuracy
+from aaq.eval.safetybench import SafetyBenchResult, load_safetybench, safetybench_accuracy
+from aaq.folders import check_output_folder, prepare_output_folder
+from aaq.loading import load_config_and_tokenizer
 from aaq.runs import provenance, write_atomic
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,42 @@ def benign_prompt_set(config: EvalConfig) -> list[Prompt]:
 
 
 @dataclass
+class EvalInputs:
+    """What an evaluation reads besides the model, read and checked before any model work.
+
+    `lmeval_manager`: lm-eval's task manager with the tasks' data cached (None without lm-eval tasks).
+    """
+
+    harmful: list[Prompt] = field(default_factory=list)
+    benign: list[Prompt] = field(default_factory=list)
+    lmeval_manager: Any = None
+
+
+def prepare_inputs(config: EvalConfig) -> EvalInputs:
+    """Read and check every input the configured tasks need: held-out text, prompt files, SafetyBench, lm-eval data, the judge.
+
+    Meant for before any model work, so that a bad file or a missing data set stops a command at
+    once instead of after a quantization.
+    """
+    tasks = _ordered_tasks(config)
+    if "ppl" in tasks:
+        corpus_documents(config.ppl.dataset, "heldout")
+    if "safetybench" in tasks:
+        load_safetybench(config.safetybench)
+    if config.judge:
+        load_config_and_tokenizer(config.judge)
+    return EvalInputs(
+        harmful=harmful_prompt_set(config) if "refusal" in tasks else [],
+        benign=benign_prompt_set(config) if "benign" in tasks else [],
+        lmeval_manager=prepare_lmeval(_lmeval_config(config)) if "lmeval" in tasks else None,
+    )
+
+
+def _lmeval_config(config: EvalConfig) -> LmEvalConfig:
+    return LmEvalConfig(config.lmeval_task_names, batch_size=config.batch_size, seed=config.seed)
+
+
+@dataclass
 class _Run:
     """What the tasks of one evaluation accumulate into the report."""
 
@@ -156,7 +196,7 @@ def _record_safetybench(run: _Run, result: SafetyBenchResult) -> None:
     ]
 
 
-def _task_runners(model, tokenizer, config: EvalConfig, judge: Judge, run: _Run) -> dict[str, Callable[[], None]]:
+def _task_runners(model, tokenizer, config: EvalConfig, inputs: EvalInputs, judge: Judge, run: _Run) -> dict[str, Callable[[], None]]:
     def ppl() -> None:
         result = evaluate_perplexity(model, tokenizer, config.ppl)
         run.metrics["ppl"] = result.ppl
@@ -164,11 +204,11 @@ def _task_runners(model, tokenizer, config: EvalConfig, judge: Judge, run: _Run)
         run.details["ppl"] = dataclasses.asdict(result)
 
     def refusal() -> None:
-        result = refusal_rate(model, tokenizer, harmful_prompt_set(config), config.generation, judge)
+        result = refusal_rate(model, tokenizer, inputs.harmful, config.generation, judge)
         _record_safety(run, result, "refusal_rate")
 
     def benign() -> None:
-        result = benign_compliance(model, tokenizer, benign_prompt_set(config), config.generation, judge)
+        result = benign_compliance(model, tokenizer, inputs.benign, config.generation, judge)
         _record_safety(run, result, "benign_compliance")
 
     def safetybench() -> None:
@@ -176,8 +216,7 @@ def _task_runners(model, tokenizer, config: EvalConfig, judge: Judge, run: _Run)
         _record_safetybench(run, result)
 
     def lmeval() -> None:
-        lm_config = LmEvalConfig(config.lmeval_task_names, batch_size=config.batch_size, seed=config.seed)
-        results = lmeval_tasks(model, tokenizer, lm_config)
+        results = lmeval_tasks(model, tokenizer, _lmeval_config(config), inputs.lmeval_manager)
         run.metrics["lmeval"] = results
         run.n_items["lmeval_tasks"] = len(results)
 
@@ -201,20 +240,29 @@ def evaluate(
     out_dir: str | Path | None = None,
     meta: dict | None = None,
     judge: Judge | None = None,
+    inputs: EvalInputs | None = None,
 ) -> dict:
     """Run the configured tasks on the model and return the report dict; with `out_dir`, also write
     report.json, report.md and generations.jsonl (every prompt, response and verdict) there.
 
     `meta` supplies `model`, `method` and `bits` (and anything else worth keeping); `judge` is the
-    loaded judge for `config.judge` (default: the refusal-phrase detector).
+    loaded judge for `config.judge` (default: the refusal-phrase detector). `inputs`: what
+    `prepare_inputs(config)` returned, when the caller checked them before its own work (else they
+    are read here, before the first task). `out_dir` must be new, empty, or an aaq evaluation or
+    run folder (`aaq.folders`).
     """
     if config.judge and judge is None:
         raise AaqError(f"judge model {config.judge!r} is configured but not loaded; pass judge=ModelJudge(model, tokenizer)")
+    if out_dir is not None:
+        check_output_folder(out_dir, "eval", joins=("run",))
+    inputs = inputs or prepare_inputs(config)
+    if out_dir is not None:
+        prepare_output_folder(out_dir, "eval", joins=("run",))
     judge = judge or PhraseJudge()
     meta = dict(meta or {})
     model.eval()
     run = _Run(metrics={"ppl": None, "refusal_rate": None, "benign_compliance": None, "safetybench_acc": None})
-    runners = _task_runners(model, tokenizer, config, judge, run)
+    runners = _task_runners(model, tokenizer, config, inputs, judge, run)
     for task in _ordered_tasks(config):
         log.info("eval: %s", task)
         start = time.perf_counter()

@@ -23,10 +23,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.api import QuantizeConfig
-from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, is_quantized_folder, load_quantized, read_aaq_config, write_marker, write_model_files
+from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, load_quantized, read_aaq_config, write_marker, write_model_files
 from aaq.devices import Placement
 from aaq.errors import AaqError
 from aaq.fake_quant import quantized_linears
+from aaq.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
 from aaq.models import transform_plan
 from aaq.quantizers import QuantScheme
 from aaq.runs import provenance, write_atomic, write_json
@@ -120,20 +121,13 @@ def _weight_part_of(key: str, linears: dict[str, torch.Size]) -> bool:
     return prefix in linears and suffix != "bias"
 
 
-def folder_bytes(folder: Path) -> int:
-    """Total size of the files in `folder`."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
 def start_folder(out: Path) -> None:
-    """Create `out` and remove what an earlier export left there, completion markers first.
+    """Make `out` an aaq export folder and remove what an earlier export left there, completion markers first.
 
     A crash mid-export then leaves no folder that looks complete, and a folder re-exported in the
     other format (or from another run) holds no stale weights or transforms of the first.
     """
-    if is_quantized_folder(out) and EXPORTED_FROM not in read_aaq_config(out):
-        raise AaqError(f"{out} is an aaq run folder; export to another folder ({{setting}})", setting="out")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out, "export")
     for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, WEIGHTS, HF_WEIGHTS, *_CARRIED_FILES):
         (out / name).unlink(missing_ok=True)
 
@@ -146,6 +140,24 @@ def check_strict(report: ExportReport, strict: bool) -> None:
 
 # A writer fills the folder and returns its report and the function that writes the completion marker.
 Written = tuple[ExportReport, Callable[[], None]]
+
+
+def export_blocker(config: QuantizeConfig) -> AaqError | None:
+    """Why a run quantized with `config` could not be exported (None when it can)."""
+    gptq = config.method.weight_solver()
+    weights = config.resolved_scheme().weights
+    if gptq is None or weights is None or weights.group_size is None or not gptq.act_order or gptq.static_groups:
+        return None
+    return AaqError(
+        "GPTQ with act_order and weight groups orders each group's scale by processing order, which no export format can "
+        "store, so the run cannot be exported; quantize with {setting} (or without act_order) for an exportable run",
+        setting="static_groups",
+    )
+
+
+def _exported_bytes(run_dir: Path) -> int:
+    """A rough upper bound of an export's size: the run's weight files (int4 codes take less, measured in every format)."""
+    return sum((run_dir / name).stat().st_size for name in (WEIGHTS, TRANSFORMS) if (run_dir / name).is_file())
 
 
 def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:
@@ -183,12 +195,21 @@ def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
 def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
     """Export the quantized run (or packed export) in `run_dir` to `out_dir` in `config.format`; returns the report.
 
-    The report (differences, notes, sizes) is also written to `out_dir/aaq_export.json`.
+    The report (differences, notes, sizes) is also written to `out_dir/aaq_export.json`. `out_dir`
+    must be new, empty, or an earlier aaq export (which is replaced); everything that can be
+    checked (the run's exportability, the folder, the free disk space) is checked before the run is loaded.
     """
     config = config or ExportConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
         raise AaqError(f"export would overwrite its source {run_dir}; export to another folder ({{setting}})", setting="out")
+    info = read_aaq_config(run_dir)
+    run_scheme(info, run_dir)
+    blocker = export_blocker(QuantizeConfig.from_dict(info["quantize"]))
+    if blocker is not None:
+        raise blocker
+    check_output_folder(out, "export")
+    check_free_space(out, {"export": _exported_bytes(run_dir)})
     if config.format == "aaq":
         report, write_marker = _export_packed(run_dir, out, config)
     else:

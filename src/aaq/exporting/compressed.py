@@ -18,9 +18,7 @@ compressed-tensors' `ModelCompressor` (pack-quantized), so the weights are bit-i
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,9 +27,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from aaq.checkpoint import model_state
 from aaq.errors import AaqError
 from aaq.exporting import (
-    HF_CONFIG,
     HF_WEIGHTS,
     ExportConfig,
     ExportReport,
@@ -49,7 +47,7 @@ from aaq.packing import WeightCodes, rtn_codes
 from aaq.plan import TransformConfig, TransformPlan
 from aaq.quantizers import QuantScheme, QuantSpec
 from aaq.rotation import normalized_hadamard, rotate_reader
-from aaq.runs import write_atomic
+from aaq.runs import write_atomic, write_staged
 
 try:
     from compressed_tensors.compressors import ModelCompressor
@@ -301,10 +299,12 @@ def _compress(model: PreTrainedModel, plan: CompressedPlan, codes: dict[str, Wei
 
 def _write_config(out: Path, model: PreTrainedModel, compressor: ModelCompressor) -> None:
     """Write config.json with its quantization_config (the folder's completion marker), atomically."""
-    with tempfile.TemporaryDirectory(dir=out, prefix=".config-") as tmp:
-        model.config.save_pretrained(tmp)
-        compressor.update_config(tmp)
-        os.replace(Path(tmp) / HF_CONFIG, out / HF_CONFIG)
+
+    def save(folder: Path) -> None:
+        model.config.save_pretrained(folder)
+        compressor.update_config(str(folder))
+
+    write_staged(out, save)
 
 
 def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
@@ -322,11 +322,11 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     if plan.unfuse_r4:
         _unfuse_r4(model, model_plan, codes, scheme.weights)
     compressor = _compress(model, plan, codes)
-    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    tensors = model_state(model)
     if plan.r4 is not None:
         tensors.update(r4_tensors(model_plan, model.dtype))
     start_folder(out)
     write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    tokenizer.save_pretrained(out)
+    write_staged(out, tokenizer.save_pretrained)
     report.linear_bytes, report.linear_fp16_bytes = linear_bytes(tensors, linears)
     return report, lambda: _write_config(out, model, compressor)

@@ -77,6 +77,10 @@ class GPTQConfig(MethodConfig):
         """GPTQ reads the Hessians of calibration inputs."""
         return True
 
+    def weight_solver(self) -> GPTQConfig:
+        """As a method, GPTQ quantizes the weights with its own settings."""
+        return self
+
 
 class HessianAccumulator:
     """Running GPTQ Hessian H = 2/N * sum_n x_n x_n^T of a linear layer's inputs.

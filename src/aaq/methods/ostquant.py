@@ -29,7 +29,7 @@ from aaq.online import OnlineRotations, install_online_rotations
 from aaq.plan import TransformConfig, TransformPlan
 from aaq.quantizers import QuantScheme
 from aaq.rotation import AppliedTransforms, fuse_norms
-from aaq.teachers import Teacher, build_teacher_cache, cached_teacher, live_teacher, open_or_build
+from aaq.teachers import CacheMeta, Teacher, build_teacher_cache, cached_teacher, live_teacher, open_or_build
 from aaq.transforms import (
     InstalledTransforms,
     LearnableTransforms,
@@ -75,6 +75,13 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
     def needs_reference(self) -> bool:
         """Only a loss with a push term (apc) needs the unaligned reference."""
         return self.training.loss.needs_reference
+
+    def teacher_cache_bytes(self, num_sequences: int, seq_len: int, vocab_size: int) -> int:
+        """Disk bytes of the top-k teacher cache (0 when calibration runs the teachers live)."""
+        if not self.training.cache:
+            return 0
+        loss = self.training.loss
+        return CacheMeta(loss.k, vocab_size, num_sequences, seq_len, self.training.cache_dtype, loss.needs_reference, "").nbytes
 
     def apply_options(self, options: Options) -> tuple[OSTQuantConfig, Options]:
         """This config with the transform, calibration and weight-step options applied."""

@@ -7,9 +7,9 @@ decorating one `apply(context) -> MethodResult` function with `@register_method(
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import Field, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -20,6 +20,10 @@ from aaq.methods.options import MethodOptions
 from aaq.plan import NO_TRANSFORMS, TransformPlan
 from aaq.quantizers import QuantScheme
 from aaq.rotation import AppliedTransforms
+from aaq.typed import dataclass_from_dict
+
+if TYPE_CHECKING:
+    from aaq.methods.gptq import GPTQConfig
 
 Options = dict[str, Any]
 
@@ -37,6 +41,14 @@ class MethodConfig:
     def needs_reference(self) -> bool:
         """True when the method needs the unaligned reference model."""
         return False
+
+    def weight_solver(self) -> GPTQConfig | None:
+        """The GPTQ settings the method quantizes the weights with, or None (RTN, or no weight step)."""
+        return None
+
+    def teacher_cache_bytes(self, num_sequences: int, seq_len: int, vocab_size: int) -> int:
+        """Disk bytes of the teacher cache the method writes for that calibration set (0: it writes none)."""
+        return 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings, tagged with the method name."""
@@ -146,39 +158,9 @@ def method_config_class(name: str) -> type[MethodConfig]:
 
 def method_config_from_dict(data: dict[str, Any]) -> MethodConfig:
     """Inverse of `MethodConfig.to_dict`, rebuilding nested config dataclasses."""
-    if "name" not in data:
+    if not isinstance(data, dict) or "name" not in data:
         raise AaqError(f"method settings need a name (one of {', '.join(method_names())}), e.g. method: {{name: quarot}}")
-    return _dataclass_from_dict(method_config_class(data["name"]), data)
-
-
-def _dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """An instance of dataclass `cls` from its `asdict` form, rebuilding nested dataclasses at any depth."""
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - known - {"name"})
-    if unknown:
-        raise AaqError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data or not f.init:
-            continue
-        value = data[f.name]
-        target = _nested_dataclass(f, hints)
-        if isinstance(value, dict) and target is not None:
-            value = _dataclass_from_dict(target, value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def _nested_dataclass(f: Field, hints: dict[str, Any]) -> type | None:
-    """The dataclass type of field `f`, from its annotation or else from its default factory."""
-    target = hints.get(f.name)
-    if isinstance(target, type) and is_dataclass(target):
-        return target
-    if callable(f.default_factory):
-        made = f.default_factory()
-        return type(made) if is_dataclass(made) else None
-    return None
+    return dataclass_from_dict(method_config_class(data["name"]), data, "method")
 
 
 def apply_method(context: MethodContext) -> MethodResult:

@@ -25,6 +25,10 @@ class FusedWeightQuantization:
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise AaqError(f"unknown weight quantizer {self.weight_quantizer!r}; use one of {', '.join(WEIGHT_QUANTIZERS)}")
 
+    def weight_solver(self) -> GPTQConfig | None:
+        """The GPTQ settings of the weight step, or None when RTN quantizes the weights."""
+        return self.gptq if self.weight_quantizer == "gptq" else None
+
     def apply_weight_options(self, options: Options) -> tuple[FusedWeightQuantization, Options]:
         """This config with the weight-step options (weight_quantizer and GPTQ's) applied, and the rest."""
         taken, rest = take_options(options, ("weight_quantizer",))
