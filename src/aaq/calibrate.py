@@ -149,7 +149,7 @@ def live_teacher(aligned: PreTrainedModel, reference: PreTrainedModel | None, to
         if not loss.cacheable:
             return z_a
         z_b = None if reference is None else reference(input_ids=batch, use_cache=False).logits
-        return teacher_targets(z_a, z_b, loss.k)
+        return teacher_targets(z_a, z_b, loss.k, loss.push_k, loss.push_tokens)
 
     return teacher
 

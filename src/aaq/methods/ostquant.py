@@ -23,9 +23,10 @@ from aaq.calibrate import CalibrationSettings, Teacher, cached_teacher, calibrat
 from aaq.errors import AaqError
 from aaq.methods.registry import MethodConfig, MethodContext, register_method
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
+from aaq.pair_stats import PairSummary, push_warning, summary_line
 from aaq.quantizers import QuantScheme
 from aaq.runs import write_atomic
-from aaq.teachers import build_teacher_cache, open_or_build
+from aaq.teachers import TeacherCache, build_teacher_cache, open_or_build
 from aaq.transforms import TransformConfig, attach_learnable_transforms, fuse_learned_transforms, remove_learnable_transforms
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,25 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
         settings.loss.k,
         getattr(torch, settings.cache_dtype),
         context.batch_size,
+        settings.loss.push_k,
+        settings.loss.push_tokens,
     )
     del reference
     context.reference = None
+    _log_pair_statistics(cache)
     return cached_teacher(cache)
+
+
+def _log_pair_statistics(cache: TeacherCache) -> None:
+    """Log how far the two teachers are apart on the calibration windows, with a warning if the push sees nothing."""
+    if cache.meta.pair_statistics is None:
+        return
+    summary = PairSummary.from_dict(cache.meta.pair_statistics)
+    where = "the calibration windows"
+    logger.info(summary_line(summary, where))
+    warning = push_warning(summary, cache.meta.push_set, where)
+    if warning is not None:
+        logger.warning(warning)
 
 
 def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig) -> None:
