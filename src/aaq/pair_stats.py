@@ -143,7 +143,7 @@ class PairStatistics:
         log_a, log_b = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
         p_a, p_b = log_a.exp(), log_b.exp()
         self.positions += logits_a.shape[0]
-        self.kl_sum += float(torch.xlogy(p_a, p_a).sum() - (p_a * log_b).sum())
+        self.kl_sum += float((p_a * (log_a - log_b)).sum())
         for tokens in dict.fromkeys(push.tokens for push in self.push_sets):
             ks = [push.k for push in self.push_sets if push.tokens == tokens]
             mass, contrast = _prefix_sums(logits_a, logits_b, p_a, p_b, tokens, ks)
