@@ -56,10 +56,7 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--symmetric-acts", action="store_true", default=None, help="symmetric activations (default asymmetric)")
     p.add_argument("--a-clip", type=float, default=None, help="activation clip ratio in (0, 1]")
     p.add_argument("--kv-clip", type=float, default=None, help="KV cache clip ratio in (0, 1]")
-    cal = p.add_argument_group("calibration data")
-    cal.add_argument("--calib-dataset", default=None, help="auto | python-docs | wikitext2 | c4 (default: auto)")
-    cal.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: 32)")
-    cal.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: 256)")
+    _add_calibration_data_options(p)
     gptq = p.add_argument_group("GPTQ (methods gptq, quarot)")
     gptq.add_argument("--damp", type=float, default=None, help="damping, fraction of the mean Hessian diagonal (default: 0.01)")
     gptq.add_argument("--no-act-order", dest="act_order", action="store_false", default=None, help="keep column order")
@@ -88,6 +85,8 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="recompute each layer in the backward: about half the calibration memory, a third more time (default: off; on in the paper recipes)",
     )
+    _add_optimizer_options(p)
+    _add_push_options(p)
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out (finished GPTQ layers, calibration checkpoint)"
     )
@@ -95,6 +94,48 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     _add_eval_options(p, default_tasks="ppl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing finished run in --out")
     p.set_defaults(handler=cmd_quantize)
+
+
+def _add_calibration_data_options(p: argparse.ArgumentParser) -> None:
+    cal = p.add_argument_group("calibration data")
+    cal.add_argument("--calib-dataset", default=None, help="auto | python-docs | wikitext2 | c4 (default: auto)")
+    cal.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: 32)")
+    cal.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: 256)")
+    cal.add_argument(
+        "--calib-form",
+        choices=["raw", "chat"],
+        default=None,
+        help="raw: corpus text as it is; chat: user/assistant exchanges built from the calibration-split Python docs "
+        "(faq, howto, tutorial), rendered with the model's chat template (default: raw)",
+    )
+    cal.add_argument(
+        "--calib-benign-train",
+        action="store_true",
+        default=None,
+        help="with --calib-form chat, add the shipped benign training prompts with the instruct model's answers "
+        "(the demo's safety adapter was trained on them)",
+    )
+
+
+def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    opt = p.add_argument_group("transform optimiser and pull tokens (methods ostquant, aaq)")
+    opt.add_argument(
+        "--optimizer", choices=["cayley_sgd", "riemannian_adam"], default=None, help="Stiefel optimiser of R1/R2 (default: cayley_sgd)"
+    )
+    opt.add_argument("--rotation-lr", type=float, default=None, help="learning rate of R1/R2 (default: recipe or 0.017)")
+    opt.add_argument("--scale-lr", type=float, default=None, help="learning rate of the smoothing scales (default: recipe or 0.0018)")
+    opt.add_argument("--top-k", type=int, default=None, help="pull tokens I_a: top-k of the aligned logits (default: 1000)")
+
+
+def _add_push_options(p: argparse.ArgumentParser) -> None:
+    push = p.add_argument_group("push tokens I_d of the apc loss (method aaq)")
+    push.add_argument(
+        "--push-tokens",
+        choices=["diff", "reference", "vocab"],
+        default=None,
+        help="diff: top-k of |z_a - z_b|; reference: top-k of the reference's logits; vocab: every token (default: diff)",
+    )
+    push.add_argument("--push-k", type=int, default=None, help="how many push tokens (default: the pull's top-k)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
@@ -199,6 +240,31 @@ def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_make_demo_pair)
 
 
+def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diagnose",
+        help="measure how an aligned model and its unaligned reference differ, and whether AAQ's push can see it",
+        description="Run the aligned model and the reference over the calibration windows a quantize run with the same "
+        "calibration settings and seed would use, over chat-formatted benign training prompts and over the HarmBench test "
+        "tuning split (first answer tokens of the aligned model's answers). Print per text the mean per-token "
+        "KL(aligned || reference) and, per choice of push tokens I_d, the reference's probability mass and the contrast "
+        "sum |p_a - p_b| on I_d; warn when the run's push has nothing to see on the calibration windows (contrast below "
+        "0.01). --out writes diagnostics.json and diagnostics.md.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="the aligned model (local folder, .gguf file, hub id or alias)")
+    p.add_argument("--reference", required=True, help="the unaligned reference sharing the tokenizer")
+    p.add_argument("--recipe", type=Path, help="YAML recipe whose calibration, seed and apc push tokens are diagnosed (flags override it)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the calibration windows (default: recipe or 0)")
+    p.add_argument("--out", type=Path, help="folder for diagnostics.json and diagnostics.md")
+    _add_calibration_data_options(p)
+    _add_push_options(p)
+    p.add_argument("--push-ks", default="10,100,1000", help="comma list of top-k sizes at which every kind of push tokens is measured")
+    p.add_argument("--answer-tokens", type=int, default=8, help="first answer tokens measured per chat prompt")
+    p.add_argument("--max-prompts", type=int, help="an evenly spaced subset of at most N prompts per prompt set")
+    p.set_defaults(handler=cmd_diagnose)
+
+
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -235,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_demo_parser(sub)
     _add_make_demo_pair_parser(sub)
+    _add_diagnose_parser(sub)
     _add_export_parser(sub)
     return parser
 
@@ -260,6 +327,8 @@ def _override(obj: Any, **changes: Any) -> Any:
 
 
 _FLAG_NAMES = {"r3": "--no-r3", "r4": "--no-r4", "act_order": "--no-act-order"}
+_OPTIMIZER_FLAGS = ("optimizer", "rotation_lr", "scale_lr", "top_k")
+_PUSH_FLAGS = ("push_tokens", "push_k")
 
 
 def _reject_unused(args: argparse.Namespace, names: tuple[str, ...], where: str) -> None:
@@ -303,7 +372,9 @@ def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
     else:
         _reject_unused(args, ("weight_quantizer",), where)
     if "training" in field_names:
-        loss = _override(method.training.loss, name=args.loss, lam=args.lam)
+        loss = _override(
+            method.training.loss, name=args.loss, lam=args.lam, k=args.top_k, push_tokens=args.push_tokens, push_k=args.push_k
+        )
         steps = method.training.steps if args.steps is None else args.steps
         cache = method.training.cache and not args.no_cache
         in_loop = method.training.weights_in_loop if args.weights_in_loop is None else args.weights_in_loop == "on"
@@ -311,8 +382,10 @@ def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
         method.training = dataclasses.replace(
             method.training, loss=loss, steps=steps, cache=cache, weights_in_loop=in_loop, activation_checkpointing=recompute
         )
+        method.training = _override(method.training, optimizer=args.optimizer, rotation_lr=args.rotation_lr, scale_lr=args.scale_lr)
     else:
-        _reject_unused(args, ("reference", "no_cache", "steps", "loss", "lam", "weights_in_loop", "activation_checkpointing"), where)
+        learned_only = ("reference", "no_cache", "steps", "loss", "lam", "weights_in_loop", "activation_checkpointing")
+        _reject_unused(args, learned_only + _OPTIMIZER_FLAGS + _PUSH_FLAGS, where)
     return method
 
 
@@ -325,7 +398,14 @@ def _calibration_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
     if unknown:
         raise AaqError(f"unknown calibration setting(s) {', '.join(unknown)} in the recipe; known: {', '.join(sorted(known))}")
     calibration = CalibrationConfig(**data)
-    return _override(calibration, dataset=args.calib_dataset, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
+    return _override(
+        calibration,
+        dataset=args.calib_dataset,
+        n_samples=args.calib_samples,
+        seq_len=args.calib_seq_len,
+        form=args.calib_form,
+        benign_train=args.calib_benign_train,
+    )
 
 
 def _scheme_from_args(args: argparse.Namespace, scheme):
@@ -366,6 +446,39 @@ def quantize_config_from_args(args: argparse.Namespace):
     if scheme != config.resolved_scheme():
         config.scheme = scheme
     return config
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    """A comma list of positive integers, or a one-line error naming the option."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise AaqError(f"{what} must be a comma list of positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise AaqError(f"{what} must be a comma list of positive integers, got {text!r}")
+    return values
+
+
+def diagnostics_config_from_args(args: argparse.Namespace):
+    """The DiagnosticsConfig described by a recipe (calibration, seed, apc push tokens) plus explicitly given flags."""
+    from aaq.diagnostics import DiagnosticsConfig
+    from aaq.losses import LossConfig
+    from aaq.methods import method_config_from_dict
+    from aaq.pair_stats import PushSet
+
+    recipe = _recipe_dict(args.recipe)
+    method = recipe.get("method")
+    training = getattr(method_config_from_dict(method), "training", None) if isinstance(method, dict) else None
+    loss = training.loss if training is not None and training.loss.name == "apc" else LossConfig(name="apc")
+    loss = _override(loss, push_tokens=args.push_tokens, push_k=args.push_k)
+    return DiagnosticsConfig(
+        calibration=_calibration_from_args(args, recipe),
+        seed=args.seed if args.seed is not None else recipe.get("seed", 0),
+        push=PushSet.of_loss(loss),
+        push_ks=_int_list(args.push_ks, "--push-ks"),
+        answer_tokens=args.answer_tokens,
+        max_prompts=args.max_prompts,
+    )
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -481,6 +594,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, config, args.out, meta={"model": args.model, **meta}, judge=_judge_from_args(args))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in report["metrics"].items() if isinstance(v, float))
     print(f"{args.model}: {shown}; report in {args.out / 'report.md'}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Diagnose an aligned/reference pair: print the tables and the warning, write them with --out."""
+    from aaq.api import load_reference
+    from aaq.diagnostics import diagnose_pair
+    from aaq.loading import load_model
+    from aaq.runs import provenance, write_atomic, write_json
+
+    config = diagnostics_config_from_args(args)
+    model, tokenizer = load_model(args.model)
+    reference = load_reference(args.reference, model, tokenizer)
+    result = diagnose_pair(model, reference, tokenizer, config)
+    title = f"# Pair diagnostics: {args.model} (aligned) vs {args.reference} (reference)"
+    text = "\n\n".join([title, result.table()] + ([f"WARNING: {result.warning}"] if result.warning else [])) + "\n"
+    print(text)
+    if args.out is not None:
+        record = {"model": args.model, "reference": args.reference, "seed": config.seed, **result.to_dict(), **provenance()}
+        write_json(args.out / "diagnostics.json", record)
+        write_atomic(args.out / "diagnostics.md", lambda tmp: tmp.write_text(text))
+        print(f"wrote {args.out / 'diagnostics.json'} and {args.out / 'diagnostics.md'}")
     return 0
 
 
