@@ -215,7 +215,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
-    from aaq.demo_pair import PairConfig
+    from aaq.demo_pair import PAIR_PRESETS, PairConfig
 
     defaults = PairConfig()
     p = sub.add_parser(
@@ -223,20 +223,22 @@ def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
         help="train the LoRA safety adapter that turns smollm2-135m-instruct into the demo's aligned model",
         description="Train a LoRA safety adapter (refusals on HarmBench test `standard` minus the shipped 40-behaviour "
         "tuning split, self-distilled answers on the shipped benign training prompts, KL to the base on calibration "
-        "text) and write it to --out with its training config, data and log. The shipped adapter behind the alias "
-        "smollm2-135m-safe was made with the defaults. HarmBench val is never used.",
+        "text) and write it to --out with its training config, data and log. --preset anchored (the default) rebuilds "
+        "the adapter behind smollm2-135m-safe, --preset unanchored (no KL to the base) the one behind "
+        "smollm2-135m-safe-unanchored; flags change a preset's settings. HarmBench val is never used.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--base", default=defaults.base, help="model the adapter is trained on (the unaligned reference)")
+    p.add_argument("--preset", choices=list(PAIR_PRESETS), default="anchored", help="the settings to start from")
+    p.add_argument("--base", default=None, help=f"model the adapter is trained on, the unaligned reference (default: {defaults.base})")
     p.add_argument("--out", type=Path, default=defaults.out, help="adapter folder to write")
-    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (all linear layers but lm_head)")
-    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training examples")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (linear decay to 0)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
-    p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens, help="length cap of self-distilled answers")
-    p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of KL(base || adapted) on plain text")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data order, templates and LoRA init")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank, all linear layers but lm_head (default: {defaults.rank})")
+    p.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha (default: {defaults.alpha})")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training examples (default: {defaults.epochs})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay to 0 (default: {defaults.lr})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per step (default: {defaults.batch_size})")
+    p.add_argument("--answer-tokens", type=int, default=None, help=f"length cap of self-distilled answers (default: {defaults.answer_tokens})")
+    p.add_argument("--kl-weight", type=float, default=None, help="weight of KL(base || adapted) on plain text (default: 1.0; 0 with --preset unanchored)")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the data order, templates and LoRA init (default: {defaults.seed})")
     p.set_defaults(handler=cmd_make_demo_pair)
 
 
@@ -253,6 +255,7 @@ def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", required=True, help="the aligned model (local folder, .gguf file, hub id or alias)")
+    p.add_argument("--adapter", help="peft LoRA adapter folder merged into --model (e.g. one made by aaq make-demo-pair)")
     p.add_argument("--reference", required=True, help="the unaligned reference sharing the tokenizer")
     p.add_argument("--recipe", type=Path, help="YAML recipe whose calibration, seed and apc push tokens are diagnosed (flags override it)")
     p.add_argument("--seed", type=int, default=None, help="seed of the calibration windows (default: recipe or 0)")
@@ -601,18 +604,19 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     """Diagnose an aligned/reference pair: print the tables and the warning, write them with --out."""
     from aaq.api import load_reference
     from aaq.diagnostics import diagnose_pair
-    from aaq.loading import load_model
+    from aaq.loading import ModelSource, load_model
     from aaq.runs import provenance, write_atomic, write_json
 
     config = diagnostics_config_from_args(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(ModelSource(args.model, adapter=args.adapter))
     reference = load_reference(args.reference, model, tokenizer)
     result = diagnose_pair(model, reference, tokenizer, config)
-    title = f"# Pair diagnostics: {args.model} (aligned) vs {args.reference} (reference)"
+    aligned = args.model if args.adapter is None else f"{args.model} + {args.adapter}"
+    title = f"# Pair diagnostics: {aligned} (aligned) vs {args.reference} (reference)"
     text = "\n\n".join([title, result.table()] + ([f"WARNING: {result.warning}"] if result.warning else [])) + "\n"
     print(text)
     if args.out is not None:
-        record = {"model": args.model, "reference": args.reference, "seed": config.seed, **result.to_dict(), **provenance()}
+        record = {"model": args.model, "adapter": args.adapter, "reference": args.reference, "seed": config.seed, **result.to_dict(), **provenance()}
         write_json(args.out / "diagnostics.json", record)
         write_atomic(args.out / "diagnostics.md", lambda tmp: tmp.write_text(text))
         print(f"wrote {args.out / 'diagnostics.json'} and {args.out / 'diagnostics.md'}")
@@ -675,8 +679,9 @@ def cmd_make_demo_pair(args: argparse.Namespace) -> int:
     from aaq.demo_pair import PairConfig, make_demo_pair
 
     names = ("base", "out", "rank", "alpha", "epochs", "lr", "batch_size", "answer_tokens", "kl_weight", "seed")
-    folder = make_demo_pair(PairConfig(**{name: getattr(args, name) for name in names}))
-    print(f"wrote the safety adapter to {folder}; evaluate it with: aaq eval --model {args.base} --adapter {folder}")
+    config = PairConfig.from_preset(args.preset, **{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    folder = make_demo_pair(config)
+    print(f"wrote the safety adapter to {folder}; evaluate it with: aaq eval --model {config.base} --adapter {folder}")
     return 0
 
 

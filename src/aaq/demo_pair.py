@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +86,15 @@ def refusal_templates() -> list[str]:
 
 @dataclass
 class PairConfig:
-    """How the safety adapter is trained (defaults: the shipped adapter's settings; 19.5 min on a busy 2-core CPU).
+    """How the safety adapter is trained (defaults: the shipped anchored adapter's settings; see `PAIR_PRESETS`).
 
     rank/alpha/dropout: LoRA on every linear layer but lm_head. epochs over the refusal + benign
     examples in batches of `batch_size`; `answer_tokens` caps the self-distilled benign answers.
     Each step adds `kl_weight` x KL(base || adapted) on `kl_windows` windows of `kl_seq_len` tokens
-    of calibration text.
+    of calibration text. `preset` names the preset the settings started from (recorded with the adapter).
     """
 
+    preset: str = "anchored"
     base: str = "smollm2-135m-instruct"
     out: Path = Path("runs/demo_pair")
     rank: int = 8
@@ -114,6 +116,25 @@ class PairConfig:
                 raise AaqError(f"{name} must be >= 1, got {getattr(self, name)}; pass a positive number")
         if self.lr <= 0 or self.kl_weight < 0 or self.kl_windows < 0:
             raise AaqError("lr must be > 0 and kl_weight, kl_windows >= 0; fix the training settings")
+        if self.preset not in PAIR_PRESETS:
+            raise AaqError(f"unknown demo-pair preset {self.preset!r}; use one of: {', '.join(PAIR_PRESETS)}")
+
+    @classmethod
+    def from_preset(cls, preset: str = "anchored", **changes: Any) -> PairConfig:
+        """The settings of a preset (see `PAIR_PRESETS`), with `changes` on top."""
+        if preset not in PAIR_PRESETS:
+            raise AaqError(f"unknown demo-pair preset {preset!r}; use one of: {', '.join(PAIR_PRESETS)}")
+        return cls(preset=preset, **{**PAIR_PRESETS[preset], **changes})
+
+
+# The two aligned models of the demo, as differences from the PairConfig defaults. "anchored"
+# (smollm2-135m-safe): KL to the base on plain text holds the adapted model equal to the base there.
+# "unanchored" (smollm2-135m-safe-unanchored): no anchor, so the safety training also changes the model on
+# ordinary text, as alignment does in real instruct models (README, "The demo pairs").
+PAIR_PRESETS: dict[str, dict[str, Any]] = {
+    "anchored": {},
+    "unanchored": {"kl_weight": 0.0},
+}
 
 
 def tuning_split() -> list[str]:
