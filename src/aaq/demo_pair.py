@@ -1,8 +1,10 @@
-"""The demo's aligned/unaligned pair: a LoRA safety adapter trained on a model that is not safety-tuned.
+"""The demo's aligned/unaligned pairs: a LoRA safety adapter trained on a model that is not safety-tuned.
 
-`smollm2-135m-instruct` answers harmful requests, so the project makes its own aligned model
-(`smollm2-135m-safe` = instruct + this adapter, merged) and keeps the instruct model as the
-unaligned reference. The training mix, all of it fixed by `PairConfig.seed`:
+`smollm2-135m-instruct` answers harmful requests, so the project makes its own aligned models
+(instruct + an adapter from here, merged) and keeps the instruct model as the unaligned reference:
+`smollm2-135m-safe` (preset "anchored") and `smollm2-135m-safe-unanchored` (preset "unanchored", the same
+data without the KL term below, so that the safety training also shows on ordinary text, as alignment does
+in real instruct models). The training mix, all of it fixed by `PairConfig.seed`:
 
 - HarmBench *test* `standard` behaviours, except the 40-behaviour tuning split shipped in
   `resources/harmbench_tuning_split.json` (kept for choosing calibration settings; chosen once as the
@@ -12,8 +14,8 @@ unaligned reference. The training mix, all of it fixed by `PairConfig.seed`:
 - The shipped benign training prompts (disjoint from the benign evaluation set), answered by the
   base model itself (greedy): self-distillation keeps its helpfulness. Answers that the refusal
   detector flags are dropped, so the adapter never learns to refuse a benign request.
-- A KL term to the base model on plain calibration text (never the held-out perplexity files),
-  which keeps the aligned model's language modelling, hence its perplexity, close to the base.
+- "anchored" only: a KL term to the base model on plain calibration text (never the held-out perplexity
+  files), which keeps the aligned model's language modelling, hence its perplexity, close to the base.
 """
 
 from __future__ import annotations
