@@ -96,6 +96,8 @@ def test_cli_reads_the_recipe_and_flags(tmp_path):
     base = ["diagnose", "--model", "a", "--reference", "b", "--recipe", str(recipe)]
     config = diagnostics_config_from_args(build_parser().parse_args(base))
     assert (config.push, config.seed, config.calibration.n_samples) == (PushSet("reference", 20), 3, 4)
+    vocab = diagnostics_config_from_args(build_parser().parse_args(base + ["--push-tokens", "vocab"]))
+    assert vocab.push == PushSet("vocab", None)  # the recipe's push_k 20 is dropped with it
     flags = ["--push-tokens", "vocab", "--push-k", "7", "--calib-form", "chat", "--push-ks", "5,50"]
     with pytest.raises(AaqError, match="no effect"):
         diagnostics_config_from_args(build_parser().parse_args(base + flags))

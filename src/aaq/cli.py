@@ -346,6 +346,15 @@ def _reject_unused(args: argparse.Namespace, names: tuple[str, ...], where: str)
         raise AaqError(f"{', '.join(given)} has no effect {where}; drop it or pick a method/bits it applies to")
 
 
+def _with_push_flags(loss, args: argparse.Namespace):
+    """`loss` with --push-tokens/--push-k applied; --push-tokens vocab alone drops a recipe's push_k (every token is pushed)."""
+    if args.push_tokens is None and args.push_k is None:
+        return loss
+    push_tokens = args.push_tokens or loss.push_tokens
+    push_k = args.push_k if args.push_k is not None or args.push_tokens == "vocab" else loss.push_k
+    return dataclasses.replace(loss, push_tokens=push_tokens, push_k=push_k)
+
+
 def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
     from aaq.methods import method_config_from_dict
 
@@ -375,9 +384,7 @@ def _method_from_args(args: argparse.Namespace, recipe: dict[str, Any]):
     else:
         _reject_unused(args, ("weight_quantizer",), where)
     if "training" in field_names:
-        loss = _override(
-            method.training.loss, name=args.loss, lam=args.lam, k=args.top_k, push_tokens=args.push_tokens, push_k=args.push_k
-        )
+        loss = _with_push_flags(_override(method.training.loss, name=args.loss, lam=args.lam, k=args.top_k), args)
         steps = method.training.steps if args.steps is None else args.steps
         cache = method.training.cache and not args.no_cache
         in_loop = method.training.weights_in_loop if args.weights_in_loop is None else args.weights_in_loop == "on"
@@ -473,7 +480,7 @@ def diagnostics_config_from_args(args: argparse.Namespace):
     method = recipe.get("method")
     training = getattr(method_config_from_dict(method), "training", None) if isinstance(method, dict) else None
     loss = training.loss if training is not None and training.loss.name == "apc" else LossConfig(name="apc")
-    loss = _override(loss, push_tokens=args.push_tokens, push_k=args.push_k)
+    loss = _with_push_flags(loss, args)
     return DiagnosticsConfig(
         calibration=_calibration_from_args(args, recipe),
         seed=args.seed if args.seed is not None else recipe.get("seed", 0),
