@@ -131,6 +131,12 @@ def test_report_merges_runs_into_table_and_plot(tmp_path, capsys):
         (["--bits", "w4a16", "--a-clip", "0.9"], "--a-clip has no effect with 16-bit activations"),
         (["--bits", "w8a8", "--kv-clip", "0.9"], "--kv-clip has no effect with a 16-bit KV cache"),
         (["--method", "quarot", "--no-smoothing"], "--no-smoothing has no effect with method quarot"),
+        (["--method", "quarot", "--optimizer", "riemannian_adam"], "--optimizer has no effect with method quarot"),
+        (["--method", "gptq", "--push-tokens", "vocab"], "--push-tokens has no effect with method gptq"),
+        (["--method", "ostquant", "--push-k", "10"], "push-token settings apply only to loss 'apc'"),
+        (["--method", "aaq", "--push-tokens", "vocab", "--push-k", "10"], "no effect with push tokens 'vocab'"),
+        (["--calib-benign-train"], "--calib-form chat"),
+        (["--calib-form", "chat", "--calib-dataset", "c4"], "Python docs"),
     ],
 )
 def test_flags_that_would_be_ignored_are_errors(flags, needle):
@@ -595,3 +601,18 @@ def test_report_takes_its_own_comparisons_as_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
     assert main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "cmp")]) == 0
     assert [run["method"] for run in json.loads((tmp_path / "cmp" / "report.json").read_text())["runs"]] == ["a", "b"]
+
+
+def test_optimizer_loss_and_calibration_form_flags_reach_the_config():
+    from aaq.cli import build_parser, quantize_config_from_args
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "aaq_demo.yaml")
+    flags = ["--optimizer", "riemannian_adam", "--rotation-lr", "0.02", "--scale-lr", "0.003", "--top-k", "50",
+             "--push-tokens", "reference", "--push-k", "20", "--calib-form", "chat", "--calib-benign-train"]  # fmt: skip
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", recipe, *flags])
+    config = quantize_config_from_args(args)
+    training = config.method.training
+    assert (training.optimizer, training.rotation_lr, training.scale_lr) == ("riemannian_adam", 0.02, 0.003)
+    assert (training.loss.k, training.loss.push_tokens, training.loss.push_k, training.loss.lam) == (50, "reference", 20, 1.0)
+    assert (config.calibration.form, config.calibration.benign_train, config.calibration.n_samples) == ("chat", True, 16)
+    assert config.to_dict()["calibration"]["form"] == "chat"

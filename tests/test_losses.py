@@ -14,6 +14,8 @@ Z_B = [[2.0, 1.5, 1.0, 1.0], [0.3, 1.0, -2.0, 1.5]]
 Z_Q = [[1.5, 0.0, 1.2, -0.5], [0.2, 2.5, -1.0, 1.2]]
 I_A = [[0, 2], [1, 3]]  # z_a sorted: pos0 2.0 > 1.0, pos1 3.0 > 1.0
 I_D = [[3, 1], [1, 3]]  # |z_a - z_b|: pos0 [0, 1, 0, 2], pos1 [0.3, 2, 0, 0.5]
+I_B = [[0, 1], [3, 1]]  # z_b sorted: pos0 2.0 > 1.5, pos1 1.5 > 1.0
+VOCAB = [[0, 1, 2, 3]] * 2
 
 
 def softmax(xs: list[float]) -> list[float]:
@@ -55,6 +57,32 @@ def test_pull_push_apc_equal_hand_computation() -> None:
     assert terms.pull.item() == pytest.approx(pull, abs=1e-6)
     assert terms.push.item() == pytest.approx(push, abs=1e-6)
     assert set(terms.scalars()) == {"loss", "pull", "push"}
+
+
+@pytest.mark.parametrize(
+    "push_tokens, push_k, idx",
+    [("diff", None, I_D), ("reference", None, I_B), ("vocab", None, VOCAB), ("diff", 1, [[3], [1]]), ("reference", 1, [[0], [3]])],
+)
+def test_push_variants_equal_hand_computation(push_tokens, push_k, idx) -> None:
+    t = teacher_targets(tensor(Z_A), tensor(Z_B), k=2, push_k=push_k, push_tokens=push_tokens)
+    assert t.pull_idx.tolist() == I_A  # the pull keeps its own k
+    assert (t.push_idx is None) == (push_tokens == "vocab")
+    if t.push_idx is not None:
+        assert t.push_idx.tolist() == idx
+    assert t.push_prob.shape == (2, len(idx[0]))
+    assert push_loss(tensor(Z_Q), t).item() == pytest.approx(hand_mean(Z_B, Z_Q, idx), abs=1e-6)
+    hand_ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, idx)]
+    assert t.push_ref.tolist() == pytest.approx(hand_ref, abs=1e-6)
+    config = LossConfig(name="apc", lam=0.5, k=2, push_tokens=push_tokens, push_k=push_k)
+    total = compute_loss(tensor(Z_Q), t, config).total.item()
+    assert total == pytest.approx(hand_mean(Z_A, Z_Q, I_A) - 0.5 * hand_mean(Z_B, Z_Q, idx), abs=1e-6)
+
+
+def test_vocabulary_push_is_the_full_kl_from_the_reference() -> None:
+    t = teacher_targets(tensor(Z_A), tensor(Z_B), k=2, push_tokens="vocab")
+    assert push_loss(tensor(Z_Q), t).item() == pytest.approx(kl_loss(tensor(Z_Q), tensor(Z_B)).item(), abs=1e-6)
+    with pytest.raises(AaqError, match="vocabulary"):
+        push_loss(tensor(Z_Q)[:, :3], t)
 
 
 def test_bf16_and_batched_logits_give_the_fp32_flat_value() -> None:
@@ -156,6 +184,7 @@ def test_compute_loss_dispatches_by_name() -> None:
 
 
 def test_loss_config_properties() -> None:
+    assert LossConfig("apc", k=50).resolved_push_k == 50 and LossConfig("apc", k=50, push_k=7).resolved_push_k == 7
     assert LossConfig("apc").needs_reference and LossConfig("apc").cacheable
     assert not LossConfig("kl_top").needs_reference and LossConfig("kl_top").cacheable
     assert not LossConfig("mse").cacheable and not LossConfig("kl").cacheable
@@ -170,6 +199,12 @@ def test_loss_config_properties() -> None:
         ({"k": 0}, "top-k"),
         ({"margin": float("inf"), "bounded": True}, "margin"),
         ({"name": "kl_top", "bounded": True}, "bounded"),
+        ({"push_tokens": "logits"}, "diff, reference, vocab"),
+        ({"push_k": 0}, "push top-k"),
+        ({"push_k": True}, "push top-k"),
+        ({"name": "kl_top", "push_tokens": "reference"}, "only to loss 'apc'"),
+        ({"name": "kl_top", "push_k": 5}, "only to loss 'apc'"),
+        ({"push_tokens": "vocab", "push_k": 5}, "no effect"),
     ],
 )
 def test_loss_config_rejects_bad_settings(kwargs: dict, fragment: str) -> None:

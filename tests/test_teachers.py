@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from aaq.errors import AaqError
 from aaq.losses import LossConfig, TeacherTargets, compute_loss, teacher_targets
+from aaq.pair_stats import PairStatistics, PairSummary, PushSet
 from aaq.teachers import TeacherCache, build_teacher_cache, open_or_build
 
 VOCAB, HIDDEN, NUM_SEQ, SEQ_LEN = 37, 8, 5, 6
@@ -54,15 +56,29 @@ def loss_and_grads(student: TinyLM, batch: torch.Tensor, targets: TeacherTargets
 
 
 @pytest.mark.parametrize("k", [7, 100])
-@pytest.mark.parametrize("config_kwargs", [{"name": "apc"}, {"name": "apc", "bounded": True}, {"name": "kl_top"}])
+@pytest.mark.parametrize(
+    "config_kwargs",
+    [
+        {"name": "apc"},
+        {"name": "apc", "bounded": True},
+        {"name": "kl_top"},
+        {"name": "apc", "push_tokens": "reference"},
+        {"name": "apc", "push_tokens": "vocab", "bounded": True},
+        {"name": "apc", "push_tokens": "vocab"},
+        {"name": "apc", "push_k": 3},
+    ],
+)
 def test_fp32_cache_gives_the_uncached_loss_and_gradients(models, tokens, tmp_path: Path, k, config_kwargs) -> None:
     aligned, reference, student = models
     config = LossConfig(k=k, **config_kwargs)
     ref = reference if config.needs_reference else None
-    cache = build_teacher_cache(aligned, ref, tokens, tmp_path, k=k, value_dtype=torch.float32, batch_size=2)
+    cache = build_teacher_cache(
+        aligned, ref, tokens, tmp_path, k=k, value_dtype=torch.float32, batch_size=2,
+        push_k=config.push_k, push_tokens=config.push_tokens,
+    )  # fmt: skip
     seqs = [3, 0, 4]
     batch = tokens[seqs]
-    on_the_fly = teacher_targets(aligned(batch), None if ref is None else reference(batch), k)
+    on_the_fly = teacher_targets(aligned(batch), None if ref is None else reference(batch), k, config.push_k, config.push_tokens)
     cached = cache.targets(seqs)
     assert torch.equal(cached.pull_idx, on_the_fly.pull_idx)
     uncached_terms, uncached_grads = loss_and_grads(student, batch, on_the_fly, config)
@@ -232,3 +248,58 @@ def test_allocation_by_writing_zeros_gives_a_usable_cache(models, tokens, tmp_pa
     monkeypatch.delattr(os, "posix_fallocate")
     cache = build_teacher_cache(aligned, reference, tokens, tmp_path, k=7)
     assert torch.equal(cache.targets([2]).pull_idx, teacher_targets(aligned(tokens[[2]]), reference(tokens[[2]]), 7).pull_idx)
+
+
+def test_vocabulary_push_stores_probabilities_only(models, tokens, tmp_path: Path) -> None:
+    aligned, reference, _ = models
+    cache = build_teacher_cache(aligned, reference, tokens, tmp_path, k=7, push_tokens="vocab")
+    assert not (tmp_path / "push_idx.npy").exists()
+    assert np.load(tmp_path / "push_prob.npy", mmap_mode="r").shape == (NUM_SEQ, SEQ_LEN, VOCAB)
+    targets = cache.targets([1, 2])
+    assert targets.push_idx is None and targets.push_prob.shape == (2 * SEQ_LEN, VOCAB)
+    assert torch.allclose(targets.push_prob.sum(-1), torch.ones(2 * SEQ_LEN), atol=1e-2)
+    fp16_bytes = NUM_SEQ * SEQ_LEN * (7 * (4 + 2) + VOCAB * 2 + 4)  # pull idx+prob, push prob, push_ref
+    assert cache.meta.nbytes == fp16_bytes
+    assert sum((tmp_path / f"{field}.npy").stat().st_size for field in cache.meta.fields) > fp16_bytes
+
+
+def test_push_k_sizes_the_push_arrays_only(models, tokens, tmp_path: Path) -> None:
+    aligned, reference, _ = models
+    cache = build_teacher_cache(aligned, reference, tokens, tmp_path, k=7, push_k=3, push_tokens="reference")
+    targets = cache.targets([0])
+    assert targets.pull_idx.shape == (SEQ_LEN, 7) and targets.push_idx.shape == (SEQ_LEN, 3)
+    expected = reference(tokens[:1]).reshape(SEQ_LEN, VOCAB).topk(3, dim=-1).indices
+    assert torch.equal(targets.push_idx, expected)
+
+
+def test_reusing_a_cache_with_other_push_tokens_is_an_error(models, tokens, tmp_path: Path) -> None:
+    aligned, reference, _ = models
+    build_teacher_cache(aligned, reference, tokens, tmp_path, k=7)
+    assert open_or_build(aligned, reference, tokens, tmp_path, k=7, push_k=7).meta.push_set.label == "diff@7"
+    with pytest.raises(AaqError, match="push tokens.*delete"):
+        open_or_build(aligned, reference, tokens, tmp_path, k=7, push_tokens="vocab")
+    with pytest.raises(AaqError, match="delete"):
+        open_or_build(aligned, None, tokens, tmp_path, k=7)
+
+
+def test_cache_records_the_pair_statistics_of_its_windows(models, tokens, tmp_path: Path) -> None:
+    aligned, reference, _ = models
+    build_teacher_cache(aligned, reference, tokens, tmp_path, k=7, batch_size=2)
+    recorded = PairSummary.from_dict(json.loads((tmp_path / "meta.json").read_text())["pair_statistics"])
+    direct = PairStatistics(PushSet("diff", 7).with_alternatives(7))
+    direct.add(aligned(tokens), reference(tokens))
+    expected = direct.summary()
+    assert recorded.positions == NUM_SEQ * SEQ_LEN and recorded.kl == pytest.approx(expected.kl, rel=1e-5)
+    assert [s.push.label for s in recorded.push] == ["diff@7", "reference@7", "vocab"]
+    for got, want in zip(recorded.push, expected.push):
+        assert got.mass == pytest.approx(want.mass, rel=1e-5) and got.contrast == pytest.approx(want.contrast, rel=1e-5)
+    assert recorded.kl > 0.01 and not recorded.of(PushSet("vocab", None)).sees_nothing
+    assert build_teacher_cache(aligned, None, tokens, tmp_path / "pull", k=7).meta.pair_statistics is None
+
+
+def test_a_cache_larger_than_the_free_disk_is_refused_before_writing(models, tokens, tmp_path: Path, monkeypatch) -> None:
+    aligned, reference, _ = models
+    monkeypatch.setattr("aaq.folders.shutil.disk_usage", lambda path: SimpleNamespace(total=10**4, used=9000, free=1000))
+    with pytest.raises(AaqError, match=r"not enough free disk space .* \(teacher cache"):
+        build_teacher_cache(aligned, reference, tokens, tmp_path, k=7, push_tokens="vocab")
+    assert not list(tmp_path.glob("*.npy*"))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from aaq.chat_data import ChatDataConfig, chat_token_windows
 from aaq.data import TextDataConfig, token_windows
 from aaq.devices import Placement, StageMeter, StageRecord, placement_of
 from aaq.errors import AaqError
@@ -28,18 +29,35 @@ CONFIG_VERSION = 2
 CONFIG_KEYS = ("version", "method", "bits", "scheme", "calibration", "seed")
 
 
+CALIBRATION_FORMS = ("raw", "chat")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Calibration text: which corpus, how many windows of how many tokens, which seed."""
+    """Calibration text: which corpus, in which form, how many windows of how many tokens.
+
+    ``form``: "raw" = windows of the corpus text as it is (the paper's setting); "chat" = conversations built
+    from the Python docs, rendered with the model's chat template (see :mod:`aaq.chat_data`; needs dataset
+    "auto" or "python-docs"). ``benign_train``: with "chat", also the shipped benign training prompts with the
+    instruct model's answers (the demo adapter was trained on them). ``batch_size``: sequences per teacher forward.
+    """
 
     dataset: str = "auto"
     n_samples: int = 32
     seq_len: int = 256
     batch_size: int = 8
+    form: str = "raw"
+    benign_train: bool = False
 
     def __post_init__(self) -> None:
         if self.n_samples <= 0 or self.seq_len <= 1 or self.batch_size <= 0:
             raise AaqError("calibration needs n_samples > 0, seq_len > 1 and batch_size > 0")
+        if self.form not in CALIBRATION_FORMS:
+            raise AaqError(f"unknown calibration form {self.form!r}; use one of: {', '.join(CALIBRATION_FORMS)}")
+        if self.form == "chat" and self.dataset not in ("auto", "python-docs"):
+            raise AaqError(f"chat-form calibration is built from the Python docs, not {self.dataset}; use dataset python-docs (or auto)")
+        if self.benign_train and self.form != "chat":
+            raise AaqError("the benign training conversations are part of chat-form calibration only; add form chat (--calib-form chat)")
 
 
 @dataclass
@@ -115,10 +133,16 @@ class QuantizeResult:
 
 def calibration_tokens(tokenizer: PreTrainedTokenizerBase, config: QuantizeConfig) -> torch.Tensor:
     """The (n_samples, seq_len) calibration windows of a run."""
-    cal = config.calibration
+    return calibration_windows(tokenizer, config.calibration, config.seed)
+
+
+def calibration_windows(tokenizer: PreTrainedTokenizerBase, cal: CalibrationConfig, seed: int) -> torch.Tensor:
+    """The (n_samples, seq_len) windows of calibration text described by ``cal``, drawn with ``seed``."""
+    if cal.form == "chat":
+        return chat_token_windows(tokenizer, ChatDataConfig(cal.n_samples, cal.seq_len, seed, cal.benign_train))
     return token_windows(
         tokenizer,
-        TextDataConfig(dataset=cal.dataset, split="calibration", n_samples=cal.n_samples, seq_len=cal.seq_len, seed=config.seed),
+        TextDataConfig(dataset=cal.dataset, split="calibration", n_samples=cal.n_samples, seq_len=cal.seq_len, seed=seed),
     )
 
 

@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from aaq.errors import AaqError
 from aaq.runs import git_commit
@@ -137,7 +138,6 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """The options that make a QuantizeConfig (recipe, method, bits, calibration, transforms, GPTQ)."""
-    from aaq.data import DATASETS
     from aaq.losses import LOSS_NAMES
     from aaq.methods import method_names
     from aaq.methods.weights import WEIGHT_QUANTIZERS
@@ -152,10 +152,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symmetric-acts", action="store_true", default=None, help="symmetric activations (default asymmetric)")
     p.add_argument("--a-clip", type=float, default=None, help="activation clip ratio in (0, 1]")
     p.add_argument("--kv-clip", type=float, default=None, help="KV cache clip ratio in (0, 1]")
-    cal = p.add_argument_group("calibration data")
-    cal.add_argument("--calib-dataset", choices=DATASETS, default=None, help="calibration text (default: auto)")
-    cal.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: 32)")
-    cal.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: 256)")
+    _add_calibration_data_options(p)
     gptq = p.add_argument_group("weights (GPTQ for methods gptq, quarot, ostquant, aaq)")
     gptq.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None, help="weight quantizer of quarot, ostquant and aaq (default: gptq)")
     gptq.add_argument("--damp", type=float, default=None, help="damping, fraction of the mean Hessian diagonal (default: 0.01)")
@@ -191,6 +188,52 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     learn.add_argument(
         "--teacher-batch", type=int, default=None, help="sequences per teacher forward (default: sized to the free device memory)"
     )
+    _add_optimizer_options(p)
+    _add_push_options(p)
+
+
+def _add_calibration_data_options(p: argparse.ArgumentParser) -> None:
+    from aaq.data import DATASETS
+
+    cal = p.add_argument_group("calibration data")
+    cal.add_argument("--calib-dataset", choices=DATASETS, default=None, help="calibration text (default: auto)")
+    cal.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: 32)")
+    cal.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: 256)")
+    cal.add_argument(
+        "--calib-form",
+        choices=["raw", "chat"],
+        default=None,
+        help="raw: corpus text as it is; chat: user/assistant exchanges built from the calibration-split Python docs "
+        "(faq, howto, tutorial), rendered with the model's chat template (default: raw)",
+    )
+    cal.add_argument(
+        "--calib-benign-train",
+        action="store_true",
+        default=None,
+        help="with --calib-form chat, add the shipped benign training prompts with the instruct model's answers "
+        "(the demo's safety adapter was trained on them)",
+    )
+
+
+def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    opt = p.add_argument_group("transform optimiser and pull tokens (methods ostquant, aaq)")
+    opt.add_argument(
+        "--optimizer", choices=["cayley_sgd", "riemannian_adam"], default=None, help="Stiefel optimiser of R1/R2 (default: cayley_sgd)"
+    )
+    opt.add_argument("--rotation-lr", type=float, default=None, help="learning rate of R1/R2 (default: recipe or 0.017)")
+    opt.add_argument("--scale-lr", type=float, default=None, help="learning rate of the smoothing scales (default: recipe or 0.0018)")
+    opt.add_argument("--top-k", type=int, default=None, help="pull tokens I_a: top-k of the aligned logits (default: 1000)")
+
+
+def _add_push_options(p: argparse.ArgumentParser) -> None:
+    push = p.add_argument_group("push tokens I_d of the apc loss (method aaq)")
+    push.add_argument(
+        "--push-tokens",
+        choices=["diff", "reference", "vocab"],
+        default=None,
+        help="diff: top-k of |z_a - z_b|; reference: top-k of the reference's logits; vocab: every token (default: diff)",
+    )
+    push.add_argument("--push-k", type=int, default=None, help="how many push tokens (default: the pull's top-k)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
@@ -273,7 +316,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
-    from aaq.demo_pair import PairConfig
+    from aaq.demo_pair import PAIR_PRESETS, PairConfig
 
     defaults = PairConfig()
     p = sub.add_parser(
@@ -281,21 +324,50 @@ def _add_make_demo_pair_parser(sub: argparse._SubParsersAction) -> None:
         help="train the LoRA safety adapter that turns smollm2-135m-instruct into the demo's aligned model",
         description="Train a LoRA safety adapter (refusals on HarmBench test `standard` minus the shipped 40-behaviour "
         "tuning split, self-distilled answers on the shipped benign training prompts, KL to the base on calibration "
-        "text) and write it to --out with its training config, data and log. The shipped adapter behind the alias "
-        "smollm2-135m-safe was made with the defaults. HarmBench val is never used.",
+        "text) and write it to --out with its training config, data and log. --preset anchored (the default) rebuilds "
+        "the adapter behind smollm2-135m-safe, --preset unanchored (no KL to the base) the one behind "
+        "smollm2-135m-safe-unanchored; flags change a preset's settings. HarmBench val is never used.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--base", default=defaults.base, help="model the adapter is trained on (the unaligned reference)")
+    p.add_argument("--preset", choices=list(PAIR_PRESETS), default="anchored", help="the settings to start from")
+    p.add_argument("--base", default=None, help=f"model the adapter is trained on, the unaligned reference (default: {defaults.base})")
     p.add_argument("--out", type=Path, default=defaults.out, help="adapter folder to write")
-    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (all linear layers but lm_head)")
-    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training examples")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (linear decay to 0)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
-    p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens, help="length cap of self-distilled answers")
-    p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of KL(base || adapted) on plain text")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data order, templates and LoRA init")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank, all linear layers but lm_head (default: {defaults.rank})")
+    p.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha (default: {defaults.alpha})")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training examples (default: {defaults.epochs})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay to 0 (default: {defaults.lr})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per step (default: {defaults.batch_size})")
+    p.add_argument("--answer-tokens", type=int, default=None, help=f"length cap of self-distilled answers (default: {defaults.answer_tokens})")
+    p.add_argument("--kl-weight", type=float, default=None, help="weight of KL(base || adapted) on plain text (default: 1.0; 0 with --preset unanchored)")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the data order, templates and LoRA init (default: {defaults.seed})")
     p.set_defaults(handler=cmd_make_demo_pair)
+
+
+def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diagnose",
+        help="measure how an aligned model and its unaligned reference differ, and whether AAQ's push can see it",
+        description="Run the aligned model and the reference over the calibration windows a quantize run with the same "
+        "calibration settings and seed would use, over chat-formatted benign training prompts and over the HarmBench test "
+        "tuning split (first answer tokens of the aligned model's answers). Print per text the mean per-token "
+        "KL(aligned || reference) and, per choice of push tokens I_d, the reference's probability mass and the contrast "
+        "sum |p_a - p_b| on I_d; warn when the run's push has nothing to see on the calibration windows (contrast below "
+        "0.01). --out writes diagnostics.json and diagnostics.md.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="the aligned model (local folder, .gguf file, hub id or alias)")
+    p.add_argument("--adapter", help="peft LoRA adapter folder merged into --model (e.g. one made by aaq make-demo-pair)")
+    p.add_argument("--reference", required=True, help="the unaligned reference sharing the tokenizer")
+    p.add_argument("--recipe", type=Path, help="YAML recipe whose calibration, seed and apc push tokens are diagnosed (flags override it)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the calibration windows (default: recipe or 0)")
+    p.add_argument("--out", type=Path, help="folder for diagnostics.json and diagnostics.md")
+    _add_calibration_data_options(p)
+    _add_push_options(p)
+    p.add_argument("--push-ks", default="10,100,1000", help="comma list of top-k sizes at which every kind of push tokens is measured")
+    p.add_argument("--answer-tokens", type=int, default=8, help="first answer tokens measured per chat prompt")
+    p.add_argument("--max-prompts", type=int, help="an evenly spaced subset of at most N prompts per prompt set")
+    _add_placement_options(p)
+    p.set_defaults(handler=cmd_diagnose)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -342,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_demo_parser(sub)
     _add_make_demo_pair_parser(sub)
+    _add_diagnose_parser(sub)
     _add_export_parser(sub)
     return parser
 
@@ -349,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _given(args: argparse.Namespace, cls: type) -> dict:
     """The fields of dataclass `cls` that the arguments set, by name."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def _calibration_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibration-data settings the flags give, by `CalibrationConfig` field."""
+    given = {
+        "dataset": args.calib_dataset,
+        "n_samples": args.calib_samples,
+        "seq_len": args.calib_seq_len,
+        "form": args.calib_form,
+        "benign_train": args.calib_benign_train,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def quantize_config_from_args(args: argparse.Namespace):
@@ -364,17 +449,50 @@ def quantize_config_from_args(args: argparse.Namespace):
         "weights_in_loop": _on_off(args.weights_in_loop),
         "activation_checkpointing": _on_off(args.activation_checkpointing),
     }
-    calibration = {"dataset": args.calib_dataset, "n_samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    calibration = _calibration_options(args)
     options = QuantizeOptions(
         method=args.method,
         bits=args.bits,
         seed=args.seed,
         method_options=MethodOptions(**method),
         scheme_options=SchemeOptions(**_given(args, SchemeOptions)),
-        calibration={k: v for k, v in calibration.items() if v is not None},
+        calibration=calibration,
     )
     with _in_cli_terms():
         return configure(options, None if args.recipe is None else load_recipe(args.recipe))
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    """A comma list of positive integers, or a one-line error naming the option."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise AaqError(f"{what} must be a comma list of positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise AaqError(f"{what} must be a comma list of positive integers, got {text!r}")
+    return values
+
+
+def diagnostics_config_from_args(args: argparse.Namespace):
+    """The DiagnosticsConfig described by a recipe (calibration, seed, apc push tokens) plus explicitly given flags."""
+    from aaq.api import QuantizeConfig
+    from aaq.diagnostics import DiagnosticsConfig
+    from aaq.losses import LossConfig
+    from aaq.pair_stats import PushSet
+    from aaq.recipes import load_recipe
+
+    recipe = QuantizeConfig() if args.recipe is None else load_recipe(args.recipe)
+    training = getattr(recipe.method, "training", None)
+    loss = training.loss if training is not None and training.loss.name == "apc" else LossConfig(name="apc")
+    with _in_cli_terms():
+        return DiagnosticsConfig(
+            calibration=dataclasses.replace(recipe.calibration, **_calibration_options(args)),
+            seed=recipe.seed if args.seed is None else args.seed,
+            push=PushSet.of_loss(loss.with_push(args.push_tokens, args.push_k)),
+            push_ks=_int_list(args.push_ks, "--push-ks"),
+            answer_tokens=args.answer_tokens,
+            max_prompts=args.max_prompts,
+        )
 
 
 def eval_config_from_args(args: argparse.Namespace):
@@ -458,6 +576,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Diagnose an aligned/reference pair: print the tables and the warning, write them with --out."""
+    from aaq.api import load_reference
+    from aaq.diagnostics import diagnose_pair, save_diagnostics
+    from aaq.folders import check_output_folder
+    from aaq.loading import ModelSource, load_model
+
+    config = diagnostics_config_from_args(args)
+    if args.out is not None:
+        check_output_folder(args.out, "diagnostics")
+    placement = placement_from_args(args)
+    model, tokenizer = load_model(ModelSource(args.model, adapter=args.adapter), placement)
+    reference = load_reference(args.reference, model, tokenizer, placement)
+    result = diagnose_pair(model, reference, tokenizer, config)
+    aligned = args.model if args.adapter is None else f"{args.model} + {args.adapter}"
+    title = f"Pair diagnostics: {aligned} (aligned) vs {args.reference} (reference)"
+    print(result.markdown(title))
+    if args.out is not None:
+        meta = {"model": args.model, "adapter": args.adapter, "reference": args.reference, "seed": config.seed}
+        out = save_diagnostics(result, args.out, title, meta)
+        print(f"wrote {out / 'diagnostics.json'} and {out / 'diagnostics.md'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run folder and print what the export differs in and how large it is."""
     from aaq.exporting import ExportConfig, export
@@ -506,8 +648,10 @@ def cmd_make_demo_pair(args: argparse.Namespace) -> int:
     """Train the demo pair's safety adapter."""
     from aaq.demo_pair import PairConfig, make_demo_pair
 
-    folder = make_demo_pair(PairConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PairConfig) if hasattr(args, f.name)}))
-    print(f"wrote the safety adapter to {folder}; evaluate it with: aaq eval --model {args.base} --adapter {folder}")
+    fields = [f.name for f in dataclasses.fields(PairConfig) if f.name != "preset"]
+    config = PairConfig.from_preset(args.preset, **{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None})
+    folder = make_demo_pair(config)
+    print(f"wrote the safety adapter to {folder}; evaluate it with: aaq eval --model {config.base} --adapter {folder}")
     return 0
 
 

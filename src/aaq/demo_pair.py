@@ -1,8 +1,10 @@
-"""The demo's aligned/unaligned pair: a LoRA safety adapter trained on a model that is not safety-tuned.
+"""The demo's aligned/unaligned pairs: a LoRA safety adapter trained on a model that is not safety-tuned.
 
-`smollm2-135m-instruct` answers harmful requests, so the project makes its own aligned model
-(`smollm2-135m-safe` = instruct + this adapter, merged) and keeps the instruct model as the
-unaligned reference. The training mix, all of it fixed by `PairConfig.seed`:
+`smollm2-135m-instruct` answers harmful requests, so the project makes its own aligned models
+(instruct + an adapter from here, merged) and keeps the instruct model as the unaligned reference:
+`smollm2-135m-safe` (preset "anchored") and `smollm2-135m-safe-unanchored` (preset "unanchored", the same
+data without the KL term below, so that the safety training also shows on ordinary text, as alignment does
+in real instruct models). The training mix, all of it fixed by `PairConfig.seed`:
 
 - HarmBench *test* `standard` behaviours, except the 40-behaviour tuning split shipped in
   `resources/harmbench_tuning_split.json` (kept for choosing calibration settings; chosen once as the
@@ -12,8 +14,8 @@ unaligned reference. The training mix, all of it fixed by `PairConfig.seed`:
 - The shipped benign training prompts (disjoint from the benign evaluation set), answered by the
   base model itself (greedy): self-distillation keeps its helpfulness. Answers that the refusal
   detector flags are dropped, so the adapter never learns to refuse a benign request.
-- A KL term to the base model on plain calibration text (never the held-out perplexity files),
-  which keeps the aligned model's language modelling, hence its perplexity, close to the base.
+- "anchored" only: a KL term to the base model on plain calibration text (never the held-out perplexity
+  files), which keeps the aligned model's language modelling, hence its perplexity, close to the base.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,14 +89,15 @@ def refusal_templates() -> list[str]:
 
 @dataclass
 class PairConfig:
-    """How the safety adapter is trained (defaults: the shipped adapter's settings; 19.5 min on a busy 2-core CPU).
+    """How the safety adapter is trained (defaults: the shipped anchored adapter's settings; see `PAIR_PRESETS`).
 
     rank/alpha/dropout: LoRA on every linear layer but lm_head. epochs over the refusal + benign
     examples in batches of `batch_size`; `answer_tokens` caps the self-distilled benign answers.
     Each step adds `kl_weight` x KL(base || adapted) on `kl_windows` windows of `kl_seq_len` tokens
-    of calibration text.
+    of calibration text. `preset` names the preset the settings started from (recorded with the adapter).
     """
 
+    preset: str = "anchored"
     base: str = "smollm2-135m-instruct"
     out: Path = Path("runs/demo_pair")
     rank: int = 8
@@ -115,6 +119,25 @@ class PairConfig:
                 raise AaqError(f"{name} must be >= 1, got {getattr(self, name)}; pass a positive number")
         if self.lr <= 0 or self.kl_weight < 0 or self.kl_windows < 0:
             raise AaqError("lr must be > 0 and kl_weight, kl_windows >= 0; fix the training settings")
+        if self.preset not in PAIR_PRESETS:
+            raise AaqError(f"unknown demo-pair preset {self.preset!r}; use one of: {', '.join(PAIR_PRESETS)}")
+
+    @classmethod
+    def from_preset(cls, preset: str = "anchored", **changes: Any) -> PairConfig:
+        """The settings of a preset (see `PAIR_PRESETS`), with `changes` on top."""
+        if preset not in PAIR_PRESETS:
+            raise AaqError(f"unknown demo-pair preset {preset!r}; use one of: {', '.join(PAIR_PRESETS)}")
+        return cls(preset=preset, **{**PAIR_PRESETS[preset], **changes})
+
+
+# The two aligned models of the demo, as differences from the PairConfig defaults. "anchored"
+# (smollm2-135m-safe): KL to the base on plain text holds the adapted model equal to the base there.
+# "unanchored" (smollm2-135m-safe-unanchored): no anchor, so the safety training also changes the model on
+# ordinary text, as alignment does in real instruct models (README, "The demo pairs").
+PAIR_PRESETS: dict[str, dict[str, Any]] = {
+    "anchored": {},
+    "unanchored": {"kl_weight": 0.0},
+}
 
 
 def tuning_split() -> list[str]:

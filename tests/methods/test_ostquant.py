@@ -1,5 +1,6 @@
 """The `ostquant` and `aaq` methods end to end on a tiny model, and their recipes."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from aaq.api import CalibrationConfig, QuantizeConfig, quantize
 from aaq.calibrate import CalibrationSettings
 from aaq.fake_quant import QuantLinear
 from aaq.losses import LossConfig
-from aaq.methods import OSTQuantConfig
+from aaq.methods import AAQConfig, OSTQuantConfig
 from tests.helpers import make_tiny_model
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -72,3 +73,22 @@ def test_a_failed_calibration_takes_the_transforms_out_again(monkeypatch, weight
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert linears and all(m.input_quantizer is not None for m in linears)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+def test_aaq_logs_the_pair_on_the_calibration_windows_and_warns_when_the_push_sees_nothing(tmp_path, caplog, same_model):
+    model = make_tiny_model("llama")
+    reference = copy.deepcopy(model)
+    if not same_model:
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+    settings = CalibrationSettings(steps=1, batch_size=2, loss=LossConfig(name="apc", k=16, push_tokens="reference"))
+    with caplog.at_level("INFO", logger="aaq"):
+        quantize(model, _config(AAQConfig(training=settings)), calibration=TOKENS, reference=reference, run_dir=tmp_path)
+    meta = json.loads((tmp_path / "teacher_cache" / "meta.json").read_text())
+    assert meta["push_tokens"] == "reference" and meta["pair_statistics"]["positions"] == TOKENS.numel()
+    assert (meta["pair_statistics"]["kl"] == 0.0) == same_model
+    assert "aligned vs reference on the calibration windows (64 tokens)" in caplog.text
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "nothing to see" in r.getMessage()]
+    assert len(warned) == (1 if same_model else 0)

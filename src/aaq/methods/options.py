@@ -17,8 +17,9 @@ class MethodOptions:
 
     r1, r2, r3, r4, smoothing: the transforms (`aaq.plan.TransformConfig`). weight_quantizer,
     damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, batch_size, loss, lam, cache,
-    weights_in_loop, activation_checkpointing, teacher_batch: the calibration of learned transforms
-    (`CalibrationSettings`, `LossConfig`).
+    weights_in_loop, activation_checkpointing, teacher_batch, optimizer, rotation_lr, scale_lr: the
+    calibration of learned transforms (`CalibrationSettings`); loss, lam, top_k (the pull's k),
+    push_tokens, push_k: its loss (`LossConfig`).
     """
 
     r1: str | None = None
@@ -38,6 +39,12 @@ class MethodOptions:
     weights_in_loop: bool | None = None
     activation_checkpointing: bool | None = None
     teacher_batch: int | None = None
+    optimizer: str | None = None
+    rotation_lr: float | None = None
+    scale_lr: float | None = None
+    top_k: int | None = None
+    push_tokens: str | None = None
+    push_k: int | None = None
 
     def given(self) -> dict[str, Any]:
         """The options that were set, by name."""

@@ -26,10 +26,11 @@ from aaq.methods.quarot import ROTATION_OPTIONS
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
 from aaq.online import OnlineRotations, install_online_rotations
+from aaq.pair_stats import PairSummary, push_warning, summary_line
 from aaq.plan import TransformConfig, TransformPlan
 from aaq.quantizers import QuantScheme
 from aaq.rotation import AppliedTransforms, fuse_norms
-from aaq.teachers import CacheMeta, Teacher, build_teacher_cache, cached_teacher, live_teacher, open_or_build
+from aaq.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
 from aaq.transforms import (
     InstalledTransforms,
     LearnableTransforms,
@@ -43,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_DIR = "calibration"
 TEACHER_CACHE_DIR = "teacher_cache"
-TRAINING_OPTIONS = ("steps", "batch_size", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch")
-LOSS_OPTIONS = {"loss": "name", "lam": "lam"}
+TRAINING_OPTIONS = ("steps", "batch_size", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch", "optimizer", "rotation_lr", "scale_lr")
+LOSS_OPTIONS = {"loss": "name", "lam": "lam", "top_k": "k"}
+PUSH_OPTIONS = ("push_tokens", "push_k")
 
 
 @dataclass
@@ -81,15 +83,17 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
         if not self.training.cache:
             return 0
         loss = self.training.loss
-        return CacheMeta(loss.k, vocab_size, num_sequences, seq_len, self.training.cache_dtype, loss.needs_reference, "").nbytes
+        meta = CacheMeta(loss.k, vocab_size, num_sequences, seq_len, self.training.cache_dtype, loss.needs_reference, "", push_tokens=loss.push_tokens, push_k=loss.push_k)
+        return meta.nbytes
 
     def apply_options(self, options: Options) -> tuple[OSTQuantConfig, Options]:
         """This config with the transform, calibration and weight-step options applied."""
         transforms, rest = take_options(options, (*ROTATION_OPTIONS, "smoothing"))
         training, rest = take_options(rest, TRAINING_OPTIONS)
         loss, rest = take_options(rest, tuple(LOSS_OPTIONS))
+        push, rest = take_options(rest, PUSH_OPTIONS)
         config, rest = self.apply_weight_options(rest)
-        loss_config = replace(self.training.loss, **{LOSS_OPTIONS[k]: v for k, v in loss.items()})
+        loss_config = replace(self.training.loss, **{LOSS_OPTIONS[k]: v for k, v in loss.items()}).with_push(**push)
         return (
             replace(
                 config,
@@ -141,11 +145,26 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
             settings.loss.k,
             getattr(torch, settings.cache_dtype),
             teacher_batch_size(settings, context, context.plan.geometry.vocab_size),
+            settings.loss.push_k,
+            settings.loss.push_tokens,
         )
     del reference
     if context.reference is not None:
         context.reference.release()
+    _log_pair_statistics(cache)
     return cached_teacher(cache, device)
+
+
+def _log_pair_statistics(cache: TeacherCache) -> None:
+    """Log how far the two teachers are apart on the calibration windows, with a warning if the push sees nothing."""
+    if cache.meta.pair_statistics is None:
+        return
+    summary = PairSummary.from_dict(cache.meta.pair_statistics)
+    where = "the calibration windows"
+    logger.info(summary_line(summary, where))
+    warning = push_warning(summary, cache.meta.push_set, where)
+    if warning is not None:
+        logger.warning(warning)
 
 
 @dataclass
