@@ -22,6 +22,15 @@ def _seeded_torch():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_threshold_cache(tmp_path_factory, monkeypatch):
+    """Calibrated garbled-check thresholds go to a fresh folder per test, never into the user's aaq cache."""
+    from aaq.eval import coherence
+
+    folder = tmp_path_factory.mktemp("thresholds")
+    monkeypatch.setattr(coherence, "threshold_cache_dir", lambda: folder)
+
+
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -71,6 +80,36 @@ def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def fluent_tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
+    """A tiny Llama trained (about 3 s) on chat turns of `TINY_CORPUS`: its own answers are fluent to it, word salad is not.
+
+    Each user turn is one corpus sentence and the assistant answers with the next one, plus the plain sentences.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    sentences = TINY_CORPUS[1:]
+    turns = [
+        tiny_tokenizer.apply_chat_template([{"role": "user", "content": s}], tokenize=False, add_generation_prompt=True)
+        + " " + sentences[(i + 1) % len(sentences)]
+        for i, s in enumerate(sentences)
+    ]  # fmt: skip
+    batch = tiny_tokenizer(turns + sentences, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 FAKE_DOCS = {

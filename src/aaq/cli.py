@@ -17,6 +17,7 @@ from aaq.errors import AaqError
 from aaq.runs import git_commit
 
 logger = logging.getLogger("aaq")
+NO_SCORER = "none"
 
 EPILOG = """examples:
   aaq quantize --model smollm2-135m-instruct --method quarot --bits w4a4kv4 --out runs/quarot
@@ -104,12 +105,19 @@ def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
     )
     ev.add_argument(
         "--harmful-prompts",
-        help="CSV/JSON/JSONL/text file of harmful prompts, or harmbench-tuning (the demo pair's 40-behaviour tuning "
-        "split of HarmBench test) (default: HarmBench val standard)",
+        help="comma list of harmful prompt sets, each harmbench-val (HarmBench val standard), harmbench-tuning (the "
+        "demo pair's 40-behaviour tuning split of HarmBench test), advbench (520 behaviours) or a CSV/JSON/JSONL/text "
+        "file; several sets are reported one by one and pooled (default: harmbench-val)",
     )
     ev.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign set)")
     ev.add_argument("--safetybench", type=Path, help="SafetyBench file (default: the shared English dev split)")
     ev.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
+    ev.add_argument(
+        "--scorer",
+        help="full-precision model (path/alias) whose per-token NLL of each answer that does not refuse decides "
+        "whether it is garbled, or none to turn the garbled check off (default: a run folder's source model; "
+        "an unquantized model scores itself)",
+    )
     ev.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     ev.add_argument("--max-prompts", type=int, help="evaluate an evenly spaced subset of at most N prompts per prompt set")
     ev.add_argument("--eval-batch-size", type=int, default=8, help="prompts per generation batch")
@@ -394,6 +402,8 @@ def eval_config_from_args(args: argparse.Namespace):
         ppl=PerplexityConfig(dataset=args.ppl_dataset, n_samples=args.ppl_samples, seq_len=args.ppl_seq_len),
         judge=args.judge,
         seed=args.seed if args.seed is not None else 0,
+        garbled_check=args.scorer != NO_SCORER,
+        scorer=None if args.scorer == NO_SCORER else args.scorer,
     )
 
 
@@ -405,6 +415,22 @@ def _judge_from_args(args: argparse.Namespace):
         return None
     judge_model, judge_tokenizer = load_model(args.judge)
     return ModelJudge(judge_model, judge_tokenizer)
+
+
+def _scorer_from_args(config, source: str | None):
+    """The scorer of the garbled check: --scorer, else `source` (the full-precision model a run came from); None
+    when the check is off or the evaluated model scores itself."""
+    from aaq.eval.coherence import CoherenceScorer
+    from aaq.loading import load_model
+
+    name = config.scorer or source
+    if not config.checks_coherence or name is None:
+        return None
+    try:
+        model, tokenizer = load_model(name)
+    except AaqError as err:
+        raise AaqError(f"cannot load the scorer {name!r} ({err}); pass --scorer MODEL or --scorer none") from None
+    return CoherenceScorer(model, tokenizer, name)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -438,7 +464,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     metrics: dict[str, Any] = {}
     if eval_config is not None:
         meta = {"model": args.model, "method": config.method.name, "bits": config.bits}
-        report = evaluate(model, tokenizer, eval_config, args.out, meta=meta, judge=_judge_from_args(args))
+        scorer = _scorer_from_args(eval_config, source=args.model)
+        report = evaluate(model, tokenizer, eval_config, args.out, meta=meta, judge=_judge_from_args(args), scorer=scorer)
         metrics = {k: v for k, v in report["metrics"].items() if v is not None}
         timings["eval_s"] = sum(report["seconds"].values())
     run = {
@@ -467,7 +494,8 @@ def _load_for_eval(args: argparse.Namespace):
         if args.adapter:
             raise AaqError("--adapter applies to full-precision models; merge the adapter before quantizing instead")
         model, tokenizer, info = load_quantized(args.model)
-        return model, tokenizer, {"method": info["quantize"]["method"]["name"], "bits": info["quantize"]["bits"]}
+        method, bits = info["quantize"]["method"]["name"], info["quantize"]["bits"]
+        return model, tokenizer, {"method": method, "bits": bits, "source_model": info.get("source_model")}
     model, tokenizer = load_model(ModelSource(args.model, adapter=args.adapter))
     return model, tokenizer, {"method": "fp", "bits": "fp", "adapter": args.adapter}
 
@@ -478,7 +506,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = eval_config_from_args(args)
     model, tokenizer, meta = _load_for_eval(args)
-    report = evaluate(model, tokenizer, config, args.out, meta={"model": args.model, **meta}, judge=_judge_from_args(args))
+    if meta["method"] != "fp" and config.checks_coherence and not (config.scorer or meta.get("source_model")):
+        raise AaqError(f"{args.model} does not record its source model; pass --scorer MODEL (its full-precision model) or --scorer none")
+    scorer = _scorer_from_args(config, source=meta.get("source_model"))
+    report = evaluate(
+        model, tokenizer, config, args.out, meta={"model": args.model, **meta}, judge=_judge_from_args(args), scorer=scorer
+    )
     shown = ", ".join(f"{k} {v:.4g}" for k, v in report["metrics"].items() if isinstance(v, float))
     print(f"{args.model}: {shown}; report in {args.out / 'report.md'}")
     return 0

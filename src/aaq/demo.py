@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, load_reference, quantize
 from aaq.calibrate import CalibrationSettings
+from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.report import comparison_table, plot_safety_vs_ppl
 from aaq.eval.suite import EvalConfig, evaluate
@@ -110,8 +111,10 @@ def run_demo(config: DemoConfig) -> str:
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
     logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
     meta = {"model": config.model, "reference": config.reference}
+    # The FP aligned model stays in memory for the whole demo: it scores every variant's answers.
+    scorer = CoherenceScorer(aligned, tokenizer, config.model)
     reports = [
-        evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta | {"method": "fp", "bits": "fp"})
+        evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta | {"method": "fp", "bits": "fp"}, scorer=scorer)
         | {"run_dir": str(config.out / "fp")}
     ]
     for number, method in enumerate(methods, start=2):
@@ -126,7 +129,7 @@ def run_demo(config: DemoConfig) -> str:
         gc.collect()
         run_dir = config.out / method.name
         run_meta = meta | {"method": method.name, "bits": config.bits, "quantize_s": round(seconds, 1)}
-        reports.append(evaluate(model, tokenizer, eval_config, run_dir, meta=run_meta) | {"run_dir": str(run_dir)})
+        reports.append(evaluate(model, tokenizer, eval_config, run_dir, meta=run_meta, scorer=scorer) | {"run_dir": str(run_dir)})
         logger.info("%s done: %s", method.name, reports[-1]["metrics"])
         del model
         gc.collect()
