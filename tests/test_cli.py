@@ -44,7 +44,10 @@ def _generations(folder) -> list[dict]:
 
 def test_eval_of_a_run_scores_answers_with_its_source_model(tmp_path, tiny_model_dir, fake_data_dir, capsys):
     run = tmp_path / "run"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "w4a4kv4", "--out", str(run), "--no-eval", *TINY_RUN]) == 0
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "w4a4kv4", "--out", str(run), *TINY_RUN, *_prompt_files(tmp_path)]) == 0
+    # Evaluated right after quantizing, the answers are scored by the model as loaded before quantization.
+    assert json.loads((run / "report.json").read_text())["coherence"]["scorer"] == str(tiny_model_dir)
+    assert {"refusal_rate", "garbled_rate", "benign_compliance", "benign_garbled_rate"} <= set(json.loads((run / "run.json").read_text())["metrics"])
     assert main(["eval", "--model", str(run), "--out", str(tmp_path / "eval"), *_prompt_files(tmp_path)]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     coherence, metrics = report["coherence"], report["metrics"]
