@@ -191,7 +191,9 @@ def estimate(
     if quantize.resolved_scheme().weights is not None and getattr(method, "weight_quantizer", "gptq") == "gptq" and method.needs_calibration():
         stages.append(stage("gptq", fused, _gptq_bytes(s, quantize)))
     if evaluation is not None:
-        stages.append(stage("eval", fused, _eval_bytes(s, evaluation)))
+        # The garbled check scores the answers with the full-precision model, loaded again beside the quantized one.
+        scorer = model if evaluation.checks_coherence else 0
+        stages.append(stage("eval", fused + scorer, _eval_bytes(s, evaluation), note="with the full-precision scorer" if scorer else ""))
     run_folder = s.geometry.num_layers * s.layer_params // 2 + 2 * s.embedding_params * s.bytes_per_value
     stages.append(StageMemory("save", 0, HOST_BASELINE + fused, run_folder))
     return stages
