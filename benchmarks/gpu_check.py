@@ -127,11 +127,11 @@ def _gib(value: int | None) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     """Per stage: seconds, measured peaks and the planner's estimates (GiB)."""
-    print(f"{'stage':<28} {'seconds':>8} {'device':>7} {'host':>7}   {'est. device':>11} {'est. host':>9}")
+    print(f"{'stage':<28} {'seconds':>8} {'device':>7} {'host':>7} {'anon':>7}   {'est. device':>11} {'est. host':>9}")
     for row in result["stages"]:
         est = row["estimate"] or {}
-        print(f"{row['stage']:<28} {row['seconds']:8.1f} {_gib(row['peak_device']):>7} {_gib(row['peak_host']):>7}   "
-              f"{_gib(est.get('device')):>11} {_gib(est.get('host')):>9}")  # fmt: skip
+        print(f"{row['stage']:<28} {row['seconds']:8.1f} {_gib(row['peak_device']):>7} {_gib(row['peak_host']):>7} "
+              f"{_gib(row['peak_host_anon']):>7}   {_gib(est.get('device')):>11} {_gib(est.get('host')):>9}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
