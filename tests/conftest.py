@@ -20,12 +20,14 @@ def _seeded_torch():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_threshold_cache(tmp_path_factory, monkeypatch):
-    """Calibrated garbled-check thresholds go to a fresh folder per test, never into the user's aaq cache."""
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Calibrated garbled-check thresholds and corpus token ids go to fresh folders per test, never into the user's aaq cache."""
+    from aaq import data
     from aaq.eval import coherence
 
-    folder = tmp_path_factory.mktemp("thresholds")
-    monkeypatch.setattr(coherence, "threshold_cache_dir", lambda: folder)
+    thresholds, tokens = tmp_path_factory.mktemp("thresholds"), tmp_path_factory.mktemp("tokens")
+    monkeypatch.setattr(coherence, "threshold_cache_dir", lambda: thresholds)
+    monkeypatch.setattr(data, "token_cache_dir", lambda: tokens)
 
 
 @pytest.fixture(scope="session")
