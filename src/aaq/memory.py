@@ -22,7 +22,10 @@ from aaq.models.base import ModelAdapter
 from aaq.plan import Geometry
 
 GiB = 2**30
-# Resident after importing torch, transformers and aaq and loading a tokenizer (measured: 0.4-0.7 GB).
+# Resident after importing torch, transformers and aaq and loading a tokenizer (measured 0.3-0.4 GiB
+# beside the weights at the end of loading), and once the run's calibration text, token cache and
+# torch's own pools have grown (0.5-0.7 GiB beside the tensors counted in the later stages).
+LOAD_BASELINE = int(0.4 * GiB)
 HOST_BASELINE = int(0.7 * GiB)
 # Float32 values one token keeps per decoder layer for the backward of a calibration step, and the
 # backward's temporaries, in units of the hidden size and of the MLP width: the norms (float32
@@ -40,9 +43,11 @@ TRANSFORM_MATRICES_PER_LAYER = 4
 # log-softmax kept for the backward, and the two gradients.
 LOGIT_COPIES = 4
 # Rows of teacher logits turned into targets at once (aaq.teachers), and the float32 (rows, vocab)
-# temporaries that takes (softmax, log-softmax, |z_a - z_b|, top-k).
+# buffers that takes (aaq.losses.teacher_targets): both log-softmaxes and |z_a - z_b|, plus the
+# float32 copies of both teachers' logits when the model computes in 16 bits.
 TARGET_ROWS = 512
-TARGET_COPIES = 6
+TARGET_COPIES_FP32 = 3
+TARGET_COPIES_16BIT = 5
 # The host budget the planner assumes when it offloads: the host holds what the device does not.
 HOST_UNBOUNDED = "1TiB"
 
@@ -123,7 +128,8 @@ def _teacher_bytes(s: Shapes, quantize: QuantizeConfig, teacher_batch: int) -> i
     """One teacher batch of full-vocabulary logits for each teacher, and the targets' temporaries."""
     teachers = 2 if quantize.method.needs_reference() else 1
     logits = teachers * teacher_batch * quantize.calibration.seq_len * s.geometry.vocab_size * s.bytes_per_value
-    return logits + TARGET_COPIES * TARGET_ROWS * s.geometry.vocab_size * 4
+    copies = TARGET_COPIES_FP32 if s.bytes_per_value == 4 else TARGET_COPIES_16BIT
+    return logits + copies * TARGET_ROWS * s.geometry.vocab_size * 4
 
 
 def _gptq_bytes(s: Shapes, quantize: QuantizeConfig) -> int:
@@ -179,11 +185,12 @@ def estimate(
     one_layer = s.layer_params * s.bytes_per_value
 
     def stage(name: str, resident: int, work: int, disk: int = 0, note: str = "") -> StageMemory:
+        baseline = LOAD_BASELINE if name == "load" else HOST_BASELINE
         if budget is None:
-            device, host = resident + work, HOST_BASELINE
+            device, host = resident + work, baseline
         else:
             kept = one_layer if name == "gptq" else min(resident, max(budget - work, one_layer))
-            device, host = kept + work, HOST_BASELINE + resident
+            device, host = kept + work, baseline + resident
         return StageMemory(name, 0 if on_cpu else device, host + (device if on_cpu else 0), disk, note)
 
     stages = [stage("load", model, 0)]
