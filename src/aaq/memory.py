@@ -243,15 +243,43 @@ def fit_to_budget(
     subsets = [chosen for size in range(len(candidates) + 1) for chosen in itertools.combinations(candidates, size)]
     subsets.sort(key=lambda chosen: sum(CHANGE_COSTS[name] for name, _ in chosen))
     tried = None
+    inputs = (quantize, placement, evaluation, teacher_batch)
     for chosen in subsets:
-        inputs = (quantize, placement, evaluation, teacher_batch)
-        for name, value in chosen:
-            inputs = _with_change(name, value, *inputs)
-        stages = estimate(config, *inputs)
+        stages = estimate(config, *_with_changes(dict(chosen), inputs))
         tried = Fit(dict(chosen), stages, all(stage.device <= budget for stage in stages))
         if tried.fits:
-            return tried
+            return _offloading_less(config, tried, candidates, inputs, budget)
     return tried
+
+
+def _offloading_less(config: PretrainedConfig, fit: Fit, candidates: list[tuple[str, object]], inputs: tuple, budget: int) -> Fit:
+    """`fit`, plus, when it offloads, each change that keeps the result (cheaper than a smaller calibration batch) and offloads less.
+
+    Offloading moves off the device what the stages need beyond the budget, and every byte of a
+    stage's working memory pushes a byte of weights off it, to be streamed in at every forward; a
+    change is worth making when it keeps at least one more decoder layer on the device.
+    """
+    if "max_memory" not in fit.changes:
+        return fit
+    s = shapes_of(config, inputs[1])
+    one_layer = s.layer_params * s.bytes_per_value
+    changes = {name: value for name, value in fit.changes.items() if name != "max_memory"}
+
+    def overflow(changes: dict[str, object]) -> int:
+        return sum(max(0, stage.device - budget) for stage in estimate(config, *_with_changes(changes, inputs)))
+
+    for name, value in sorted(candidates, key=lambda candidate: CHANGE_COSTS[candidate[0]]):
+        if name not in changes and CHANGE_COSTS[name] < CHANGE_COSTS["batch_size"] and overflow({**changes, name: value}) <= overflow(changes) - one_layer:
+            changes[name] = value
+    changes["max_memory"] = fit.changes["max_memory"]
+    return Fit(changes, estimate(config, *_with_changes(changes, inputs)), True)
+
+
+def _with_changes(changes: dict[str, object], inputs: tuple) -> tuple:
+    """The planning inputs with each of `changes` made, in order."""
+    for name, value in changes.items():
+        inputs = _with_change(name, value, *inputs)
+    return inputs
 
 
 def _with_change(name: str, value, quantize: QuantizeConfig, placement: Placement, evaluation: EvalConfig | None, teacher_batch: int):
