@@ -74,7 +74,11 @@ def main() -> None:
         ratio = "" if not expected else f"   estimate {expected / GiB:6.2f} GiB   measured/estimate {peak / expected:5.2f}"
         print(f"{name:<18} {measured['seconds']:8.1f} s   peak {peak / GiB:6.2f} GiB{ratio}")
     out = args.out or RESULTS / f"memory_plan_{Path(args.model).name}_{args.dtype}.json"
-    write_json(out, {"model": args.model, "dtype": args.dtype, "recipe": str(args.recipe), "metrics": metrics, "stages": rows, **provenance()})
+    measured_at = provenance()
+    if args.from_json is not None:  # the measurement's own provenance stays; the estimates are of this commit
+        saved = json.loads(args.from_json.read_text())
+        measured_at = {key: saved[key] for key in measured_at if key in saved} | {"estimates_git_commit": measured_at["git_commit"]}
+    write_json(out, {"model": args.model, "dtype": args.dtype, "recipe": str(args.recipe), "metrics": metrics, "stages": rows, **measured_at})
     print(f"wrote {out}")
 
 

@@ -184,14 +184,14 @@ def estimate(
     model, fused = s.model_bytes(untied=False), s.model_bytes(untied=True)
     one_layer = s.layer_params * s.bytes_per_value
 
-    def stage(name: str, resident: int, work: int, disk: int = 0, note: str = "") -> StageMemory:
+    def stage(name: str, resident: int, work: int, disk: int = 0, note: str = "", host_work: int = 0) -> StageMemory:
         baseline = LOAD_BASELINE if name == "load" else HOST_BASELINE
         if budget is None:
             device, host = resident + work, baseline
         else:
             kept = one_layer if name == "gptq" else min(resident, max(budget - work, one_layer))
             device, host = kept + work, baseline + resident
-        return StageMemory(name, 0 if on_cpu else device, host + (device if on_cpu else 0), disk, note)
+        return StageMemory(name, 0 if on_cpu else device, host + host_work + (device if on_cpu else 0), disk, note)
 
     stages = [stage("load", model, 0)]
     method = quantize.method
@@ -202,7 +202,9 @@ def estimate(
         work, note = _calibration_bytes(s, quantize)
         stages.append(stage("calibration", fused, work, note=note))
     if quantize.resolved_scheme().weights is not None and getattr(method, "weight_quantizer", "gptq") == "gptq" and method.needs_calibration():
-        stages.append(stage("gptq", fused, _gptq_bytes(s, quantize)))
+        # The solved layers' packed int4 codes, the source of truth of the weights, gather on the host.
+        codes = s.geometry.num_layers * s.layer_params // 2
+        stages.append(stage("gptq", fused, _gptq_bytes(s, quantize), host_work=codes))
     if evaluation is not None:
         # The garbled check scores the answers with the full-precision model, loaded again beside the quantized one.
         scorer = model if evaluation.checks_coherence else 0
