@@ -22,6 +22,7 @@ from aaq import distributed
 from aaq.api import QuantizeConfig, quantize
 from aaq.calibrate import CalibrationSettings, calibrate
 from aaq.devices import Placement
+from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear
 from aaq.folders import TEMP_SUFFIX
 from aaq.losses import LossConfig
@@ -70,6 +71,10 @@ def test_torchrun_environment_names_the_world_and_each_process_its_own_gpu(monke
     assert Placement(device="cuda").compute_device == torch.device("cuda", 1)
     assert Placement(device="cuda:0").compute_device == torch.device("cuda", 0)  # an explicit GPU stays as given
     assert Placement(device="cpu").compute_device == torch.device("cpu")
+    with pytest.raises(AaqError, match=r"each process computes on its own GPU .*not all on cuda:0") as error:
+        with distributed.process_group(torch.device("cuda", 0)):
+            pass
+    assert error.value.setting == "device"
 
 
 def test_sigterm_becomes_a_one_line_error_and_then_is_ignored(monkeypatch):
@@ -155,7 +160,29 @@ def _failing_step(work: Path) -> dict:
     return {"error": None}
 
 
-SCENARIOS = {"calibration": _calibration, "methods": _methods, "failing step": _failing_step}
+def _diverging_loss(work: Path) -> dict:
+    """Calibration in which process 1's loss is NaN from step 2 on: what each process raises."""
+    import aaq.calibrate as calibrate_module
+
+    real = calibrate_module.compute_loss
+    calls = []
+
+    def nan_in_process_1(*args):
+        calls.append(1)
+        terms = real(*args)
+        return terms._replace(total=terms.total * float("nan")) if distributed.world().rank == 1 and len(calls) > 2 else terms
+
+    calibrate_module.compute_loss = nan_in_process_1
+    try:
+        _calibration(work)
+    except Exception as error:  # noqa: BLE001 - the error is the result
+        return {"error": type(error).__name__, "message": str(error), "checkpoints": sorted(p.name for p in (work / "calibration").iterdir())}
+    finally:
+        calibrate_module.compute_loss = real
+    return {"error": None}
+
+
+SCENARIOS = {"calibration": _calibration, "methods": _methods, "failing step": _failing_step, "diverging loss": _diverging_loss}
 
 
 def _worker(rank: int, init_file: str, work: str) -> None:
@@ -236,6 +263,14 @@ def test_a_failure_in_one_process_stops_both_with_one_line_errors(two_processes)
     assert other["failing step"] == {"error": "RuntimeError", "message": "out of memory (simulated)"}
     assert main["failing step"]["error"] == "AaqError"
     assert main["failing step"]["message"] == "process 1 of 2 failed during calibration step 1: RuntimeError: out of memory (simulated)"
+
+
+def test_a_diverged_loss_stops_both_processes_together(two_processes):
+    (main, other), _ = two_processes
+    assert main["diverging loss"] == other["diverging loss"]
+    assert main["diverging loss"]["error"] == "AaqError"
+    assert main["diverging loss"]["message"].startswith("calibration diverged: the loss is not finite at step 2; the last good checkpoint (step 2)")
+    assert main["diverging loss"]["checkpoints"] == ["checkpoint.json", "state-000002.safetensors"]
 
 
 # --- two processes under torchrun: the command line, a killed process, --resume ---------------------------------

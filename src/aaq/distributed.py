@@ -257,6 +257,8 @@ def process_group(device: torch.device) -> Iterator[None]:
         return
     backend = "gloo"
     if device.type == "cuda":
+        if device.index != this.local_rank:
+            raise AaqError(f"under torchrun each process computes on its own GPU (cuda:LOCAL_RANK), not all on {device}; use {{setting}} cuda", setting="device")
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
     try:
