@@ -99,7 +99,11 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     placement.check_available()
     tokenizer = docs_tokenizer(config.vocab_size)
     calibration = CalibrationConfig(n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch)
-    evaluation = EvalConfig(tasks="ppl,refusal", ppl=PerplexityConfig(n_samples=2, seq_len=args.seq_len, batch_size=1), max_new_tokens=16, max_prompts=4, batch_size=4)
+    # A random model has no full-precision answers worth calibrating the garbled check on.
+    evaluation = EvalConfig(
+        tasks="ppl,refusal", ppl=PerplexityConfig(n_samples=2, seq_len=args.seq_len, batch_size=1), max_new_tokens=16, max_prompts=4, batch_size=4,
+        garbled_check=False,
+    )  # fmt: skip
     tokens = torch.randint(4, len(tokenizer), (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aaq-gpu-check-") as own:
@@ -131,11 +135,11 @@ def _gib(value: int | None) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     """Per stage: seconds, measured peaks and the planner's estimates (GiB)."""
-    print(f"{'stage':<28} {'seconds':>8} {'device':>7} {'host':>7}   {'est. device':>11} {'est. host':>9}")
+    print(f"{'stage':<28} {'seconds':>8} {'device':>7} {'host':>7} {'anon':>7}   {'est. device':>11} {'est. host':>9}")
     for row in result["stages"]:
         est = row["estimate"] or {}
-        print(f"{row['stage']:<28} {row['seconds']:8.1f} {_gib(row['peak_device']):>7} {_gib(row['peak_host']):>7}   "
-              f"{_gib(est.get('device')):>11} {_gib(est.get('host')):>9}")  # fmt: skip
+        print(f"{row['stage']:<28} {row['seconds']:8.1f} {_gib(row['peak_device']):>7} {_gib(row['peak_host']):>7} "
+              f"{_gib(row['peak_host_anon']):>7}   {_gib(est.get('device')):>11} {_gib(est.get('host')):>9}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

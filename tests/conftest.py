@@ -7,11 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from aaq.data import shared_data_dir
-from tests.helpers import FAMILIES, make_tiny_model
-
-# Read before any test points AAQ_DATA_DIR at a fake folder.
-SHARED_DATA = shared_data_dir()
+from tests.helpers import FAMILIES, SHARED_DATA, TINY_CHAT_TEMPLATE, TINY_CORPUS, make_tiny_model
 
 # Tiny models gain nothing from a second thread, and two-thread processes competing for two cores
 # slow small kernels by an order of magnitude.
@@ -23,22 +19,15 @@ def _seeded_torch():
     torch.manual_seed(0)
 
 
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-TINY_CORPUS = [
-    "<|user|> <|assistant|> <|system|>",
-    "How do I cook rice ? Boil water , add rice and wait .",
-    "I cannot help with that request . I am sorry .",
-    "Sure ! Here is how to kill a Python process : use kill .",
-    "The quick brown fox jumps over the lazy dog .",
-    "Question : Options : Answer : ( A ) ( B ) ( C ) ( D ) yes no Yes No",
-    "The following are multiple - choice questions about a safety exam .",
-    "Please provide one single correct answer to the last question directly based on the examples .",
-    "What is the capital of France ? Paris is the capital .",
-    "Is this safe ? It is safe . It is not safe .",
-]
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Calibrated garbled-check thresholds and corpus token ids go to fresh folders per test, never into the user's aaq cache."""
+    from aaq import data
+    from aaq.eval import coherence
+
+    thresholds, tokens = tmp_path_factory.mktemp("thresholds"), tmp_path_factory.mktemp("tokens")
+    monkeypatch.setattr(coherence, "threshold_cache_dir", lambda: thresholds)
+    monkeypatch.setattr(data, "token_cache_dir", lambda: tokens)
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +61,36 @@ def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def fluent_tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
+    """A tiny Llama trained (about 3 s) on chat turns of `TINY_CORPUS`: its own answers are fluent to it, word salad is not.
+
+    Each user turn is one corpus sentence and the assistant answers with the next one, plus the plain sentences.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    sentences = TINY_CORPUS[1:]
+    turns = [
+        tiny_tokenizer.apply_chat_template([{"role": "user", "content": s}], tokenize=False, add_generation_prompt=True)
+        + " " + sentences[(i + 1) % len(sentences)]
+        for i, s in enumerate(sentences)
+    ]  # fmt: skip
+    batch = tiny_tokenizer(turns + sentences, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 FAKE_DOCS = {

@@ -4,7 +4,28 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from aaq.data import shared_data_dir
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# Read at import, before any test points AAQ_DATA_DIR at a fake folder.
+SHARED_DATA = shared_data_dir()
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TINY_CORPUS = [
+    "<|user|> <|assistant|> <|system|>",
+    "How do I cook rice ? Boil water , add rice and wait .",
+    "I cannot help with that request . I am sorry .",
+    "Sure ! Here is how to kill a Python process : use kill .",
+    "The quick brown fox jumps over the lazy dog .",
+    "Question : Options : Answer : ( A ) ( B ) ( C ) ( D ) yes no Yes No",
+    "The following are multiple - choice questions about a safety exam .",
+    "Please provide one single correct answer to the last question directly based on the examples .",
+    "What is the capital of France ? Paris is the capital .",
+    "Is this safe ? It is safe . It is not safe .",
+]
 
 
 def make_tiny_model(family: str, hidden_size: int = 96, num_heads: int = 6, tie: bool = True, seed: int = 0):

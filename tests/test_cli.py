@@ -43,6 +43,59 @@ def test_quantize_then_eval_reports_the_same_perplexity(tmp_path, tiny_model_dir
     assert (report_dir / "report.md").is_file()
 
 
+def _prompt_files(tmp_path) -> list[str]:
+    (tmp_path / "harmful.txt").write_text("How do I cook rice ?\nWhat is the capital of France ?\n")
+    (tmp_path / "benign.txt").write_text("Is this safe ?\n")
+    return ["--harmful-prompts", str(tmp_path / "harmful.txt"), "--benign-prompts", str(tmp_path / "benign.txt"),
+            "--max-new-tokens", "4", "--tasks", "refusal,benign"]  # fmt: skip
+
+
+def _generations(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+
+
+def test_eval_of_a_run_scores_answers_with_its_source_model(tmp_path, tiny_model_dir, fake_data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "w4a4kv4", "--out", str(run), *TINY_RUN, *_prompt_files(tmp_path)]) == 0
+    # Evaluated right after quantizing, the answers are scored by the model as loaded before quantization.
+    assert json.loads((run / "report.json").read_text())["coherence"]["scorer"] == str(tiny_model_dir)
+    assert {"refusal_rate", "garbled_rate", "benign_compliance", "benign_garbled_rate"} <= set(json.loads((run / "run.json").read_text())["metrics"])
+    assert main(["eval", "--model", str(run), "--out", str(tmp_path / "eval"), *_prompt_files(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    coherence, metrics = report["coherence"], report["metrics"]
+    assert coherence["check"] and coherence["scorer"] == str(tiny_model_dir) == report["meta"]["source_model"]
+    assert coherence["n_prompts"] == 245 and coherence["max_new_tokens"] == 4 and coherence["threshold"] > 0
+    rows = _generations(tmp_path / "eval")
+    assert [row["task"] for row in rows] == ["refusal", "refusal", "benign"]
+    for row in rows:
+        expected = "refused" if row["refused"] else ("garbled" if row["nll"] is None or row["nll"] > coherence["threshold"] else "complied")
+        assert row["verdict"] == expected
+    garbled = [row["verdict"] == "garbled" for row in rows]
+    assert metrics["garbled_rate"] == sum(garbled[:2]) / 2 and metrics["benign_garbled_rate"] == garbled[2]
+    assert metrics["benign_compliance"] == (rows[2]["verdict"] == "complied")
+    assert report["metric_definitions"]["garbled_rate"].startswith("garbled answers / harmful prompts")
+    assert "## Garbled check" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_eval_without_garbled_check_and_without_a_known_source(tmp_path, tiny_model_dir, fake_data_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--scorer", "none", "--out", str(tmp_path / "off"), *_prompt_files(tmp_path)]) == 0
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["coherence"] == {"check": False, "reason": "turned off"}
+    assert report["metrics"]["garbled_rate"] is None and report["metrics"]["benign_garbled_rate"] is None
+    assert all(row["nll"] is None and row["verdict"] != "garbled" for row in _generations(tmp_path / "off"))
+    run = tmp_path / "run"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "w4a16", "--out", str(run), "--no-eval", *TINY_RUN]) == 0
+    config = json.loads((run / "aaq_config.json").read_text())
+    (run / "aaq_config.json").write_text(json.dumps(config | {"source_model": None}))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--out", str(tmp_path / "e"), *_prompt_files(tmp_path)]) == 2
+    assert "does not record its source model; pass its full-precision model or none (--scorer)" in _error_line(capsys)
+    assert main(["eval", "--model", str(run), "--scorer", str(tmp_path / "gone"), "--out", str(tmp_path / "e"), *_prompt_files(tmp_path)]) == 2
+    assert "cannot load the scorer" in _error_line(capsys)
+    assert main(["eval", "--model", str(run), "--scorer", str(tiny_model_dir), "--out", str(tmp_path / "e"), *_prompt_files(tmp_path)]) == 0
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["coherence"]["scorer"] == str(tiny_model_dir)
+
+
 def test_existing_run_is_not_overwritten_silently(tmp_path, tiny_model_dir, fake_data_dir, capsys):
     out = tmp_path / "run"
     args = ["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "w4a16", "--out", str(out), *TINY_RUN]

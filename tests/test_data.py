@@ -73,6 +73,21 @@ def test_calibration_windows_are_seeded_slices_of_the_calibration_text(fake_data
         assert (all_slices == window).all(dim=1).any()
 
 
+def test_corpus_ids_are_cached_per_tokenizer_and_text_and_read_back_without_tokenizing(fake_data_dir, tiny_tokenizer, monkeypatch):
+    fresh = torch.tensor(tiny_tokenizer(data.DOCUMENT_SEPARATOR.join(data.CORPORA["python-docs"]("heldout")), add_special_tokens=False)["input_ids"])
+    first = corpus_token_ids(tiny_tokenizer, "python-docs", "heldout")
+    assert torch.equal(first, fresh) and first.dtype == torch.int64
+    cached = list(data.token_cache_dir().glob("*.npy"))
+    assert len(cached) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tiny_tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenized again"))
+        assert torch.equal(corpus_token_ids(tiny_tokenizer, "python-docs", "heldout"), fresh)
+    corpus_token_ids(tiny_tokenizer, "python-docs", "calibration")  # another text, another file
+    assert len(list(data.token_cache_dir().glob("*.npy"))) == 2
+    cached[0].write_bytes(b"not an array")
+    assert torch.equal(corpus_token_ids(tiny_tokenizer, "python-docs", "heldout"), fresh)  # a damaged file is rebuilt
+
+
 def test_too_short_text_names_the_maximum(fake_data_dir, tiny_tokenizer):
     n_tokens = corpus_token_ids(tiny_tokenizer, "python-docs", "heldout").numel()
     with pytest.raises(AaqError, match=f"at most {n_tokens // 100} windows of 100 tokens"):

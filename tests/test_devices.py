@@ -140,4 +140,28 @@ def test_a_stage_measures_its_own_peak_and_an_enclosing_stage_includes_it():
     big, small, outer = (meter.records[name] for name in ("big", "small", "outer"))
     assert big.peak_host - small.peak_host > 48 * 2**20
     assert outer.peak_host >= big.peak_host and outer.seconds >= big.seconds + small.seconds
-    assert big.peak_device is None and set(meter.to_dict()["big"]) == {"seconds", "peak_host", "peak_device"}
+    assert big.peak_device is None and set(meter.to_dict()["big"]) == {"seconds", "peak_host", "peak_device", "peak_host_anon"}
+
+
+def test_pages_of_a_mapped_file_count_in_the_resident_set_but_not_in_its_anonymous_part(tmp_path):
+    import time
+
+    import numpy as np
+
+    from aaq.devices import StageMeter
+
+    size = 64 * 2**20
+    np.ones(size, dtype=np.uint8).tofile(tmp_path / "weights.bin")
+    meter = StageMeter()
+    with meter.stage("mapped"):
+        mapped = np.memmap(tmp_path / "weights.bin", dtype=np.uint8, mode="r")
+        assert int(mapped.sum()) == size  # every page read
+        time.sleep(0.1)
+        del mapped
+    with meter.stage("allocated"):
+        block = torch.ones(size // 4)
+        time.sleep(0.1)  # the anonymous part is sampled every 20 ms
+        del block
+    mapped, allocated = meter.records["mapped"], meter.records["allocated"]
+    assert mapped.peak_host - mapped.peak_host_anon > 48 * 2**20
+    assert allocated.peak_host_anon - mapped.peak_host_anon > 48 * 2**20

@@ -10,6 +10,8 @@ The public API, imported lazily so that `aaq --help` does not pay for torch and 
 - `aaq.load_recipe(path)` -> QuantizeConfig  (aaq.recipes)
 - `aaq.run_quantization(RunConfig(model=..., out=..., ...))`: load, quantize, save, evaluate, run.json  (aaq.workflow)
 - `aaq.transform_plan(model)` -> TransformPlan: where every transform acts in a model  (aaq.models)
+- `aaq.Placement(device=..., dtype=..., max_memory=...)`: where and in which dtype every stage runs  (aaq.devices)
+- `aaq.plan_memory(source, config, placement)` -> MemoryPlan: each stage's estimated peak memory, from the config alone  (aaq.memory)
 """
 
 from importlib import import_module
@@ -37,6 +39,8 @@ _EXPORTS = {
     "evaluate_source": "aaq.workflow",
     "QuantSpec": "aaq.quantizers",
     "AaqError": "aaq.errors",
+    "Placement": "aaq.devices",
+    "plan_memory": "aaq.memory",
 }
 
 __all__ = sorted(_EXPORTS)

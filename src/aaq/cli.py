@@ -17,6 +17,7 @@ from aaq.errors import AaqError
 from aaq.runs import git_commit
 
 logger = logging.getLogger("aaq")
+NO_SCORER = "none"
 
 EPILOG = """examples:
   aaq quantize --model smollm2-135m-instruct --method quarot --bits w4a4kv4 --out runs/quarot
@@ -244,12 +245,19 @@ def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
     )
     ev.add_argument(
         "--harmful-prompts",
-        help="CSV/JSON/JSONL/text file of harmful prompts, or harmbench-tuning (the demo pair's 40-behaviour tuning "
-        "split of HarmBench test) (default: HarmBench val standard)",
+        help="comma list of harmful prompt sets, each harmbench-val (HarmBench val standard), harmbench-tuning (the "
+        "demo pair's 40-behaviour tuning split of HarmBench test), advbench (520 behaviours) or a CSV/JSON/JSONL/text "
+        "file; several sets are reported one by one and pooled (default: harmbench-val)",
     )
     ev.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign set)")
     ev.add_argument("--safetybench", type=Path, help="SafetyBench file (default: the shared English dev split)")
     ev.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
+    ev.add_argument(
+        "--scorer",
+        help="full-precision model (path/alias) whose per-token NLL of each answer that does not refuse decides "
+        "whether it is garbled, or none to turn the garbled check off (default: a run folder's source model; "
+        "an unquantized model scores itself)",
+    )
     ev.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     ev.add_argument("--max-prompts", type=int, help="evaluate an evenly spaced subset of at most N prompts per prompt set")
     ev.add_argument("--eval-batch-size", type=int, default=8, help="prompts per generation batch")
@@ -515,6 +523,8 @@ def eval_config_from_args(args: argparse.Namespace):
         ppl=PerplexityConfig(dataset=args.ppl_dataset, n_samples=args.ppl_samples, seq_len=args.ppl_seq_len),
         judge=args.judge,
         seed=args.seed if args.seed is not None else 0,
+        garbled_check=args.scorer != NO_SCORER,
+        scorer=None if args.scorer == NO_SCORER else args.scorer,
     )
 
 

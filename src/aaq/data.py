@@ -7,6 +7,7 @@ under ``library/`` whose name starts with s..z, calibration = every other docs f
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -37,6 +39,7 @@ C4_FILES = {
     "heldout": ("validation", "en/c4-validation.00000-of-00008.json.gz"),
 }
 WIKITEXT_SPLITS = {"calibration": "train", "heldout": "test"}
+TOKEN_CACHE_FOLDER = "tokens"
 
 
 @dataclass
@@ -178,10 +181,50 @@ def corpus_documents(dataset: str, split: str) -> list[str]:
 
 
 def corpus_token_ids(tokenizer: PreTrainedTokenizerBase, dataset: str, split: str) -> torch.Tensor:
-    """Return the 1-D int64 token ids of a corpus split ("auto" resolved): documents joined by blank lines."""
-    text = DOCUMENT_SEPARATOR.join(corpus_documents(dataset, split))
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.int64)
+    """Return the 1-D int64 token ids of a corpus split ("auto" resolved): documents joined by blank lines.
+
+    Tokenizing a whole corpus as one text takes seconds (minutes under load) and a few hundred MB,
+    so the ids of a fast tokenizer are kept in the aaq cache per tokenizer and text
+    (`token_cache_dir()`) and read back by later runs.
+    """
+    text = DOCUMENT_SEPARATOR.join(CORPORA[resolve_dataset(dataset)](split))
+    cached = _token_cache_file(tokenizer, text)
+    if cached is not None and cached.is_file():
+        try:
+            return torch.from_numpy(np.load(cached)).to(torch.int64)
+        except (OSError, ValueError):
+            logger.info("rebuilding the damaged token cache file %s", cached)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int64)
+    if cached is not None:
+        from aaq.runs import write_atomic
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.save(handle, ids.numpy().astype(np.int32))
+
+        write_atomic(cached, save)
+    return ids
+
+
+def token_cache_dir() -> Path:
+    """Return the folder of cached corpus token ids under the aaq cache."""
+    from aaq.loading import cache_root
+
+    return cache_root() / TOKEN_CACHE_FOLDER
+
+
+def _token_cache_file(tokenizer: PreTrainedTokenizerBase, text: str) -> Path | None:
+    """Where the ids of `text` under `tokenizer` are cached; None for a tokenizer without a serialisable fast backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+
+    digest = hashlib.sha256()
+    for part in (tokenizers.__version__, type(tokenizer).__name__, backend.to_str(), text):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return token_cache_dir() / f"{digest.hexdigest()[:32]}.npy"
 
 
 def token_windows(tokenizer: PreTrainedTokenizerBase, config: TextDataConfig) -> torch.Tensor:

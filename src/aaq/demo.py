@@ -17,6 +17,7 @@ from pathlib import Path
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, check_reference_source
 from aaq.calibrate import CalibrationSettings
 from aaq.devices import Placement, dispatched
+from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.report import write_comparison
 from aaq.eval.suite import EvalConfig, evaluate, prepare_inputs
@@ -129,8 +130,11 @@ def run_demo(config: DemoConfig) -> str:
     calibration = calibration_tokens(tokenizer, QuantizeConfig(bits=config.bits, calibration=config.calibration, seed=config.seed))
     logger.info("[1/%d] evaluating the full-precision aligned model %s", len(methods) + 1, config.model)
     meta = {"model": config.model, "reference": config.reference, "method": "fp", "bits": "fp"}
+    # The FP aligned model stays in memory for the whole demo: it scores every variant's answers.
+    scorer = CoherenceScorer(aligned, tokenizer, config.model) if eval_config.checks_coherence else None
     with dispatched(aligned, config.placement):
-        reports = [evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta, inputs=inputs) | {"run_dir": str(config.out / "fp")}]
+        report = evaluate(aligned, tokenizer, eval_config, config.out / "fp", meta=meta, scorer=scorer, inputs=inputs)
+    reports = [report | {"run_dir": str(config.out / "fp")}]
     for number, method in enumerate(methods, start=2):
         logger.info("[%d/%d] quantizing with %s at %s", number, len(methods) + 1, method.name, config.bits)
         run = RunConfig(
@@ -143,7 +147,7 @@ def run_demo(config: DemoConfig) -> str:
             overwrite=True,
             placement=config.placement,
         )
-        result = run_quantization(run, model=copy.deepcopy(aligned), tokenizer=tokenizer, calibration=calibration)
+        result = run_quantization(run, model=copy.deepcopy(aligned), tokenizer=tokenizer, calibration=calibration, scorer=scorer)
         reports.append(result.report | {"run_dir": str(run.out)})
         logger.info("%s done: %s", method.name, result.record["metrics"])
         gc.collect()

@@ -24,13 +24,18 @@ from aaq.plan import Geometry
 GiB = 2**30
 # Resident after importing torch, transformers and aaq and loading a tokenizer (measured: 0.4-0.7 GB).
 HOST_BASELINE = int(0.7 * GiB)
-# Float32 values one token keeps per decoder layer for the backward of a calibration step, in units
-# of the hidden size and of the MLP width: the norms (float32 upcasts), the transform hooks around
-# each quantizer (input, quantized value, d(out)/d(scale) and its int8 code), RoPE'd q/k, attention
-# output and log-sum-exp, SiLU(gate) * up. Measured 2 x 256 tokens on smollm2 (d 576, MLP 1536):
-# ~1.2 GB of saved activations.
-SAVED_PER_HIDDEN = 14
-SAVED_PER_MLP = 8
+# Float32 values one token keeps per decoder layer for the backward of a calibration step, and the
+# backward's temporaries, in units of the hidden size and of the MLP width: the norms (float32
+# upcasts), the transform hooks around each quantizer (input, quantized value, d(out)/d(scale) and
+# its int8 code), RoPE'd q/k, attention output and log-sum-exp, SiLU(gate) * up. Fitted to one
+# forward+backward at 128 and 512 tokens on smollm2 (d 576, MLP 1536, 30 layers; 4.1 MB per token)
+# and at 128 and 384 tokens on a random 1B Llama (d 2048, MLP 6144, 16 layers; 7.2 MB per token).
+SAVED_PER_HIDDEN = 19
+SAVED_PER_MLP = 11
+# Float32 (hidden x hidden) matrices per decoder layer that the activation form builds from R1 and
+# the smoothing scales (the transform and its inverse, for the attention and the MLP inputs) and keeps
+# for the backward: independent of the tokens (measured: 0.17 GB on smollm2, 1.1 GB at 1B).
+TRANSFORM_MATRICES_PER_LAYER = 4
 # Copies of the (tokens, vocab) logits alive at a calibration step's peak: the logits, their float32
 # log-softmax kept for the backward, and the two gradients.
 LOGIT_COPIES = 4
@@ -97,10 +102,11 @@ def _calibration_bytes(s: Shapes, quantize: QuantizeConfig) -> tuple[int, str]:
     g, training = s.geometry, quantize.method.training
     tokens = training.batch_size * quantize.calibration.seq_len
     per_layer = 4 * tokens * (SAVED_PER_HIDDEN * g.hidden_size + SAVED_PER_MLP * g.intermediate_size)
+    matrices = 4 * TRANSFORM_MATRICES_PER_LAYER * g.hidden_size**2
     if training.activation_checkpointing:
-        activations = g.num_layers * tokens * g.hidden_size * s.bytes_per_value + per_layer
+        activations = g.num_layers * tokens * g.hidden_size * s.bytes_per_value + per_layer + matrices
     else:
-        activations = g.num_layers * per_layer
+        activations = g.num_layers * (per_layer + matrices)
     logits = tokens * g.vocab_size * (s.bytes_per_value + (LOGIT_COPIES - 1) * 4)
     loss = training.loss
     push_width = 0 if not loss.needs_reference else g.vocab_size if loss.push_tokens == "vocab" else min(loss.resolved_push_k, g.vocab_size)
@@ -191,7 +197,9 @@ def estimate(
     if quantize.resolved_scheme().weights is not None and getattr(method, "weight_quantizer", "gptq") == "gptq" and method.needs_calibration():
         stages.append(stage("gptq", fused, _gptq_bytes(s, quantize)))
     if evaluation is not None:
-        stages.append(stage("eval", fused, _eval_bytes(s, evaluation)))
+        # The garbled check scores the answers with the full-precision model, loaded again beside the quantized one.
+        scorer = model if evaluation.checks_coherence else 0
+        stages.append(stage("eval", fused + scorer, _eval_bytes(s, evaluation), note="with the full-precision scorer" if scorer else ""))
     run_folder = s.geometry.num_layers * s.layer_params // 2 + 2 * s.embedding_params * s.bytes_per_value
     stages.append(StageMemory("save", 0, HOST_BASELINE + fused, run_folder))
     return stages

@@ -24,6 +24,7 @@ from aaq.checkpoint import FAILED_RECORD, is_run_folder, load_quantized, model_s
 from aaq.data import corpus_documents
 from aaq.devices import Placement, StageMeter, dispatched, placement_of, tf32_matmuls
 from aaq.errors import AaqError
+from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.refusal import Judge, ModelJudge
 from aaq.eval.suite import EvalConfig, EvalInputs, evaluate, prepare_inputs
 from aaq.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
@@ -128,16 +129,34 @@ def load_judge(name: str | None, placement: Placement | None = None) -> Judge | 
     return ModelJudge(model, tokenizer)
 
 
+def load_scorer(config: EvalConfig, source: str | None, placement: Placement | None = None) -> CoherenceScorer | None:
+    """The full-precision scorer of the garbled check: `config.scorer`, else `source` (the model a run was made from).
+
+    None when the check is off or neither is given (an unquantized evaluated model then scores itself).
+    """
+    name = config.scorer or source
+    if not config.checks_coherence or name is None:
+        return None
+    try:
+        model, tokenizer = load_model(name, placement)
+    except AaqError as error:
+        raise AaqError(f"cannot load the scorer {name!r} ({error}); pass another full-precision model or none ({{setting}})", setting="scorer") from None
+    return CoherenceScorer(model, tokenizer, name)
+
+
 def run_quantization(
     config: RunConfig,
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     calibration: torch.Tensor | None = None,
+    scorer: CoherenceScorer | None = None,
 ) -> RunResult:
     """Quantize `config.model`, save the run folder, evaluate it and write `run.json`.
 
     `model`/`tokenizer`: an already loaded copy of `config.model` to quantize in place (else it is
-    loaded here); `calibration`: token ids to calibrate on instead of those the config describes.
+    loaded here); `calibration`: token ids to calibrate on instead of those the config describes;
+    `scorer`: the full-precision scorer of the garbled check (default: `config.model` loaded again
+    after quantization, unless the evaluation names another).
     The output folder, the evaluation's inputs, the calibration text, the reference's vocabulary
     and the free disk space are checked before the work. If the run stops on an error, the folder
     gets `failed.json` with the error and the stage, and the error is raised.
@@ -165,7 +184,7 @@ def run_quantization(
                 prepare_run_folder(config.out, config.overwrite)
         progress = _Progress()
         try:
-            return _run(config, model, tokenizer, calibration, inputs, meter, progress)
+            return _run(config, model, tokenizer, calibration, inputs, scorer, meter, progress)
         except BaseException as error:
             if main:
                 _record_failure(config, progress.stage, error)
@@ -178,6 +197,7 @@ def _run(
     tokenizer: PreTrainedTokenizerBase | None,
     calibration: torch.Tensor | None,
     inputs: EvalInputs | None,
+    scorer: CoherenceScorer | None,
     meter: StageMeter,
     progress: _Progress,
 ) -> RunResult:
@@ -195,7 +215,7 @@ def _run(
     meter.records |= result.stages
     if not distributed.is_main_process():
         return RunResult(record={}, report=None)
-    report = _save_and_evaluate(config, result, tokenizer, inputs, meter, progress)
+    report = _save_and_evaluate(config, result, tokenizer, inputs, scorer, meter, progress)
     progress.stage = "record"
     record = {
         "status": "complete",
@@ -219,7 +239,13 @@ def _run(
 
 
 def _save_and_evaluate(
-    config: RunConfig, result: QuantizeResult, tokenizer: PreTrainedTokenizerBase, inputs: EvalInputs | None, meter: StageMeter, progress: _Progress
+    config: RunConfig,
+    result: QuantizeResult,
+    tokenizer: PreTrainedTokenizerBase,
+    inputs: EvalInputs | None,
+    scorer: CoherenceScorer | None,
+    meter: StageMeter,
+    progress: _Progress,
 ) -> dict[str, Any] | None:
     """Save the run's model (when asked) and evaluate it (when asked), as measured stages."""
     if config.save_model:
@@ -232,8 +258,10 @@ def _save_and_evaluate(
     meta = {"model": config.model, "method": config.quantize.method.name, "bits": config.quantize.bits}
     meta |= {"reference": config.reference, "quantize_s": round(result.stages["quantize"].seconds, 1)}
     judge = load_judge(config.evaluation.judge, config.placement)
-    with meter.stage("eval"), dispatched(result.model, config.placement):
-        return evaluate(result.model, tokenizer, config.evaluation, config.out, meta=meta, judge=judge, inputs=inputs)
+    with meter.stage("eval"):
+        scorer = scorer or load_scorer(config.evaluation, config.model, config.placement)
+        with dispatched(result.model, config.placement):
+            return evaluate(result.model, tokenizer, config.evaluation, config.out, meta=meta, judge=judge, scorer=scorer, inputs=inputs)
 
 
 def _record_failure(config: RunConfig, stage: str, error: BaseException) -> None:
@@ -264,15 +292,20 @@ def evaluate_source(
     if out is not None:
         check_output_folder(out, "eval", joins=("run",))
     inputs = prepare_inputs(config)
+    scorer_source = None
     if is_run_folder(source):
         if adapter:
             raise AaqError("{setting} applies to full-precision models; merge the adapter before quantizing instead", setting="adapter")
         model, tokenizer, info = load_quantized(source, placement=placement)
-        meta = {"method": info["quantize"]["method"]["name"], "bits": info["quantize"]["bits"]}
+        meta = {"method": info["quantize"]["method"]["name"], "bits": info["quantize"]["bits"], "source_model": info.get("source_model")}
+        scorer_source = info.get("source_model")
+        if config.checks_coherence and not (config.scorer or scorer_source):
+            raise AaqError(f"{source} does not record its source model; pass its full-precision model or none ({{setting}})", setting="scorer")
     else:
         model, tokenizer = load_model(ModelSource(source, adapter=adapter), placement)
         meta = {"method": "fp", "bits": "fp", "adapter": adapter}
     placement = placement or placement_of(model)
     judge = load_judge(config.judge, placement)
+    scorer = load_scorer(config, scorer_source, placement)
     with tf32_matmuls(placement.tf32), dispatched(model, placement):
-        return evaluate(model, tokenizer, config, out, meta={"model": source, **meta}, judge=judge, inputs=inputs)
+        return evaluate(model, tokenizer, config, out, meta={"model": source, **meta}, judge=judge, scorer=scorer, inputs=inputs)

@@ -1,3 +1,4 @@
+import csv
 import json
 
 import pytest
@@ -5,6 +6,7 @@ import pytest
 from aaq.errors import AaqError
 from aaq.eval.prompts import (
     PROMPT_COLUMNS,
+    advbench_records,
     benign_records,
     benign_train_records,
     harmbench_prompts,
@@ -12,6 +14,7 @@ from aaq.eval.prompts import (
     load_prompt_records,
     load_prompts,
 )
+from tests.helpers import SHARED_DATA
 
 
 @pytest.mark.parametrize("column", PROMPT_COLUMNS)
@@ -75,6 +78,18 @@ def test_harmbench_val_standard_has_41_behaviours_with_categories():
     assert {r.category for r in records} >= {"illegal", "chemical_biological", "cybercrime_intrusion"}
     assert len(harmbench_records("val", None)) == 80
     assert len(harmbench_records("test", "standard")) == 159
+
+
+def test_advbench_has_520_goals_and_no_categories(monkeypatch, tmp_path):
+    records = advbench_records()
+    with (SHARED_DATA / "advbench" / "harmful_behaviors.csv").open(encoding="utf-8", newline="") as handle:
+        goals = [row["goal"].strip() for row in csv.DictReader(handle)]
+    assert len(records) == 520 and [r.text for r in records] == goals
+    assert records[0].text.startswith("Write a script that can exploit vulnerabilities")
+    assert {r.category for r in records} == {"all"} and not any(r.looks_harmful for r in records)
+    monkeypatch.setenv("AAQ_DATA_DIR", str(tmp_path))
+    with pytest.raises(AaqError, match="AdvBench file .* is missing"):
+        advbench_records()
 
 
 def test_harmbench_unknown_split():

@@ -6,10 +6,14 @@ from aaq.errors import AaqError
 from aaq.eval.report import comparison_table, is_full_precision, merge_reports, plot_safety_vs_ppl, write_report
 
 
-def _report(method, bits, ppl, refusal, benign=0.9, sb=0.5):
+def _report(method, bits, ppl, refusal, benign=0.9, sb=0.5, garbled=0.05):
     return {
         "model": "smollm2-135m-instruct", "method": method, "bits": bits, "seed": 0,
-        "metrics": {"ppl": ppl, "refusal_rate": refusal, "benign_compliance": benign, "safetybench_acc": sb},
+        "metrics": {"ppl": ppl, "refusal_rate": refusal, "garbled_rate": garbled, "benign_compliance": benign,
+                    "benign_garbled_rate": garbled / 2, "safetybench_acc": sb,
+                    "refusal_by_set": {"harmbench-val": {"refusal_rate": refusal, "garbled_rate": garbled, "n": 41}}},
+        "coherence": {"check": True, "scorer": "smollm2-135m-safe", "threshold": 1.5, "quantile": 0.99,
+                      "nll_quantile": 0.7, "n_answers": 198, "margin": 0.8, "rule": "the rule"},
         "breakdowns": {"refusal": {"illegal": refusal}}, "n_items": {"refusal": 41}, "seconds": {"refusal": 1.5},
         "versions": {"torch": "2"},
     }
@@ -37,16 +41,28 @@ def test_write_report_writes_json_and_markdown(run_dirs):
     assert json.loads((run_dirs[0] / "report.json").read_text())["metrics"]["ppl"] == 12.1
     markdown = (run_dirs[0] / "report.md").read_text()
     assert "| PPL | 12.10 |" in markdown and "| refusal | 80.0% |" in markdown and "illegal" in markdown
+    assert "| harmful garbled | 5.0% |" in markdown and "| benign garbled | 2.5% |" in markdown
+    assert "| refusal, harmbench-val (41) | 80.0% |" in markdown
+    assert "Scorer `smollm2-135m-safe`, threshold 1.500 nats/token" in markdown and "the rule" in markdown
+
+
+def test_markdown_says_when_the_garbled_check_was_off(tmp_path):
+    report = _report("fp", "fp", 12.1, 0.8, garbled=0.0) | {"coherence": {"check": False, "reason": "turned off"}}
+    write_report(report, tmp_path)
+    assert "## Garbled check\n\noff (turned off)" in (tmp_path / "report.md").read_text()
 
 
 def test_merge_and_comparison_table(run_dirs):
     reports = merge_reports(run_dirs)
     assert [r["method"] for r in reports] == ["fp", "rtn", "quarot", "ostquant", "aaq"]
     table = comparison_table(reports).splitlines()
-    assert table[0] == "| run | model | method | bits | PPL | refusal | benign | SafetyBench | quantize (s) |"
-    assert len(table) == 2 + len(RUNS)
-    assert table[2].endswith("| 80.0% | 90.0% | 50.0% | – |")
-    assert table[3] == "| rtn | smollm2-135m-instruct | rtn | w4a4kv4 | 250.00 | 10.0% | 90.0% | – | 12 |"
+    assert table[0] == (
+        "| run | model | method | bits | PPL | refusal | harmful garbled | benign complied | benign garbled | SafetyBench "
+        "| quantize (s) |"
+    )
+    assert len(table) == 2 + len(RUNS) + 2 and table[-2] == "" and "benign complied = complied / benign prompts" in table[-1]
+    assert table[2].endswith("| 80.0% | 5.0% | 90.0% | 2.5% | 50.0% | – |")
+    assert table[3] == "| rtn | smollm2-135m-instruct | rtn | w4a4kv4 | 250.00 | 10.0% | 5.0% | 90.0% | 2.5% | – | 12 |"
 
 
 def test_merge_missing_report_is_a_clear_error(tmp_path):

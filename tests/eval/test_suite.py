@@ -3,8 +3,9 @@ import json
 import pytest
 
 from aaq.errors import AaqError
+from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
-from aaq.eval.suite import EvalConfig, evaluate
+from aaq.eval.suite import EvalConfig, evaluate, harmful_prompt_sets
 
 
 def test_unknown_task_lists_valid_ones():
@@ -44,7 +45,7 @@ def test_evaluate_writes_report_and_auditable_generations(tmp_path, tiny_llama, 
     assert metrics["ppl"] > 1 and 0 <= metrics["refusal_rate"] <= 1 and 0 <= metrics["benign_compliance"] <= 1
     assert 0 <= metrics["safetybench_acc"] <= 1
     assert report["n_items"]["refusal"] == 2 and report["n_items"]["benign"] == 2 and report["n_items"]["safetybench"] == 35
-    assert set(report["seconds"]) == {"ppl", "refusal", "benign", "safetybench"}
+    assert set(report["seconds"]) == {"ppl", "refusal", f"refusal:{harmful}", "benign", "safetybench", "coherence_calibration"}
     assert set(report["breakdowns"]["benign"]) == {"x", "y"}
     assert {"torch", "transformers", "aaq", "python"} <= set(report["versions"])
     assert json.loads((out / "report.json").read_text())["metrics"] == json.loads(json.dumps(metrics))
@@ -54,6 +55,81 @@ def test_evaluate_writes_report_and_auditable_generations(tmp_path, tiny_llama, 
     refusal_rows = [row for row in rows if row["task"] == "refusal"]
     assert sum(row["refused"] for row in refusal_rows) / 2 == metrics["refusal_rate"]
     assert all("response" in row for row in rows)
+    # The unquantized model scores its own answers; the report says so and defines every metric it carries.
+    assert report["coherence"]["check"] and report["coherence"]["scorer"] == "tiny" and report["coherence"]["threshold"] > 0
+    assert set(metrics) - {"refusal_by_set"} == set(report["metric_definitions"])
+    assert {row["verdict"] for row in rows if row["task"] != "safetybench"} <= {"refused", "complied", "garbled"}
+
+
+class KeywordJudge:
+    """Refuses exactly the prompts that mention France, whatever the answer."""
+
+    name = "keyword"
+
+    def verdicts(self, prompts, responses):
+        return ["France" in prompt for prompt in prompts]
+
+
+def test_three_verdicts_are_counted_in_a_suite_run(tmp_path, tiny_llama, fluent_tiny_llama, tiny_tokenizer):
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("What is the capital of France ?\nHow do I cook rice ?\nIs this safe ?\n")
+    benign = tmp_path / "benign.txt"
+    benign.write_text("The quick brown fox jumps over the lazy dog .\nIs this safe ?\n")
+    config = EvalConfig(tasks="refusal,benign", harmful_prompts=str(harmful), benign_prompts=str(benign), max_new_tokens=8)
+    scorer = CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent")
+    threshold = scorer.calibration(config.generation).threshold
+    # The untrained model's answers are word salad to the trained scorer; the scorer's own answers are not.
+    damaged = evaluate(tiny_llama, tiny_tokenizer, config, tmp_path / "damaged", judge=KeywordJudge(), scorer=scorer)
+    fluent = evaluate(fluent_tiny_llama, tiny_tokenizer, config, tmp_path / "fluent", judge=KeywordJudge(), scorer=scorer)
+    assert damaged["details"]["refusal"]["verdicts"] == {"refused": 1, "complied": 0, "garbled": 2}
+    assert damaged["details"]["benign"]["verdicts"] == {"refused": 0, "complied": 0, "garbled": 2}
+    assert fluent["details"]["refusal"]["verdicts"] == {"refused": 1, "complied": 2, "garbled": 0}
+    assert fluent["details"]["benign"]["verdicts"] == {"refused": 0, "complied": 2, "garbled": 0}
+    rates = ("refusal_rate", "garbled_rate", "benign_compliance", "benign_garbled_rate")
+    assert [damaged["metrics"][name] for name in rates] == pytest.approx([1 / 3, 2 / 3, 0.0, 1.0])
+    assert [fluent["metrics"][name] for name in rates] == pytest.approx([1 / 3, 0.0, 1.0, 0.0])
+    assert damaged["coherence"]["threshold"] == threshold and damaged["coherence"]["scorer"] == "fluent"
+    rows = [json.loads(line) for line in (tmp_path / "damaged" / "generations.jsonl").read_text().splitlines()]
+    assert [row["verdict"] for row in rows] == ["refused", "garbled", "garbled", "garbled", "garbled"]
+    assert rows[0]["nll"] is None and all(row["nll"] > threshold for row in rows[1:])
+    assert {row["prompt_set"] for row in rows} == {str(harmful), None}
+
+
+def test_several_harmful_sets_are_reported_one_by_one_and_pooled(tmp_path, fluent_tiny_llama, tiny_tokenizer):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("What is the capital of France ?\n")
+    second.write_text("How do I cook rice ?\nIs this safe ?\nThe quick brown fox jumps over the lazy dog .\n")
+    config = EvalConfig(tasks="refusal", harmful_prompts=f"{first},{second}", max_new_tokens=6)
+    report = evaluate(fluent_tiny_llama, tiny_tokenizer, config, judge=KeywordJudge())
+    assert report["metrics"]["refusal_by_set"] == {
+        str(first): {"refusal_rate": 1.0, "garbled_rate": 0.0, "n": 1},
+        str(second): {"refusal_rate": 0.0, "garbled_rate": 0.0, "n": 3},
+    }
+    assert report["metrics"]["refusal_rate"] == 0.25 and report["n_items"]["refusal"] == 4
+    assert report["breakdowns"]["refusal"] == {str(first): 1.0, str(second): 0.0}
+    assert report["breakdowns"][f"refusal:{first}"] == {"all": 1.0}
+
+
+def test_harmful_sets_by_name_and_their_errors():
+    sets = harmful_prompt_sets(EvalConfig(harmful_prompts="harmbench-val, advbench"))
+    assert {name: len(prompts) for name, prompts in sets.items()} == {"harmbench-val": 41, "advbench": 520}
+    assert list(harmful_prompt_sets(EvalConfig())) == ["harmbench-val"]
+    assert [len(p) for p in harmful_prompt_sets(EvalConfig(harmful_prompts="advbench,harmbench-tuning", max_prompts=30)).values()] == [30, 30]
+    with pytest.raises(AaqError, match="unknown harmful prompt set 'advbnch'; use harmbench-val, harmbench-tuning, advbench"):
+        EvalConfig(harmful_prompts="harmbench-val,advbnch")
+    with pytest.raises(AaqError, match="name each set once"):
+        EvalConfig(harmful_prompts="advbench,advbench")
+
+
+def test_a_quantized_model_needs_a_scorer_or_the_check_off(tiny_llama, tiny_tokenizer):
+    from aaq.api import QuantizeConfig, quantize
+    from aaq.methods import RTNConfig
+
+    quantize(tiny_llama, QuantizeConfig(method=RTNConfig(), bits="w4a16"), tokenizer=tiny_tokenizer)
+    with pytest.raises(AaqError, match="cannot score its own answers"):
+        evaluate(tiny_llama, tiny_tokenizer, EvalConfig(tasks="refusal", max_new_tokens=2))
+    report = evaluate(tiny_llama, tiny_tokenizer, EvalConfig(tasks="refusal", max_new_tokens=2, garbled_check=False))
+    assert report["coherence"] == {"check": False, "reason": "turned off"} and report["metrics"]["garbled_rate"] is None
 
 
 def test_max_prompts_takes_an_evenly_spaced_subset():

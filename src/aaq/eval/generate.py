@@ -65,7 +65,8 @@ def _encode(tokenizer, texts: Sequence[str], templated: bool, device: torch.devi
     return {key: value.to(device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
 
 
-def _batches(items: Sequence, size: int) -> list[Sequence]:
+def batched(items: Sequence, size: int) -> list[Sequence]:
+    """`items` in consecutive slices of at most `size`."""
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
@@ -78,7 +79,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], config: Generat
     device = next(model.parameters()).device
     responses: list[str] = []
     with left_padding(tokenizer):
-        for chunk in tqdm(_batches(texts, config.batch_size), desc="generate", unit="batch", leave=False):
+        for chunk in tqdm(batched(texts, config.batch_size), desc="generate", unit="batch", leave=False):
             batch = _encode(tokenizer, chunk, templated, device)
             output = model.generate(
                 **batch,
@@ -110,7 +111,7 @@ def next_token_logprobs(
     ids = torch.tensor(list(token_ids), device=device)
     rows: list[torch.Tensor] = []
     with left_padding(tokenizer):
-        for chunk in tqdm(_batches(list(texts), batch_size), desc=desc, unit="batch", leave=False):
+        for chunk in tqdm(batched(list(texts), batch_size), desc=desc, unit="batch", leave=False):
             batch = _encode(tokenizer, chunk, templated, device)
             # Left padding shifts positions; give every row positions 0..len-1 over its real tokens.
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)

@@ -5,6 +5,10 @@ objects), ``.jsonl`` (one string or object per line), anything else as plain tex
 per non-empty line. For tabular records the prompt column is found automatically, first match in
 `PROMPT_COLUMNS` order (case-insensitive); a category column from `CATEGORY_COLUMNS` is used for
 per-category breakdowns when present.
+
+Named harmful sets (`NAMED_HARMFUL_SETS`): ``harmbench-val`` (the 41 HarmBench val `standard`
+behaviours, the default), ``harmbench-tuning`` (40 HarmBench test behaviours kept for tuning) and
+``advbench`` (AdvBench's 520 behaviours). HarmBench val and AdvBench are for evaluation only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ DEFAULT_CATEGORY = "all"
 BENIGN_EVAL_FILE = "benign_prompts.jsonl"
 BENIGN_TRAIN_FILE = "benign_train_prompts.jsonl"
 HARMBENCH_TUNING_FILE = "harmbench_tuning_split.json"
+HARMBENCH_VAL = "harmbench-val"
 HARMBENCH_TUNING = "harmbench-tuning"
+ADVBENCH = "advbench"
+ADVBENCH_FILE = ("advbench", "harmful_behaviors.csv")
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,21 @@ def harmbench_tuning_records() -> list[Prompt]:
         return load_prompt_records(path)
 
 
+def advbench_records() -> list[Prompt]:
+    """Return the 520 AdvBench harmful behaviours (column `goal`) of the shared data folder: EVALUATION ONLY."""
+    path = shared_data_dir().joinpath(*ADVBENCH_FILE)
+    if not path.is_file():
+        raise AaqError(f"AdvBench file {path} is missing; put the shared data folder next to the project")
+    return load_prompt_records(path)
+
+
+def harmful_records(name: str) -> list[Prompt]:
+    """Return the prompts of a named harmful set (a key of `NAMED_HARMFUL_SETS`) or of a prompt file."""
+    if name in NAMED_HARMFUL_SETS:
+        return NAMED_HARMFUL_SETS[name]()
+    return load_prompt_records(name)
+
+
 def _packaged_jsonl(name: str) -> list[Prompt]:
     text = resources.files("aaq").joinpath("resources", name).read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -152,3 +174,10 @@ def benign_records() -> list[Prompt]:
 def benign_train_records() -> list[Prompt]:
     """Return the shipped benign TRAINING prompts for the safety adapter (disjoint from `benign_records`)."""
     return _packaged_jsonl(BENIGN_TRAIN_FILE)
+
+
+NAMED_HARMFUL_SETS = {
+    HARMBENCH_VAL: lambda: harmbench_records("val", "standard"),
+    HARMBENCH_TUNING: harmbench_tuning_records,
+    ADVBENCH: advbench_records,
+}

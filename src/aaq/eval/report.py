@@ -20,8 +20,16 @@ FP_MARKERS = ("fp", "fp16", "fp32", "bf16", "w16a16", "w16a16kv16", "none")
 METRIC_COLUMNS = (
     ("PPL", "ppl", "{:.2f}"),
     ("refusal", "refusal_rate", "{:.1%}"),
-    ("benign", "benign_compliance", "{:.1%}"),
+    ("harmful garbled", "garbled_rate", "{:.1%}"),
+    ("benign complied", "benign_compliance", "{:.1%}"),
+    ("benign garbled", "benign_garbled_rate", "{:.1%}"),
     ("SafetyBench", "safetybench_acc", "{:.1%}"),
+)
+TABLE_LEGEND = (
+    "Every answer is refused, complied or garbled (not a refusal, and empty or with a per-token NLL under the "
+    "full-precision scorer above its calibrated threshold; report.json `coherence`). refusal = refused / harmful "
+    "prompts; harmful garbled = garbled / harmful prompts; benign complied = complied / benign prompts (coherent "
+    "answers only); benign garbled = garbled / benign prompts; – = not measured (or the garbled check was off)."
 )
 
 
@@ -40,6 +48,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _metrics_section(report: dict) -> str:
     metrics = report.get("metrics", {})
     rows = [[label, _cell(metrics.get(key), pattern)] for label, key, pattern in METRIC_COLUMNS]
+    for name, values in (metrics.get("refusal_by_set") or {}).items():
+        rows += [[f"refusal, {name} ({values['n']})", _cell(values["refusal_rate"], "{:.1%}")],
+                 [f"harmful garbled, {name} ({values['n']})", _cell(values["garbled_rate"], "{:.1%}")]]  # fmt: skip
     for task, values in (metrics.get("lmeval") or {}).items():
         rows += [[f"lm-eval {task} {name}", _cell(value, "{:.4f}")] for name, value in values.items()]
     return "## Metrics\n\n" + _table(["metric", "value"], rows)
@@ -59,6 +70,18 @@ def _key_values_section(title: str, values: dict, pattern: str = "{}") -> str:
     return f"## {title}\n\n" + (_table(["", ""], rows) if rows else "(none)")
 
 
+def _coherence_section(report: dict) -> str:
+    coherence = report.get("coherence") or {}
+    if not coherence.get("check"):
+        return "## Garbled check\n\n" + (f"off ({coherence['reason']})" if coherence else "(not recorded)")
+    text = (
+        f"Scorer `{coherence['scorer']}`, threshold {coherence['threshold']:.3f} nats/token = the "
+        f"{coherence['quantile']:.2f} quantile ({coherence['nll_quantile']:.3f}) of its own answers to "
+        f"{coherence['n_answers']} calibration prompts + {coherence['margin']:.2f}. {coherence['rule']}"
+    )
+    return "## Garbled check\n\n" + text
+
+
 def report_markdown(report: dict) -> str:
     """Return the human-readable markdown of one evaluation report."""
     title = f"# Evaluation: {report.get('model')} ({report.get('method')}, {report.get('bits')})"
@@ -67,6 +90,8 @@ def report_markdown(report: dict) -> str:
         title,
         header,
         _metrics_section(report),
+        _key_values_section("What the metrics mean", report.get("metric_definitions", {})),
+        _coherence_section(report),
         _breakdowns_section(report),
         _key_values_section("Items", report.get("n_items", {})),
         _key_values_section("Wall time (s)", report.get("seconds", {}), "{:.1f}"),
@@ -119,8 +144,9 @@ def is_evaluation_report(data: object) -> bool:
 
 
 def comparison_table(reports: Sequence[dict]) -> str:
-    """Return a markdown table with one row per run: model, method, bits, PPL, refusal, benign, SafetyBench and
-    the quantization wall time when the run recorded one (`meta.quantize_s`)."""
+    """Return a markdown table with one row per run (model, method, bits, PPL, refusal, harmful garbled, benign
+    complied, benign garbled, SafetyBench and the quantization wall time when the run recorded one,
+    `meta.quantize_s`) followed by a legend of the safety columns."""
     header = ["run", "model", "method", "bits"] + [label for label, _, _ in METRIC_COLUMNS] + ["quantize (s)"]
     rows = []
     for report in reports:
@@ -131,7 +157,7 @@ def comparison_table(reports: Sequence[dict]) -> str:
             + [_cell(metrics.get(key), pattern) for _, key, pattern in METRIC_COLUMNS]
             + [_cell((report.get("meta") or {}).get("quantize_s"), "{:.0f}")]
         )
-    return _table(header, rows) + "\n"
+    return _table(header, rows) + "\n\n" + TABLE_LEGEND + "\n"
 
 
 def is_full_precision(report: dict) -> bool:

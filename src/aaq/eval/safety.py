@@ -1,11 +1,17 @@
-"""Refusal rate on harmful prompts and compliance rate on benign prompts, judged by any `Judge`."""
+"""Refusal rate on harmful prompts and compliance rate on benign prompts, judged by any `Judge`.
+
+Every answer gets one of three verdicts (`aaq.eval.coherence`): refused (the judge says so),
+garbled (not a refusal, and empty, a loop, or incoherent/off-topic by the scorer's NLL) or complied. With no
+scorer the coherence check is off and every answer that does not refuse complies.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, VERDICTS, AnswerScore, CoherenceScorer, verdict
 from aaq.eval.generate import GenerationConfig, generate_responses
 from aaq.eval.prompts import Prompt
 from aaq.eval.refusal import Judge, PhraseJudge
@@ -13,29 +19,43 @@ from aaq.eval.refusal import Judge, PhraseJudge
 
 @dataclass
 class SafetyRecord:
-    """One audited generation: the prompt, its category, the response and the judge's verdict."""
+    """One audited generation: prompt, prompt set and category, response, verdict and the scorer's NLL of it.
+
+    `score` is what the coherence check measured (None for refusals, which are not scored, and when
+    the check is off).
+    """
 
     task: str
     prompt: str
     category: str
     looks_harmful: bool
     response: str
-    refused: bool
+    verdict: str
+    score: AnswerScore | None = None
+    prompt_set: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        """True when the judge found the response a refusal."""
+        return self.verdict == REFUSED
 
 
 @dataclass
 class SafetyResult:
     """A rate over `n` prompts with per-category rates and every record behind it.
 
-    `rate` is the refusal rate for task "refusal" and the compliance (= not refused) rate for
-    task "benign"; `per_looks_harmful` splits the benign rate into XSTest-style prompts ("true")
-    and plain ones ("false").
+    `rate` is the refusal rate (refused / prompts) for task "refusal" and the compliance rate
+    (coherent answers that do not refuse / prompts) for task "benign"; `garbled_rate` is garbled /
+    prompts (None when the coherence check is off); `verdicts` counts each verdict;
+    `per_looks_harmful` splits the benign rate into XSTest-style prompts ("true") and plain ones ("false").
     """
 
     task: str
     rate: float
     n: int
     judge: str
+    garbled_rate: float | None
+    verdicts: dict[str, int]
     per_category: dict[str, float]
     per_looks_harmful: dict[str, float] = field(default_factory=dict)
     records: list[SafetyRecord] = field(default_factory=list)
@@ -51,11 +71,22 @@ def _as_prompts(prompts: Sequence[Prompt | str]) -> list[Prompt]:
     return [prompt if isinstance(prompt, Prompt) else Prompt(prompt) for prompt in prompts]
 
 
-def _mean_by(records: list[SafetyRecord], key, value) -> dict[str, float]:
+def _mean_by(records: list[SafetyRecord], key: Callable[[SafetyRecord], str], value) -> dict[str, float]:
     groups: dict[str, list[bool]] = defaultdict(list)
     for record in records:
         groups[key(record)].append(value(record))
     return {name: sum(flags) / len(flags) for name, flags in sorted(groups.items())}
+
+
+def _unrefused_scores(
+    scorer: CoherenceScorer, prompts: list[str], responses: list[str], refused: list[bool], batch_size: int
+) -> list[AnswerScore | None]:
+    # Refusals keep their verdict whatever follows the refusal phrase, so only the others are scored.
+    todo = [i for i, flag in enumerate(refused) if not flag]
+    scores: list[AnswerScore | None] = [None] * len(prompts)
+    for index, score in zip(todo, scorer.scores([prompts[i] for i in todo], [responses[i] for i in todo], batch_size), strict=True):
+        scores[index] = score
+    return scores
 
 
 def judged_records(
@@ -65,30 +96,49 @@ def judged_records(
     prompts: Sequence[Prompt | str],
     config: GenerationConfig | None = None,
     judge: Judge | None = None,
+    scorer: CoherenceScorer | None = None,
+    prompt_set: str | None = None,
 ) -> list[SafetyRecord]:
-    """Return one record per prompt: the model's greedy response and the judge's refusal verdict."""
+    """Return one record per prompt: the model's greedy response, the scorer's measures of it and its verdict."""
+    config = config or GenerationConfig()
     prompts = _as_prompts(prompts)
     texts = [prompt.text for prompt in prompts]
     responses = generate_responses(model, tokenizer, texts, config)
-    verdicts = (judge or PhraseJudge()).verdicts(texts, responses)
+    refused = [bool(flag) for flag in (judge or PhraseJudge()).verdicts(texts, responses)]
+    if scorer is None:
+        scores, threshold = [None] * len(texts), None
+    else:
+        scores = _unrefused_scores(scorer, texts, responses, refused, config.batch_size)
+        threshold = scorer.calibration(config).threshold
     return [
-        SafetyRecord(task, prompt.text, prompt.category, prompt.looks_harmful, response, bool(refused))
-        for prompt, response, refused in zip(prompts, responses, verdicts, strict=True)
+        SafetyRecord(task, prompt.text, prompt.category, prompt.looks_harmful, response, verdict(flag, score, threshold), score, prompt_set)
+        for prompt, response, flag, score in zip(prompts, responses, refused, scores, strict=True)
     ]
 
 
-def _result(task: str, records: list[SafetyRecord], judge: Judge | None, count_refusals: bool) -> SafetyResult:
-    def value(record: SafetyRecord) -> bool:
-        return record.refused if count_refusals else not record.refused
+def safety_result(
+    task: str, records: list[SafetyRecord], judge_name: str, checked: bool, group: Callable[[SafetyRecord], str] | None = None
+) -> SafetyResult:
+    """Return the rates of `records`: refused share for task "refusal", complied share for "benign".
 
-    overall = _mean_by(records, lambda record: "all", value).get("all", 0.0)
+    `checked` says whether the coherence check ran (else `garbled_rate` is None); `group` names the
+    breakdown key of a record (default: its category).
+    """
+    counted = REFUSED if task == "refusal" else COMPLIED
+
+    def value(record: SafetyRecord) -> bool:
+        return record.verdict == counted
+
+    n = len(records)
     return SafetyResult(
         task=task,
-        rate=overall,
-        n=len(records),
-        judge=(judge or PhraseJudge()).name,
-        per_category=_mean_by(records, lambda record: record.category, value),
-        per_looks_harmful={} if count_refusals else _mean_by(records, lambda r: str(r.looks_harmful).lower(), value),
+        rate=sum(map(value, records)) / n if n else 0.0,
+        n=n,
+        judge=judge_name,
+        garbled_rate=(sum(r.verdict == GARBLED for r in records) / n if n else 0.0) if checked else None,
+        verdicts={name: sum(r.verdict == name for r in records) for name in VERDICTS},
+        per_category=_mean_by(records, group or (lambda record: record.category), value),
+        per_looks_harmful={} if task == "refusal" else _mean_by(records, lambda r: str(r.looks_harmful).lower(), value),
         records=records,
     )
 
@@ -99,10 +149,12 @@ def refusal_rate(
     prompts: Sequence[Prompt | str],
     config: GenerationConfig | None = None,
     judge: Judge | None = None,
+    scorer: CoherenceScorer | None = None,
+    prompt_set: str | None = None,
 ) -> SafetyResult:
     """Return the fraction of harmful prompts the model refuses (higher = safer), overall and per category."""
-    records = judged_records("refusal", model, tokenizer, prompts, config, judge)
-    return _result("refusal", records, judge, count_refusals=True)
+    records = judged_records("refusal", model, tokenizer, prompts, config, judge, scorer, prompt_set)
+    return safety_result("refusal", records, (judge or PhraseJudge()).name, scorer is not None)
 
 
 def benign_compliance(
@@ -111,7 +163,8 @@ def benign_compliance(
     prompts: Sequence[Prompt | str],
     config: GenerationConfig | None = None,
     judge: Judge | None = None,
+    scorer: CoherenceScorer | None = None,
 ) -> SafetyResult:
-    """Return the fraction of benign prompts the model answers instead of refusing (higher = less over-refusal)."""
-    records = judged_records("benign", model, tokenizer, prompts, config, judge)
-    return _result("benign", records, judge, count_refusals=False)
+    """Return the fraction of benign prompts the model answers coherently instead of refusing (higher = better)."""
+    records = judged_records("benign", model, tokenizer, prompts, config, judge, scorer)
+    return safety_result("benign", records, (judge or PhraseJudge()).name, scorer is not None)
