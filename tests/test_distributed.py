@@ -25,6 +25,7 @@ from aaq.devices import Placement
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear
 from aaq.folders import TEMP_SUFFIX
+from aaq.packing import unpack_codes
 from aaq.losses import LossConfig
 from aaq.methods import AAQConfig, GPTQConfig, OSTQuantConfig, QuaRotConfig, RTNConfig
 from aaq.quantizers import QuantScheme
@@ -244,11 +245,15 @@ def test_every_method_over_two_processes_gives_the_codes_of_one(tmp_path, two_pr
     reference = perturbed_reference(model) if METHODS[method].needs_reference() else None
     result = quantize(model, QuantizeConfig(method=METHODS[method], seed=1), calibration=CALIBRATION, reference=reference)
     ranks = main["methods"][method], other["methods"][method]
+    differing = total = 0
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             assert torch.equal(ranks[0]["codes"][name], ranks[1]["codes"][name]), name  # the same weights on every process
-            if method not in CALIBRATED:
-                assert torch.equal(ranks[0]["codes"][name], module.codes.qweight), name
+            codes = [unpack_codes(packed, module.in_features, 4) for packed in (ranks[0]["codes"][name], module.codes.qweight)]
+            differing, total = differing + int((codes[0] != codes[1]).sum()), total + codes[0].numel()
+    # Without learned transforms the sums GPTQ rounds are the same; with them a 1e-6 difference of the
+    # transforms may flip a rounding (none here: 0 of 159,744 codes).
+    assert differing == 0 if method not in CALIBRATED else differing <= total // 1000
     for name, value in result.transforms.tensors().items():
         assert torch.equal(ranks[0]["transforms"][name], ranks[1]["transforms"][name]), name
         assert (ranks[0]["transforms"][name] - value).abs().max() < 1e-5, name
