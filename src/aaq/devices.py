@@ -256,7 +256,7 @@ class StageMeter:
     def stage(self, name: str) -> Iterator[None]:
         """Time the block and record its peak memory under `name`."""
         _fold_peaks(self.device)
-        _release_freed_host_memory()
+        release_freed_host_memory()
         _reset_host_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -303,8 +303,8 @@ def _reset_host_peak() -> None:
         pass
 
 
-def _release_freed_host_memory() -> None:
-    """Hand memory freed by earlier stages back to the OS (glibc keeps it mapped), so a stage's peak is its own."""
+def release_freed_host_memory() -> None:
+    """Hand host memory freed so far back to the OS (glibc keeps freed heap memory mapped); a no-op off glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

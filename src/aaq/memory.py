@@ -22,7 +22,10 @@ from aaq.models.base import ModelAdapter
 from aaq.plan import Geometry
 
 GiB = 2**30
-# Resident after importing torch, transformers and aaq and loading a tokenizer (measured: 0.4-0.7 GB).
+# Resident after importing torch, transformers and aaq and loading a tokenizer (measured 0.3-0.4 GiB
+# beside the weights at the end of loading), and once the run's calibration text, token cache and
+# torch's own pools have grown (0.5-0.7 GiB beside the tensors counted in the later stages).
+LOAD_BASELINE = int(0.4 * GiB)
 HOST_BASELINE = int(0.7 * GiB)
 # Float32 values one token keeps per decoder layer for the backward of a calibration step, and the
 # backward's temporaries, in units of the hidden size and of the MLP width: the norms (float32
@@ -40,9 +43,11 @@ TRANSFORM_MATRICES_PER_LAYER = 4
 # log-softmax kept for the backward, and the two gradients.
 LOGIT_COPIES = 4
 # Rows of teacher logits turned into targets at once (aaq.teachers), and the float32 (rows, vocab)
-# temporaries that takes (softmax, log-softmax, |z_a - z_b|, top-k).
+# buffers that takes (aaq.losses.teacher_targets): both log-softmaxes and |z_a - z_b|, plus the
+# float32 copies of both teachers' logits when the model computes in 16 bits.
 TARGET_ROWS = 512
-TARGET_COPIES = 6
+TARGET_COPIES_FP32 = 3
+TARGET_COPIES_16BIT = 5
 # The host budget the planner assumes when it offloads: the host holds what the device does not.
 HOST_UNBOUNDED = "1TiB"
 
@@ -123,7 +128,8 @@ def _teacher_bytes(s: Shapes, quantize: QuantizeConfig, teacher_batch: int) -> i
     """One teacher batch of full-vocabulary logits for each teacher, and the targets' temporaries."""
     teachers = 2 if quantize.method.needs_reference() else 1
     logits = teachers * teacher_batch * quantize.calibration.seq_len * s.geometry.vocab_size * s.bytes_per_value
-    return logits + TARGET_COPIES * TARGET_ROWS * s.geometry.vocab_size * 4
+    copies = TARGET_COPIES_FP32 if s.bytes_per_value == 4 else TARGET_COPIES_16BIT
+    return logits + copies * TARGET_ROWS * s.geometry.vocab_size * 4
 
 
 def _gptq_bytes(s: Shapes, quantize: QuantizeConfig) -> int:
@@ -178,13 +184,14 @@ def estimate(
     model, fused = s.model_bytes(untied=False), s.model_bytes(untied=True)
     one_layer = s.layer_params * s.bytes_per_value
 
-    def stage(name: str, resident: int, work: int, disk: int = 0, note: str = "") -> StageMemory:
+    def stage(name: str, resident: int, work: int, disk: int = 0, note: str = "", host_work: int = 0) -> StageMemory:
+        baseline = LOAD_BASELINE if name == "load" else HOST_BASELINE
         if budget is None:
-            device, host = resident + work, HOST_BASELINE
+            device, host = resident + work, baseline
         else:
             kept = one_layer if name == "gptq" else min(resident, max(budget - work, one_layer))
-            device, host = kept + work, HOST_BASELINE + resident
-        return StageMemory(name, 0 if on_cpu else device, host + (device if on_cpu else 0), disk, note)
+            device, host = kept + work, baseline + resident
+        return StageMemory(name, 0 if on_cpu else device, host + host_work + (device if on_cpu else 0), disk, note)
 
     stages = [stage("load", model, 0)]
     method = quantize.method
@@ -195,7 +202,9 @@ def estimate(
         work, note = _calibration_bytes(s, quantize)
         stages.append(stage("calibration", fused, work, note=note))
     if quantize.resolved_scheme().weights is not None and getattr(method, "weight_quantizer", "gptq") == "gptq" and method.needs_calibration():
-        stages.append(stage("gptq", fused, _gptq_bytes(s, quantize)))
+        # The solved layers' packed int4 codes, the source of truth of the weights, gather on the host.
+        codes = s.geometry.num_layers * s.layer_params // 2
+        stages.append(stage("gptq", fused, _gptq_bytes(s, quantize), host_work=codes))
     if evaluation is not None:
         # The garbled check scores the answers with the full-precision model, loaded again beside the quantized one.
         scorer = model if evaluation.checks_coherence else 0
@@ -236,15 +245,43 @@ def fit_to_budget(
     subsets = [chosen for size in range(len(candidates) + 1) for chosen in itertools.combinations(candidates, size)]
     subsets.sort(key=lambda chosen: sum(CHANGE_COSTS[name] for name, _ in chosen))
     tried = None
+    inputs = (quantize, placement, evaluation, teacher_batch)
     for chosen in subsets:
-        inputs = (quantize, placement, evaluation, teacher_batch)
-        for name, value in chosen:
-            inputs = _with_change(name, value, *inputs)
-        stages = estimate(config, *inputs)
+        stages = estimate(config, *_with_changes(dict(chosen), inputs))
         tried = Fit(dict(chosen), stages, all(stage.device <= budget for stage in stages))
         if tried.fits:
-            return tried
+            return _offloading_less(config, tried, candidates, inputs, budget)
     return tried
+
+
+def _offloading_less(config: PretrainedConfig, fit: Fit, candidates: list[tuple[str, object]], inputs: tuple, budget: int) -> Fit:
+    """`fit`, plus, when it offloads, each change that keeps the result (cheaper than a smaller calibration batch) and offloads less.
+
+    Offloading moves off the device what the stages need beyond the budget, and every byte of a
+    stage's working memory pushes a byte of weights off it, to be streamed in at every forward; a
+    change is worth making when it keeps at least one more decoder layer on the device.
+    """
+    if "max_memory" not in fit.changes:
+        return fit
+    s = shapes_of(config, inputs[1])
+    one_layer = s.layer_params * s.bytes_per_value
+    changes = {name: value for name, value in fit.changes.items() if name != "max_memory"}
+
+    def overflow(changes: dict[str, object]) -> int:
+        return sum(max(0, stage.device - budget) for stage in estimate(config, *_with_changes(changes, inputs)))
+
+    for name, value in sorted(candidates, key=lambda candidate: CHANGE_COSTS[candidate[0]]):
+        if name not in changes and CHANGE_COSTS[name] < CHANGE_COSTS["batch_size"] and overflow({**changes, name: value}) <= overflow(changes) - one_layer:
+            changes[name] = value
+    changes["max_memory"] = fit.changes["max_memory"]
+    return Fit(changes, estimate(config, *_with_changes(changes, inputs)), True)
+
+
+def _with_changes(changes: dict[str, object], inputs: tuple) -> tuple:
+    """The planning inputs with each of `changes` made, in order."""
+    for name, value in changes.items():
+        inputs = _with_change(name, value, *inputs)
+    return inputs
 
 
 def _with_change(name: str, value, quantize: QuantizeConfig, placement: Placement, evaluation: EvalConfig | None, teacher_batch: int):

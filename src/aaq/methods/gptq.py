@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aaq import distributed
-from aaq.devices import StageMeter, model_device
+from aaq.devices import StageMeter, model_device, release_freed_host_memory
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear, install_quantizers
 from aaq.layerwise import capture_first_layer_inputs, run_layer
@@ -407,6 +407,9 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
                 write_atomic(layer_file, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
             inputs = run_layer(block, inputs)
         block.to(rest)
+        # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without
+        # this the host peak grows by a copy of the linear weights (1.7 GiB for a 1B model in bf16).
+        release_freed_host_memory()
     if progress is not None and main:
         shutil.rmtree(progress, ignore_errors=True)
 
