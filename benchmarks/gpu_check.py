@@ -10,6 +10,12 @@ JSON (default benchmarks/results/gpu_check_<config>_<device>.json).
 
     python benchmarks/gpu_check.py --config llama-3.1-8b-instruct --device cuda --dtype bfloat16
     python benchmarks/gpu_check.py --config tiny-llama --device cpu        # what the test suite runs
+    torchrun --nproc-per-node 2 benchmarks/gpu_check.py --device cuda     # the quantize stages split over 2 GPUs
+
+Under torchrun every process runs the quantize stages on its own GPU (aaq.distributed splits them) in
+process 0's work folder, and process 0 prints and writes the JSON; evaluation, save and export, which aaq
+does not split, are left to the one-process check (compressed-tensors' export would itself try to work
+with the other processes of an initialised group).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from aaq import distributed
 from aaq.api import CalibrationConfig, QuantizeConfig, quantize
 from aaq.calibrate import CalibrationSettings
 from aaq.checkpoint import save_quantized
@@ -99,7 +106,8 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     tokens = torch.randint(4, len(tokenizer), (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="aaq-gpu-check-") as work:
+    with tempfile.TemporaryDirectory(prefix="aaq-gpu-check-") as own:
+        work = distributed.from_main(own, "the work folder")  # under torchrun: process 0's, shared by all
         for method in methods(args.steps, args.batch):
             qconfig = QuantizeConfig(method=method, bits="w4a4kv4", calibration=calibration)
             planned = {s.stage: asdict(s) for s in estimate(config, qconfig, placement, evaluation, teacher_batch=args.batch)}
@@ -107,7 +115,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             reference: Callable[[], PreTrainedModel] | None = (lambda: random_model(config, placement, seed=1)) if method.needs_reference() else None
             result = quantize(model, qconfig, calibration=tokens, reference=reference, run_dir=Path(work) / method.name, placement=placement)
             rows += [_row(f"{method.name}/{name}", record, planned.get(name)) for name, record in result.stages.items()]
-            if method.name == "aaq":
+            if method.name == "aaq" and not distributed.active():
                 meter = StageMeter(placement.compute_device)
                 with meter.stage("eval"), dispatched(model, placement):
                     evaluate(model, tokenizer, evaluation, Path(work) / "eval")
@@ -146,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=2, help="calibration steps of OSTQuant and AAQ")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/gpu_check_<config>_<device>.json)")
     args = parser.parse_args(argv)
-    result = run_check(args)
+    with distributed.process_group(Placement(device=args.device).compute_device):
+        result = run_check(args)
+    if not distributed.launched().is_main:
+        return result
     out = args.out or RESULTS / f"gpu_check_{Path(args.config).stem}_{result['placement']['device'] or 'default'}.json"
     write_json(out, result)
     print_table(result)

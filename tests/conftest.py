@@ -110,17 +110,22 @@ def fake_data_with_harmbench(fake_data_dir):
     return fake_data_dir
 
 
-@pytest.fixture
-def fake_data_dir(tmp_path, monkeypatch, tiny_tokenizer):
-    """A tiny shared data folder (python-docs layout, text of `tiny_tokenizer` words) that AAQ_DATA_DIR points at."""
-    words = [word for word in tiny_tokenizer.get_vocab() if not word.startswith("<")]
+def write_fake_data(folder, tokenizer) -> None:
+    """A tiny shared data folder in `folder`: the python-docs layout, with text of `tokenizer`'s words."""
+    words = [word for word in tokenizer.get_vocab() if not word.startswith("<")]
     generator = torch.Generator().manual_seed(0)
-    docs_root = tmp_path / "python-docs-3.11"
+    docs_root = folder / "python-docs-3.11"
     for relative, n_lines in FAKE_DOCS.items():
         path = docs_root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         picks = torch.randint(0, len(words), (n_lines, 10), generator=generator).tolist()
         path.write_text("\n".join(" ".join(words[i] for i in line) for line in picks), encoding="utf-8")
+
+
+@pytest.fixture
+def fake_data_dir(tmp_path, monkeypatch, tiny_tokenizer):
+    """A tiny shared data folder (python-docs layout, text of `tiny_tokenizer` words) that AAQ_DATA_DIR points at."""
+    write_fake_data(tmp_path, tiny_tokenizer)
     monkeypatch.setenv("AAQ_DATA_DIR", str(tmp_path))
     return tmp_path
 

@@ -65,6 +65,23 @@ def make_tiny_model(family: str, hidden_size: int = 96, num_heads: int = 6, tie:
     return model
 
 
+def perturbed_reference(model):
+    """A copy of `model` with perturbed weights: a stand-in for the unaligned reference."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return reference
+
+
+def logits_fn(model):
+    """The model as a teacher callable: token ids -> logits."""
+    return lambda batch: model(input_ids=batch, use_cache=False).logits
+
+
 def snapshot(folder) -> dict[str, bytes]:
     """Every file under `folder` with its content, to show that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -11,33 +11,19 @@ from aaq.errors import AaqError
 from aaq.losses import LossConfig
 from aaq.quantizers import QuantScheme
 from aaq.teachers import build_teacher_cache, cached_teacher, live_teacher
-from tests.helpers import calibration_setup, make_tiny_model
+from tests.helpers import calibration_setup, logits_fn, make_tiny_model, perturbed_reference
 
 SCHEME = QuantScheme.from_string("w4a4kv4")
 TOKENS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 APC = LossConfig(name="apc", lam=0.1, k=32)
 
 
-def _reference(model):
-    """The model with perturbed weights: a stand-in for the unaligned base model."""
-    reference = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return reference
-
-
-def _logits_fn(model):
-    return lambda batch: model(input_ids=batch, use_cache=False).logits
-
-
 def _student_and_cache(tmp_path, value_dtype=torch.float32, weights_in_loop=True):
     """A tiny W4A4KV4 student with fresh transforms, the teachers' cache, and the untouched teachers."""
     model = make_tiny_model("llama")
-    reference = _reference(model)
+    reference = perturbed_reference(model)
     aligned = copy.deepcopy(model)
-    cache = build_teacher_cache(_logits_fn(model), _logits_fn(reference), TOKENS, tmp_path / "cache", APC.k, value_dtype, 2)
+    cache = build_teacher_cache(logits_fn(model), logits_fn(reference), TOKENS, tmp_path / "cache", APC.k, value_dtype, 2)
     installed = calibration_setup(model, SCHEME, weights_in_loop=weights_in_loop)
     return model, installed, cache, aligned, reference
 
@@ -174,7 +160,7 @@ def test_activation_checkpointing_reaches_the_same_parameters_and_is_turned_off_
     runs, initial = {}, None
     for checkpointing in (False, True):
         model = make_tiny_model("qwen2")
-        cache = build_teacher_cache(_logits_fn(model), _logits_fn(_reference(model)), TOKENS, tmp_path / f"c{checkpointing}", APC.k, torch.float32, 2)
+        cache = build_teacher_cache(logits_fn(model), logits_fn(perturbed_reference(model)), TOKENS, tmp_path / f"c{checkpointing}", APC.k, torch.float32, 2)
         installed = calibration_setup(model, SCHEME, weights_in_loop=weights_in_loop)
         initial = _params(installed)
         settings = _settings(steps=3, activation_checkpointing=checkpointing, rotation_lr=0.05, scale_lr=0.05)

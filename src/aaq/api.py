@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from aaq import distributed
 from aaq.chat_data import ChatDataConfig, chat_token_windows
 from aaq.data import TextDataConfig, token_windows
 from aaq.devices import Placement, StageMeter, StageRecord, placement_of
@@ -214,9 +215,15 @@ def quantize(
     holds no other reference to it. `run_dir` (an empty folder or an aaq run folder) holds the
     teacher cache and the calibration checkpoints, and `resume` continues a killed calibration from
     them. `placement`: where the stages compute (default: where the model is, no offloading).
+
+    Called on every process of an initialised `torch.distributed` process group (`torchrun`), the
+    processes share the work (`aaq.distributed`) and each returns the same quantized model; only
+    process 0 writes into `run_dir`.
     """
     if run_dir is not None:
-        prepare_output_folder(run_dir, "run", work_folders=RUN_WORK_FOLDERS)
+        with distributed.agreed("the preparation of the run folder"):
+            if distributed.is_main_process():
+                prepare_output_folder(run_dir, "run", work_folders=RUN_WORK_FOLDERS)
     if config.method.needs_reference() and reference is None:
         raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     if isinstance(reference, PreTrainedModel):

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from aaq import distributed
 from aaq.devices import model_device
 from aaq.errors import AaqError
 from aaq.losses import LossConfig, LossTerms, TeacherTargets, compute_loss
@@ -294,31 +295,41 @@ def calibrate(
     (if any) to the same final state as an uninterrupted run. The losses are read on the host only
     every `checkpoint_every` steps (and at the end), so a GPU never waits in between; a diverged
     loss is caught there, before that checkpoint is written.
+
+    Split over processes (`aaq.distributed`), each process backpropagates its share of every step's
+    batch; the gradients and loss terms are all-reduced before the optimiser step, which then runs
+    the same on every process, so all of them hold the transforms of a one-process run with the same
+    batch and stop together on a diverged loss. Process 0 writes the checkpoints; all read them.
     """
     device = device or model_device(model)
     state = CalibrationState(transforms=transforms, optimizers=build_optimizers(transforms, settings))
     kept = "no checkpoint was kept"
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if resume and load_checkpoint(checkpoint_dir, state, settings, seed):
+        with distributed.agreed("the reading of the calibration checkpoint"):
+            resumed = resume and load_checkpoint(checkpoint_dir, state, settings, seed)
+        if resumed:
             logger.info("resuming calibration from step %d (%s)", state.step, checkpoint_dir)
             kept = f"the last good checkpoint (step {state.step}) is in {checkpoint_dir}"
+    if distributed.world().size > settings.batch_size:
+        logger.warning("the step batch (%d) is smaller than the number of processes (%d): some of them idle in every step", settings.batch_size, distributed.world().size)
     parameters = transforms.rotation_parameters() + transforms.scale_parameters()
     history: list[dict[str, float]] = []
     pending: list[LossTerms] = []
-    bar = tqdm(range(state.step, settings.steps), initial=state.step, total=settings.steps, desc="calibration", unit="step")
+    bar = tqdm(range(state.step, settings.steps), initial=state.step, total=settings.steps, desc="calibration", unit="step", disable=not distributed.is_main_process())
     with activation_checkpointing(model, settings.activation_checkpointing):
         for step in bar:
             indices = batch_indices(step, tokens.shape[0], settings.batch_size, seed)
-            terms = student_loss(model, tokens[indices].to(device), teacher(indices), settings.loss)
             for optimizer in state.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            with distributed.agreed(f"calibration step {step}"):
+                terms = _backward_share(model, tokens, indices, teacher, settings.loss, device)
+            terms = _summed_over_processes(terms, parameters, settings.loss, f"calibration step {step}")
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
             for optimizer in state.optimizers.values():
                 optimizer.step()
-            pending.append(terms.detached())
+            pending.append(terms)
             state.step = step + 1
             if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
                 scalars = [terms.scalars() for terms in pending]
@@ -327,6 +338,37 @@ def calibrate(
                 pending = []
                 bar.set_postfix({k: f"{v:.4f}" for k, v in scalars[-1].items()})
                 if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir, state, settings, seed)
+                    with distributed.agreed("the writing of the calibration checkpoint"):
+                        if distributed.is_main_process():
+                            save_checkpoint(checkpoint_dir, state, settings, seed)
                     kept = f"the last good checkpoint (step {state.step}) is in {checkpoint_dir}"
     return CalibrationResult(history=history, steps=state.step, initial_loss=state.initial_loss)
+
+
+def _backward_share(model: PreTrainedModel, tokens: Tensor, indices: Tensor, teacher: Teacher, loss: LossConfig, device: torch.device) -> LossTerms | None:
+    """Backpropagate the loss of this process's share of a step's batch (all of it in one process); its detached terms.
+
+    In several processes each share's loss is weighted by its fraction of the batch, so that the
+    sums over the processes are the loss (and gradients) of the whole batch. None for an empty share.
+    """
+    share = distributed.share(indices)
+    if len(share) == 0:
+        return None
+    terms = student_loss(model, tokens[share].to(device), teacher(share), loss)
+    if len(share) < len(indices):
+        terms = terms.scaled(len(share) / len(indices))
+    terms.total.backward()
+    return terms.detached()
+
+
+def _summed_over_processes(terms: LossTerms | None, parameters: list[torch.nn.Parameter], loss: LossConfig, what: str) -> LossTerms:
+    """The gradients of `parameters` and the loss terms summed over the processes (one all-reduce); `terms` in one process."""
+    if not distributed.active():
+        return terms
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+    count = 3 if loss.needs_reference else 2
+    values = torch.zeros(count, device=parameters[0].device) if terms is None else torch.stack(terms[:count]).float()
+    distributed.sum_([p.grad for p in parameters] + [values], what)
+    return LossTerms(*values.unbind())

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from aaq import distributed
 from aaq.errors import AaqError
 from aaq.runs import git_commit
 
@@ -552,8 +553,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         command="aaq " + " ".join(sys.argv[1:]),
     )
-    result = run_quantization(run)
-    print(f"{config.method.name} {config.bits}: {_summary(result.record['metrics'])}; saved to {args.out}")
+    with distributed.process_group(run.placement.compute_device):
+        result = run_quantization(run)
+    if distributed.launched().is_main:
+        print(f"{config.method.name} {config.bits}: {_summary(result.record['metrics'])}; saved to {args.out}")
     return 0
 
 
@@ -665,16 +668,31 @@ def cmd_make_demo_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_over_processes(command: str) -> None:
+    """Under torchrun (several processes): only quantize splits its work, and only process 0 shows progress bars."""
+    if command != "quantize":
+        raise AaqError(f"aaq {command} runs in one process; start it without torchrun (only aaq quantize splits its work over processes)")
+    if not distributed.launched().is_main:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aaq` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    this = distributed.launched()
+    level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=level if this.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        git_commit()  # record the commit of the code as loaded, before a long run
-        return args.handler(args)
+        with distributed.sigterm_as_error() if this.size > 1 else contextlib.nullcontext():
+            if this.size > 1:
+                _split_over_processes(args.command)
+            git_commit()  # record the commit of the code as loaded, before a long run
+            return args.handler(args)
     except AaqError as err:
         print(f"aaq: error: {cli_message(err)}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from aaq import distributed
 from aaq.errors import AaqError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -27,6 +28,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def default_device() -> str:
     """`cuda` when a GPU is available, else `cpu`."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _process_gpu(device: torch.device) -> torch.device:
+    """`cuda` without an index as this process's GPU when the run is split over processes (torchrun: one GPU per process)."""
+    this = distributed.this_process()
+    if device.type == "cuda" and device.index is None and this.size > 1:
+        return torch.device("cuda", this.local_rank)
+    return device
 
 
 def parse_memory(text: str) -> dict[str, str]:
@@ -44,7 +53,8 @@ def parse_memory(text: str) -> dict[str, str]:
 class Placement:
     """Where and in which dtype a model runs.
 
-    `device`: the compute device (`cuda`, `cuda:1`, `cpu`; None: `cuda` when available, else `cpu`).
+    `device`: the compute device (`cuda`, `cuda:1`, `cpu`; None: `cuda` when available, else `cpu`). When
+    the run is split over processes (torchrun), `cuda` is each process's own GPU, `cuda:LOCAL_RANK`.
     `dtype`: the model dtype (None: bfloat16 on CUDA, float32 on CPU). `max_memory`: per-device
     budgets (`{"cuda:0": "20GiB", "cpu": "64GiB"}`); when set, the model rests on the CPU and is
     dispatched by accelerate for forward passes (models dispatched at the same time share them). `fusion_device`: where transforms are fused into the
@@ -73,7 +83,7 @@ class Placement:
     def compute_device(self) -> torch.device:
         """The device the model computes on."""
         try:
-            return torch.device(self.device or default_device())
+            return _process_gpu(torch.device(self.device or default_device()))
         except RuntimeError:
             raise AaqError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N", setting="device") from None
 

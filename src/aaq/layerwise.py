@@ -56,9 +56,9 @@ def capture_first_layer_inputs(model: PreTrainedModel, first_layer: nn.Module, t
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in tokens.split(batch_size):
+        for start in range(0, tokens.shape[0], batch_size):
             try:
-                model(input_ids=batch.to(model_device(model)), use_cache=False)
+                model(input_ids=tokens[start : start + batch_size].to(model_device(model)), use_cache=False)
             except _StopForward:
                 pass
     finally:

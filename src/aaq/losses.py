@@ -75,6 +75,10 @@ class LossTerms(NamedTuple):
         """The terms without their graph (still tensors: reading them would make a GPU wait)."""
         return LossTerms(*(None if value is None else value.detach() for value in self))
 
+    def scaled(self, weight: float) -> LossTerms:
+        """Every term times `weight` (one process's share of a batch, weighted by its fraction of it)."""
+        return LossTerms(*(None if value is None else value * weight for value in self))
+
     def scalars(self) -> dict[str, float]:
         """The terms as Python floats, for a progress bar or a log line."""
         values = {"loss": self.total, "pull": self.pull, "push": self.push}

@@ -153,6 +153,20 @@ class PairStatistics:
                 self.mass_sums[push] = self.mass_sums.get(push, 0.0) + m
                 self.contrast_sums[push] = self.contrast_sums.get(push, 0.0) + c
 
+    @classmethod
+    def combined(cls, parts: list[PairStatistics]) -> PairStatistics:
+        """The statistics of the positions of all `parts` (the shares of several processes, same push sets), in order."""
+        total = parts[0]
+        for part in parts[1:]:
+            total = cls(
+                total.push_sets,
+                total.positions + part.positions,
+                total.kl_sum + part.kl_sum,
+                {push: total.mass_sums.get(push, 0.0) + part.mass_sums.get(push, 0.0) for push in total.push_sets},
+                {push: total.contrast_sums.get(push, 0.0) + part.contrast_sums.get(push, 0.0) for push in total.push_sets},
+            )
+        return total
+
     def summary(self) -> PairSummary:
         """The means over every position added so far."""
         if self.positions == 0:

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from aaq import distributed
 from aaq.devices import model_device
 from aaq.errors import AaqError
 from aaq.folders import TEMP_SUFFIX, check_free_space
@@ -282,6 +283,10 @@ def build_teacher_cache(
     callable is no longer needed afterwards; the caller can drop it. ``push_k``/``push_tokens`` choose the
     push tokens (see :func:`aaq.losses.teacher_targets`). Returns the opened cache, whose metadata holds the
     pair statistics of the two teachers on ``batches`` (with a reference).
+
+    Split over processes (:mod:`aaq.distributed`), each process runs the teachers on its share of the
+    batches and writes their rows into the same memory-mapped files, which process 0 creates, fills
+    with nothing else and moves into place; the files are those one process writes.
     """
     if batches.dim() != 2 or batches.shape[0] == 0:
         raise AaqError(
@@ -291,47 +296,73 @@ def build_teacher_cache(
         raise AaqError(f"teacher cache batch_size and k must be >= 1, got batch_size={batch_size}, k={k}")
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    # An older cache stays "complete" until its meta.json is gone; remove that first so a build killed
-    # half-way can never be mistaken for a valid cache.
-    (directory / _META_FILE).unlink(missing_ok=True)
-    dtype_name = _dtype_name(value_dtype)
+    main = distributed.is_main_process()
     num_sequences, seq_len = batches.shape
+    mine = distributed.share_of_batches(num_sequences, batch_size)
+    starts = range(mine.start, mine.stop, batch_size)
     arrays: dict[str, np.ndarray] = {}
-    meta: CacheMeta | None = None
-    statistics: PairStatistics | None = None
     with _partial_files_removed_on_error(directory, arrays), torch.no_grad():
-        for start in tqdm(range(0, num_sequences, batch_size), desc="teacher targets", unit="batch"):
-            batch = batches[start : start + batch_size]
-            z_a = _teacher_logits(aligned, batch, "aligned")
-            z_b = None if reference is None else _teacher_logits(reference, batch, "reference")
-            if meta is None:
-                meta = CacheMeta(
-                    k=k,
-                    vocab_size=z_a.shape[-1],
-                    num_sequences=num_sequences,
-                    seq_len=seq_len,
-                    value_dtype=dtype_name,
-                    has_push=reference is not None,
-                    fingerprint=tokens_fingerprint(batches),
-                    push_tokens=push_tokens,
-                    push_k=push_k,
-                )
-                log.info("teacher cache: %.1f MB in %s (push tokens %s)", meta.nbytes / 1e6, directory, meta.push_set.label)
-                check_free_space(directory, {"teacher cache": meta.nbytes})
-                arrays.update(_create_partial_arrays(directory, meta))
-                statistics = None if reference is None else PairStatistics(meta.push_set.with_alternatives(meta.k_eff))
-            _write_batch_targets(arrays, meta, start, z_a, z_b, statistics)
-            del z_a, z_b
-        assert meta is not None  # the loop ran at least once: num_sequences > 0
-        for field, array in arrays.items():
-            array.flush()
-            os.replace(_partial_path(directory, field), directory / f"{field}.npy")
+        with distributed.agreed("the teacher targets"):
+            if main:
+                # An older cache stays "complete" until its meta.json is gone; remove that first so a build
+                # killed half-way can never be mistaken for a valid cache.
+                (directory / _META_FILE).unlink(missing_ok=True)
+            first = _teachers_logits(aligned, reference, batches[starts[0] : starts[0] + batch_size]) if starts else None
+        vocab = max(distributed.gather(0 if first is None else first[0].shape[-1], "the teacher targets"))
+        meta = CacheMeta(
+            k=k,
+            vocab_size=vocab,
+            num_sequences=num_sequences,
+            seq_len=seq_len,
+            value_dtype=_dtype_name(value_dtype),
+            has_push=reference is not None,
+            fingerprint=tokens_fingerprint(batches),
+            push_tokens=push_tokens,
+            push_k=push_k,
+        )
+        arrays.update(_partial_arrays(directory, meta))
+        statistics = None if reference is None else PairStatistics(meta.push_set.with_alternatives(meta.k_eff))
+        with distributed.agreed("the teacher targets"):
+            for start in tqdm(starts, desc="teacher targets", unit="batch", disable=not main):
+                z_a, z_b = first if start == starts[0] else _teachers_logits(aligned, reference, batches[start : start + batch_size])
+                first = None
+                _write_batch_targets(arrays, meta, start, z_a, z_b, statistics)
+                del z_a, z_b
+            for array in arrays.values():
+                array.flush()
+        statistics = None if statistics is None else PairStatistics.combined(distributed.gather(statistics, "the teacher targets"))
+        with distributed.agreed("the teacher cache"):
+            if main:
+                for field in arrays:
+                    os.replace(_partial_path(directory, field), directory / f"{field}.npy")
         arrays.clear()
     if statistics is not None:
         meta = replace(meta, pair_statistics=statistics.summary().to_dict())
-    write_json(directory / _META_FILE, asdict(meta))
-    log.info("teacher cache: %d x %d positions, k=%d, %s values", num_sequences, seq_len, meta.k_eff, dtype_name)
+    with distributed.agreed("the teacher cache"):
+        if main:
+            write_json(directory / _META_FILE, asdict(meta))
+            log.info("teacher cache: %d x %d positions, k=%d, %s values", num_sequences, seq_len, meta.k_eff, meta.value_dtype)
     return TeacherCache.open(directory, batches)
+
+
+def _teachers_logits(aligned: LogitsFn, reference: LogitsFn | None, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The aligned model's (and the reference's) logits for a batch of token ids."""
+    z_a = _teacher_logits(aligned, batch, "aligned")
+    return z_a, None if reference is None else _teacher_logits(reference, batch, "reference")
+
+
+def _partial_arrays(directory: Path, meta: CacheMeta) -> dict[str, np.ndarray]:
+    """Writable memory maps of every cached field at their temporary paths: process 0 creates them (checking and taking the disk space), the others open them."""
+    arrays = {}
+    with distributed.agreed("the creation of the teacher cache"):
+        if distributed.is_main_process():
+            log.info("teacher cache: %.1f MB in %s (push tokens %s)", meta.nbytes / 1e6, directory, meta.push_set.label)
+            check_free_space(directory, {"teacher cache": meta.nbytes})
+            arrays = _create_partial_arrays(directory, meta)
+    with distributed.agreed("the opening of the teacher cache"):
+        if not distributed.is_main_process():
+            arrays = {field: np.load(_partial_path(directory, field), mmap_mode="r+") for field in meta.fields}
+    return arrays
 
 
 def _create_partial_arrays(directory: Path, meta: CacheMeta) -> dict[str, np.ndarray]:
@@ -421,20 +452,22 @@ def open_or_build(
     """The cache in ``out_dir`` if a valid one for these tokens and settings exists (resume), else a new build.
 
     The teachers are only called when building. A cache for other settings is an error, not overwritten.
+    Split over processes, process 0 decides whether the cache exists, and every process checks it.
     """
     directory = Path(out_dir)
-    if not TeacherCache.exists(directory):
+    if not distributed.from_main(TeacherCache.exists(directory), "the search for the teacher cache"):
         return build_teacher_cache(aligned, reference, batches, directory, k, value_dtype, batch_size, push_k, push_tokens)
-    cache = TeacherCache.open(directory, batches)
-    wanted = _settings(
-        replace(cache.meta, k=k, value_dtype=_dtype_name(value_dtype), has_push=reference is not None, push_k=push_k, push_tokens=push_tokens)
-    )
-    found = _settings(cache.meta)
-    if wanted != found:
-        raise AaqError(
-            f"teacher cache in {directory} has (k, dtype, reference, push tokens) = {found}, this run wants {wanted}; "
-            f"{_rebuild_hint(directory)}"
+    with distributed.agreed("the opening of the teacher cache"):
+        cache = TeacherCache.open(directory, batches)
+        wanted = _settings(
+            replace(cache.meta, k=k, value_dtype=_dtype_name(value_dtype), has_push=reference is not None, push_k=push_k, push_tokens=push_tokens)
         )
+        found = _settings(cache.meta)
+        if wanted != found:
+            raise AaqError(
+                f"teacher cache in {directory} has (k, dtype, reference, push tokens) = {found}, this run wants {wanted}; "
+                f"{_rebuild_hint(directory)}"
+            )
     log.info("reusing teacher cache in %s", directory)
     return cache
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from aaq import distributed
 from aaq.api import QuantizeConfig, QuantizeResult, check_reference_source, load_reference, quantize
 from aaq.checkpoint import FAILED_RECORD, is_run_folder, load_quantized, model_state, save_quantized
 from aaq.data import corpus_documents
@@ -73,7 +74,7 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """The record written to `run.json` and the evaluation report (None when nothing was evaluated)."""
+    """The record written to `run.json` and the evaluation report (None when nothing was evaluated); both empty on processes other than 0."""
 
     record: dict[str, Any]
     report: dict[str, Any] | None
@@ -159,25 +160,34 @@ def run_quantization(
     The output folder, the evaluation's inputs, the calibration text, the reference's vocabulary
     and the free disk space are checked before the work. If the run stops on an error, the folder
     gets `failed.json` with the error and the stage, and the error is raised.
+
+    Called on every process of an initialised `torch.distributed` process group (the CLI under
+    `torchrun`), the processes share the quantization (`aaq.quantize`); process 0 alone writes the
+    run folder and evaluates, and the others return an empty record once the model is quantized.
     """
-    check_run_folder(config.out, config.overwrite)
-    inputs = None if config.evaluation is None else prepare_inputs(config.evaluation)
-    if calibration is None and config.quantize.method.needs_calibration():
-        corpus_documents(config.quantize.calibration.dataset, "calibration")
+    main = distributed.is_main_process()
+    with distributed.agreed("the checks before the work"):
+        check_run_folder(config.out, config.overwrite)
+        inputs = None if config.evaluation is None or not main else prepare_inputs(config.evaluation)
+        if calibration is None and config.quantize.method.needs_calibration():
+            corpus_documents(config.quantize.calibration.dataset, "calibration")
     meter = StageMeter(config.placement.compute_device)
     with tf32_matmuls(config.placement.tf32):
-        if model is None:
-            with meter.stage("load"):
-                model, tokenizer = load_model(config.model, config.placement)
-        if config.reference is not None:
-            check_reference_source(config.reference, model, tokenizer)
-        check_free_space(config.out, planned_run_bytes(config, model, calibration), already=folder_bytes(config.out))
-        prepare_run_folder(config.out, config.overwrite)
+        with distributed.agreed("the loading of the model"):
+            if model is None:
+                with meter.stage("load"):
+                    model, tokenizer = load_model(config.model, config.placement)
+            if config.reference is not None:
+                check_reference_source(config.reference, model, tokenizer)
+            check_free_space(config.out, planned_run_bytes(config, model, calibration), already=folder_bytes(config.out))
+            if main:
+                prepare_run_folder(config.out, config.overwrite)
         progress = _Progress()
         try:
             return _run(config, model, tokenizer, calibration, inputs, scorer, meter, progress)
         except BaseException as error:
-            _record_failure(config, progress.stage, error)
+            if main:
+                _record_failure(config, progress.stage, error)
             raise
 
 
@@ -203,6 +213,8 @@ def _run(
         placement=config.placement,
     )
     meter.records |= result.stages
+    if not distributed.is_main_process():
+        return RunResult(record={}, report=None)
     report = _save_and_evaluate(config, result, tokenizer, inputs, scorer, meter, progress)
     progress.stage = "record"
     record = {
@@ -215,6 +227,7 @@ def _run(
         "seed": config.quantize.seed,
         "config": config.quantize.to_dict(),
         "placement": asdict(config.placement),
+        "processes": distributed.world().size,
         "metrics": {} if report is None else {k: v for k, v in report["metrics"].items() if v is not None},
         "timings": {f"{name}_s": record.seconds for name, record in meter.records.items()},
         "stages": meter.to_dict(),

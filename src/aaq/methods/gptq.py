@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from aaq import distributed
 from aaq.devices import StageMeter, model_device, release_freed_host_memory
 from aaq.errors import AaqError
 from aaq.fake_quant import QuantLinear, install_quantizers
@@ -106,6 +107,14 @@ class HessianAccumulator:
         if self._sum is None:
             raise AaqError("no calibration inputs reached this layer; run calibration batches through the model before GPTQ")
         return self._sum * (2.0 / self._n)
+
+    @torch.no_grad()
+    def sum_over_processes(self, device: torch.device, n_samples: int, what: str) -> None:
+        """Replace the sum by its sum over the processes (on `device`), which added `n_samples` input vectors in all."""
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
+        distributed.sum_([self._sum], what)
+        self._n = n_samples
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -353,46 +362,60 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     onloading: a model resting on the CPU needs one layer of device memory). With a `run_dir`, each
     finished layer is saved, and `resume` reuses them: the finished layers only rerun their forward,
     so the result equals an uninterrupted run.
+
+    Split over processes (`aaq.distributed`), each process runs its share of the calibration batches
+    through the layers, the Hessians are summed over the processes before each layer's solve, each
+    process solves its share of the layer's weights, and all take every weight's codes from the
+    process that solved it: all hold the weights of a one-process run. Process 0 writes the finished
+    layers.
     """
     if context.calibration_tokens is None:
         raise AaqError("GPTQ needs calibration tokens; pass a tokenizer or calibration token ids")
     model, plan, spec = context.model, context.plan, context.scheme.weights
     device = context.placement.compute_device
+    main = distributed.is_main_process()
     progress = None if context.run_dir is None else context.run_dir / PROGRESS_DIR
-    if progress is not None and not context.resume:
+    if progress is not None and not context.resume and main:
         shutil.rmtree(progress, ignore_errors=True)
     key = _progress_key(context, config)
     first_block = model.get_submodule(plan.layers[0].block)
-    inputs = capture_first_layer_inputs(model, first_block, context.calibration_tokens, context.batch_size).to(device)
-    for index, layer in enumerate(tqdm(plan.layers, desc="GPTQ", unit="layer")):
+    tokens = context.calibration_tokens[distributed.share_of_batches(context.calibration_tokens.shape[0], context.batch_size)]
+    with distributed.agreed("GPTQ's first layer inputs"):
+        inputs = capture_first_layer_inputs(model, first_block, tokens, context.batch_size).to(device)
+    for index, layer in enumerate(tqdm(plan.layers, desc="GPTQ", unit="layer", disable=not main)):
+        what = f"GPTQ layer {index}"
         block = model.get_submodule(layer.block)
         rest = model_device(block)
         block.to(device)
         linears = {name: model.get_submodule(name) for name in layer.linears}
         layer_file = None if progress is None else progress / f"layer_{index:04d}.safetensors"
-        saved = None if layer_file is None or not context.resume else _finished_layer(layer_file, key)
+        with distributed.agreed(what):
+            saved = None if layer_file is None or not context.resume else _finished_layer(layer_file, key)
+            hessians = None if saved is not None else _layer_hessians(layer, linears, block, inputs)
         if saved is not None:
-            for name, linear in linears.items():
-                linear.set_codes(WeightCodes.from_tensors(saved, name, linear.weight.shape, spec))
+            codes = {name: WeightCodes.from_tensors(saved, name, linear.weight.shape, spec) for name, linear in linears.items()}
         else:
-            _quantize_layer(layer, linears, block, inputs, spec, config)
-            if layer_file is not None:
-                state = {key: t for name, linear in linears.items() for key, t in linear.codes.tensors(name).items()}
+            _sum_over_processes(hessians, device, what)
+            with distributed.agreed(what):
+                solved = _quantize_share(layer, linears, hessians, spec, config)
+            codes = {name: weight_codes for share in distributed.gather(solved, what) for name, weight_codes in share.items()}
+        with distributed.agreed(what):
+            for name, weight_codes in codes.items():
+                linears[name].set_codes(weight_codes)
+            if saved is None and layer_file is not None and main:
+                state = {key: t for name, weight_codes in codes.items() for key, t in weight_codes.tensors(name).items()}
                 write_atomic(layer_file, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
-        inputs = run_layer(block, inputs)
+            inputs = run_layer(block, inputs)
         block.to(rest)
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without
         # this the host peak grows by a copy of the linear weights (1.7 GiB for a 1B model in bf16).
         release_freed_host_memory()
-    if progress is not None:
+    if progress is not None and main:
         shutil.rmtree(progress, ignore_errors=True)
 
 
-def _quantize_layer(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.Module, inputs, spec: QuantSpec, config: GPTQConfig) -> None:
-    """Collect the Hessian of each distinct input over one pass of the layer, then GPTQ every weight.
-
-    Linears that read the same input (q/k/v, gate/up) share one Hessian and one factorisation.
-    """
+def _layer_hessians(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.Module, inputs) -> dict[str, HessianAccumulator]:
+    """The Hessian of each distinct input of the layer's linears (by the first linear reading it), over one pass of the layer."""
     groups = {group[0]: group for group in layer.input_groups}
     accumulators = {first: HessianAccumulator(linears[first].in_features) for first in groups}
     handles = [linears[first].register_forward_hook(_hessian_hook(accumulators[first])) for first in groups]
@@ -401,10 +424,37 @@ def _quantize_layer(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.M
     finally:
         for handle in handles:
             handle.remove()
-    for first, group in groups.items():
-        prepared = prepare_hessian(accumulators.pop(first).hessian, config)
-        for name in group:
-            linears[name].set_codes(gptq_quantize_with_params(linears[name].weight.data, prepared, spec, config).codes)
+    return accumulators
+
+
+def _sum_over_processes(accumulators: dict[str, HessianAccumulator], device: torch.device, what: str) -> None:
+    """Each Hessian summed over the processes (each ran its share of the calibration batches); nothing in one process."""
+    if not distributed.active():
+        return
+    counts = torch.tensor([float(a.n_samples) for a in accumulators.values()], dtype=torch.float64, device=device)
+    distributed.sum_([counts], what)
+    for accumulator, count in zip(accumulators.values(), counts.tolist(), strict=True):
+        accumulator.sum_over_processes(device, int(count), what)
+
+
+def _quantize_share(
+    layer: LayerPlan, linears: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator], spec: QuantSpec, config: GPTQConfig
+) -> dict[str, WeightCodes]:
+    """The GPTQ codes of this process's share of the layer's weights (all of them in one process), by linear.
+
+    Linears that read the same input (q/k/v, gate/up) share one Hessian and one factorisation. The
+    processes share the weights balanced by size.
+    """
+    mine = set(distributed.balanced_share({name: linear.weight.numel() for name, linear in linears.items()}))
+    solved = {}
+    for group in layer.input_groups:
+        hessian = hessians.pop(group[0])
+        names = [name for name in group if name in mine]
+        if names:
+            prepared = prepare_hessian(hessian.hessian, config)
+            for name in names:
+                solved[name] = gptq_quantize_with_params(linears[name].weight.data, prepared, spec, config).codes
+    return solved
 
 
 @register_method(GPTQConfig)

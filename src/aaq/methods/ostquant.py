@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
+from aaq import distributed
 from aaq.calibrate import CalibrationSettings, calibrate
 from aaq.devices import StageMeter, dispatched, free_memory, model_device
 from aaq.errors import AaqError
@@ -105,13 +106,16 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
 
 
 def teacher_batch_size(settings: CalibrationSettings, context: MethodContext, vocab_size: int) -> int:
-    """Sequences per teacher forward: the setting, or the data batch size shrunk until two teachers' logits fit half the free memory."""
+    """Sequences per teacher forward: the setting, or the data batch size shrunk until two teachers' logits fit half the free memory.
+
+    Split over processes, the smallest of their sizes (every process must cut the same batches).
+    """
     if settings.teacher_batch is not None:
         return settings.teacher_batch
     seq_len = context.calibration_tokens.shape[1]
     per_sequence = 2 * seq_len * vocab_size * context.placement.torch_dtype.itemsize
     fits = free_memory(context.placement.compute_device) // (2 * per_sequence)
-    return max(1, min(context.batch_size, fits))
+    return min(distributed.gather(max(1, min(context.batch_size, fits)), "the sizing of the teacher batches"))
 
 
 def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Path) -> Teacher:
@@ -157,7 +161,7 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
 
 def _log_pair_statistics(cache: TeacherCache) -> None:
     """Log how far the two teachers are apart on the calibration windows, with a warning if the push sees nothing."""
-    if cache.meta.pair_statistics is None:
+    if cache.meta.pair_statistics is None or not distributed.is_main_process():
         return
     summary = PairSummary.from_dict(cache.meta.pair_statistics)
     where = "the calibration windows"
