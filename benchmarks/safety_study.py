@@ -735,6 +735,57 @@ def write_report(work: Path, out: Path, plot: Path) -> dict:
     return body
 
 
+def markdown(body: dict) -> str:
+    """The report's tables for the README: finished arms, paired differences, tuning decisions, CPU time."""
+    final, cpu = body["final"], body["cpu"]
+    lines = [
+        "| arm | n seeds | refusal, HarmBench val (41) | refusal, AdvBench (520) | harmful garbled | benign compliance (159) | PPL | R1 movement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, stats in final["arms"].items():
+        if stats["n"]:
+            cells = [_cell(stats.get(m)) for m in ("refusal:harmbench-val", "refusal:advbench", "garbled", "benign_compliance", "ppl", "r1_movement")]
+            lines.append(f"| {arm} | {stats['n']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| AAQ − OSTQuant (same seed) | n pairs | refusal, pooled (561) | HarmBench val | AdvBench | garbled | benign compliance | PPL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, diff in final["paired_aaq_minus_ostquant"].items():
+        cells = [_difference(diff.get(m)) for m in ("refusal", "refusal:harmbench-val", "refusal:advbench", "garbled", "benign_compliance", "ppl")]
+        lines.append(f"| {key} | {diff['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "| tuning stage | candidate | refusal | garbled | benign | R1 movement | eligible | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for stage, decision in body["tuning"]["decisions"].items():
+        for row in decision["candidates"]:
+            f = row["figures"] or {}
+            figures = [_cell(f.get(k)) for k in ("refusal", "garbled", "benign_compliance", "r1_movement")]
+            eligible = "yes" if row["eligible"] else "no: " + "; ".join(row["excluded_because"])
+            chosen = "**chosen**" + (" (fallback)" if decision["fallback"] else "") if row["candidate"] == decision["chosen"] else ""
+            lines.append(f"| {stage} | {row['candidate']} | " + " | ".join(figures) + f" | {eligible} | {chosen} |")
+    lines += [
+        "",
+        (
+            f"Not run yet: {', '.join(final['not_run']) or 'none'}. CPU: {cpu['workers_cpu_h']:.2f} CPU-hours by the workers' records "
+            f"({cpu['runs_cpu_h']:.2f} in finished runs); {cpu['remaining_runs']} runs remain, about {cpu['remaining_cpu_h_estimate']:.1f} CPU-hours."
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _cell(stats: dict | float | None) -> str:
+    if stats is None:
+        return "–"
+    if not isinstance(stats, dict):
+        return f"{stats:.3f}"
+    return f"{stats['mean']:.3f}" + ("" if stats["sd"] is None else f" ± {stats['sd']:.3f}")
+
+
+def _difference(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    return f"{d['mean']:+.3f}" + ("" if d["ci95"] is None else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+
+
 ARM_STYLE = {"quarot": ("tab:gray", "s"), "ostquant": ("tab:blue", "o"), "aaq": ("tab:red", "^")}
 
 
@@ -818,7 +869,7 @@ def main(argv: list[str] | None = None) -> None:
             print(run.key, "done" if Study(args.work).done(run) else "")
         print("complete plan" if complete else "tuning not finished: later stages unknown")
     else:
-        write_report(args.work, args.out, args.plot)
+        print(markdown(write_report(args.work, args.out, args.plot)))
 
 
 if __name__ == "__main__":

@@ -179,3 +179,21 @@ def test_tuning_runs_read_only_tuning_data_and_final_runs_the_evaluation_sets():
     method = study_module.method_config(tune)
     assert method.training.loss.push_tokens == "reference" and method.training.loss.lam == 0.3 and method.training.rotation_lr == 0.01
     assert method.training.loss.resolved_push_k == 1000
+
+
+def test_the_report_writes_its_json_its_plot_and_the_readme_tables(tmp_path):
+    study = Study(tmp_path / "work")
+    while not study.plan()[1]:
+        _finish_known(study)  # every candidate ties at 0.3: the first listed wins each stage
+    tuned = Setting(*LR_CANDIDATES[0], "diff", 0.1)
+    assert study.tuned() == tuned
+    for run in study.final_runs(tuned)[:5]:
+        _finish(study, run, cpu_s=600.0, **_final(0.5 if run.method == "aaq" else 0.4 + 0.1 * run.seed))
+    body = study_module.write_report(study.work, tmp_path / "study.json", tmp_path / "study.png")
+    assert json.loads((tmp_path / "study.json").read_text())["tuning"]["chosen"]["lam"] == 0.1
+    assert (tmp_path / "study.png").stat().st_size > 0
+    text = study_module.markdown(body)
+    assert "| faithful/aaq/raw | 2 | 0.500 ± 0.000 |" in text and "| faithful/fp/- | 1 | 0.400 |" in text
+    assert "| faithful/raw | 2 | +0.050 [-0.585, +0.685] |" in text  # 0.1, 0.0: 12.706 * 0.0707107 / sqrt(2) = 0.635
+    assert "| lr | (0.0042, 0.00045) | 0.300 | 0.200 | 0.600 | 0.100 | yes | **chosen** |" in text
+    assert "Not run yet: anchored/fp/-," in text
