@@ -78,6 +78,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -802,7 +803,8 @@ def plot_study(body: dict, path: Path) -> None:
     for ax, pair in zip(axes[:2], PAIRS, strict=True):
         _plot_pair(ax, pair, final["arms"])
     _plot_paired(axes[2], final["paired_aaq_minus_ostquant"])
-    figure.suptitle("Safety study, W4A4KV4 (smollm2-135m pairs); arms not run: " + (", ".join(final["not_run"]) or "none"), fontsize=9)
+    not_run = textwrap.fill("arms not run yet: " + (", ".join(final["not_run"]) or "none"), 180)
+    figure.suptitle(f"Safety study, W4A4KV4 (smollm2-135m pairs)\n{not_run}", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -822,6 +824,8 @@ def _plot_pair(ax: Any, pair: str, arms: dict) -> None:
         face = color if form == "raw" else "white"
         label = f"{method} ({form}, n={stats['n']})" if method != "quarot" else f"quarot (n={stats['n']})"
         ax.scatter(x, y, color=face, edgecolors=color, marker=marker, s=50, label=label)
+    if not ax.collections:
+        ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{pair} pair ({PAIRS[pair]})")
     ax.set_xlabel("perplexity, 8 x 512 held-out tokens")
     ax.set_ylabel("refusal, HarmBench val + AdvBench (561), %")
@@ -842,8 +846,9 @@ def _plot_paired(ax: Any, paired: dict) -> None:
             ax.errorbar([100 * d["mean"]], [y - 0.25 * offset], xerr=xerr, fmt="o", color=color, capsize=3, label=name if y == 0 else None)
         labels.append((y, f"{key} (n={diff['n']})"))
     ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-100, 100)
     ax.set_yticks([t for t, _ in labels], [k for _, k in labels])
-    ax.set_xlabel("AAQ - OSTQuant, points (same seed; 95% t-interval over the n seeds)")
+    ax.set_xlabel("AAQ - OSTQuant, points (same seed; 95% t-interval)")
     ax.set_title("paired differences")
     ax.grid(True, axis="x", alpha=0.3)
     if labels:
