@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from aaq.plan import TransformConfig
 from aaq.quantizers import QuantScheme, fake_quantize
-from aaq.transforms import orthogonality_error
+from aaq.transforms import orthogonality_error, relative_change
 from tests.helpers import FAMILIES, calibration_setup, make_tiny_model
 
 SMOOTHED = TransformConfig(smoothing=True)
@@ -79,6 +79,24 @@ def test_only_transform_parameters_get_gradients_and_all_of_them_do():
     for p in transforms.rotation_parameters() + transforms.scale_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_movement_is_zero_at_the_start_and_measures_each_parameter_from_its_snapshot():
+    model = make_tiny_model("llama")
+    transforms = calibration_setup(model, QuantScheme.from_string("w4a4kv4"), SMOOTHED).transforms
+    start = transforms.snapshot()
+    assert transforms.movement(start).to_dict() == {"r1": 0.0, "r2_mean": 0.0, "r2_max": 0.0, "scale_rms": 0.0}
+    with torch.no_grad():
+        transforms.r1.mul_(-1)  # every entry changes sign: ||R1 - R1_0|| = 2 ||R1_0||
+        transforms.r2[1].copy_(torch.eye(transforms.r2[1].shape[0]))
+        for p in transforms.scale_parameters():
+            p.fill_(0.1)
+    moved = transforms.movement(start)
+    r2_last = relative_change(start["r2.1"], torch.eye(transforms.r2[1].shape[0]))
+    assert moved.r1 == pytest.approx(2.0)
+    assert moved.r2_max == pytest.approx(r2_last) and moved.r2_mean == pytest.approx(r2_last / len(transforms.r2))
+    assert moved.scale_rms == pytest.approx(torch.tensor(0.1).exp().item() - 1)
+    assert start["r1"].dtype == torch.float64 and not torch.equal(start["r1"], transforms.r1.detach().double())
 
 
 def test_projection_weights_are_fake_quantized_in_training_but_fused_unquantized():

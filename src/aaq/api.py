@@ -118,13 +118,15 @@ class QuantizeResult:
     """The quantized model (modified in place), its config, the transforms the method applied, and its stages.
 
     `stages`: seconds and peak memory of each stage (`calibration_data`, the method's, `quantize` for
-    the whole); `timings`: the seconds alone, as `<stage>_s`.
+    the whole); `timings`: the seconds alone, as `<stage>_s`; `metrics`: what the method measured (for
+    `ostquant`/`aaq`: the calibration loss and `transform_movement`, how far R1, R2 and the scales moved).
     """
 
     model: PreTrainedModel
     config: QuantizeConfig
     transforms: AppliedTransforms
     stages: dict[str, StageRecord]
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -255,4 +257,4 @@ def quantize(
         result = apply_method(context)
     stages = {**meter.records, **result.stages, "quantize": meter.records["quantize"]}
     logger.info("quantized with %s %s in %.1f s", config.method.name, config.bits, stages["quantize"].seconds)
-    return QuantizeResult(model=model, config=config, transforms=result.transforms, stages=stages)
+    return QuantizeResult(model=model, config=config, transforms=result.transforms, stages=stages, metrics=result.metrics)

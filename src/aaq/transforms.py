@@ -27,7 +27,7 @@ and removes every hook and parametrization.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import geoopt
 import torch
@@ -96,6 +96,48 @@ class LearnableTransforms(nn.Module):
     def scales(self) -> dict[str, Tensor]:
         """Positive scales by `<kind>.<layer>` name (detached), for the run folder."""
         return {f"{kind}.{i}": p.detach().exp().contiguous() for kind, params in self.log_scales.items() for i, p in enumerate(params)}
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """A float64 copy of every parameter (by state-dict name), to measure `movement` from later."""
+        return {name: value.detach().as_subclass(Tensor).to(torch.float64, copy=True) for name, value in self.state_dict().items()}
+
+    def movement(self, start: dict[str, Tensor]) -> TransformMovement:
+        """How far the parameters are now from `start` (a `snapshot`, typically taken before calibration)."""
+        now = self.snapshot()
+        r2 = [relative_change(start[f"r2.{i}"], now[f"r2.{i}"]) for i in range(len(self.r2))]
+        log_scales = [now[name] for name in now if name.startswith("log_scales.")]
+        return TransformMovement(
+            r1=relative_change(start["r1"], now["r1"]),
+            r2_mean=sum(r2) / len(r2) if r2 else 0.0,
+            r2_max=max(r2, default=0.0),
+            scale_rms=float(torch.cat(log_scales).square().mean().sqrt().expm1()) if log_scales else 0.0,
+        )
+
+
+def relative_change(start: Tensor, end: Tensor) -> float:
+    """||end - start||_F / ||start||_F, in float64."""
+    start, end = start.detach().to(torch.float64), end.detach().to(torch.float64)
+    return float((end - start).norm() / start.norm())
+
+
+@dataclass(frozen=True)
+class TransformMovement:
+    """How far calibration moved the learnable transforms from their start.
+
+    `r1`: ||R1 - R1_0||_F / ||R1_0||_F (0: still the Hadamard start; for two random orthogonal
+    matrices about sqrt(2)); `r2_mean`, `r2_max`: the same for the per-layer R2; `scale_rms`:
+    exp(root mean square of log s) - 1 over every smoothing scale (0: all scales still 1; 0.01: a
+    typical scale 1% away from 1).
+    """
+
+    r1: float
+    r2_mean: float
+    r2_max: float
+    scale_rms: float
+
+    def to_dict(self) -> dict[str, float]:
+        """The figures by name, for run.json."""
+        return asdict(self)
 
 
 def _stiefel(init: Tensor) -> geoopt.ManifoldParameter:

@@ -229,6 +229,7 @@ def _run(
         "placement": asdict(config.placement),
         "processes": distributed.world().size,
         "metrics": {} if report is None else {k: v for k, v in report["metrics"].items() if v is not None},
+        "method_metrics": result.metrics,
         "timings": {f"{name}_s": record.seconds for name, record in meter.records.items()},
         "stages": meter.to_dict(),
         **provenance(),

@@ -42,6 +42,8 @@ def test_ostquant_runs_and_writes_its_run_folder(tmp_path, weight_quantizer):
     assert len(result.transforms.scales) == 4 * 2 and all((s > 0).all() for s in result.transforms.scales.values())
     assert json.loads((tmp_path / "calibration" / "checkpoint.json").read_text())["step"] == 2
     assert {"teachers_s", "calibration_s"} <= set(result.timings)
+    moved = result.metrics["transform_movement"]
+    assert result.metrics["calibration_steps"] == 2 and moved["r1"] > 0 and moved["r2_max"] >= moved["r2_mean"] > 0
 
 
 def test_learned_transforms_with_fp_scheme_keep_the_function(tmp_path):

@@ -247,6 +247,7 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
         setup = install_for_calibration(
             context.model, context.plan, context.scheme, config.transforms, context.seed, settings.weights_in_loop, placement.compute_device
         )
+        start = setup.transforms.snapshot()
         try:
             with meter.stage("calibration"), dispatched(context.model, placement):
                 result = calibrate(
@@ -264,12 +265,19 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
             setup.remove()
             raise
         del teacher
+        movement = setup.transforms.movement(start)
+        metrics = {"calibration_steps": result.steps, "transform_movement": movement.to_dict()}
         if result.history:
+            metrics |= {"loss_first": result.history[0], "loss_last": result.history[-1]}
             logger.info("calibration: loss %.4f -> %.4f in %d steps", result.history[0]["loss"], result.history[-1]["loss"], result.steps)
+        logger.info(
+            "transforms moved from their start: R1 %.4f, R2 %.4f (mean; max %.4f) relative, scales %.4f (rms)",
+            movement.r1, movement.r2_mean, movement.r2_max, movement.scale_rms,
+        )  # fmt: skip
     with meter.stage("fusion"):
         transforms = setup.fuse(placement.fusion_target)
     quantize_fused_weights(context, config, meter)
-    return MethodResult(transforms=transforms, stages=meter.records)
+    return MethodResult(transforms=transforms, stages=meter.records, metrics=metrics)
 
 
 @register_method(OSTQuantConfig)

@@ -122,10 +122,12 @@ class MethodContext:
 
 @dataclass
 class MethodResult:
-    """What a method made: the transforms it fused and runs online, and its stages' seconds and peak memory."""
+    """What a method made: the transforms it fused and runs online, its stages' seconds and peak memory, and
+    `metrics` it measured on the way (JSON-ready; the calibrated methods: loss and how far the transforms moved)."""
 
     transforms: AppliedTransforms = field(default_factory=lambda: AppliedTransforms(config=NO_TRANSFORMS))
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 MethodFn = Callable[[MethodContext], MethodResult]
