@@ -32,10 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "aaq_demo.yaml"
 
 
-def measured_stages(args: argparse.Namespace, quantize, placement: Placement, evaluation: EvalConfig) -> tuple[dict, dict]:
-    """Each stage's measured seconds and peaks from one run (or from the JSON `--from` names), and the run's metrics."""
-    if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
+def measured_stages(args: argparse.Namespace, saved: dict | None, quantize, placement: Placement, evaluation: EvalConfig) -> tuple[dict, dict]:
+    """Each stage's measured seconds and peaks from one run (or from `saved`, the JSON `--from` names), and the run's metrics."""
+    if saved is not None:
         keep = ("estimate", "ratio", "stage")
         return {row["stage"]: {k: v for k, v in row.items() if k not in keep} for row in saved["stages"]}, saved["metrics"]
     with tempfile.TemporaryDirectory(prefix="aaq-memory-plan-") as work:
@@ -54,14 +53,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/memory_plan_<model>_<dtype>.json)")
     parser.add_argument("--from", dest="from_json", type=Path, default=None, help="compare the planner with the peaks measured in this JSON (an earlier output) instead of running again; rewrites it")
     args = parser.parse_args()
-    if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
+    saved = None if args.from_json is None else json.loads(args.from_json.read_text())
+    if saved is not None:
         args.model, args.dtype, args.recipe = saved["model"], saved["dtype"], Path(saved["recipe"])
         args.out = args.out or args.from_json
     quantize = load_recipe(args.recipe)
     placement = Placement(device=args.device, dtype=args.dtype)
     evaluation = EvalConfig(tasks="ppl", ppl=PerplexityConfig(n_samples=8, seq_len=512))
-    stages, metrics = measured_stages(args, quantize, placement, evaluation)
+    stages, metrics = measured_stages(args, saved, quantize, placement, evaluation)
     teacher_batch = quantize.method.training.teacher_batch or quantize.calibration.batch_size
     planned = {stage.stage: stage for stage in estimate(load_model_config(args.model), quantize, placement, evaluation, teacher_batch)}
     rows = []
@@ -75,8 +74,7 @@ def main() -> None:
         print(f"{name:<18} {measured['seconds']:8.1f} s   peak {peak / GiB:6.2f} GiB{ratio}")
     out = args.out or RESULTS / f"memory_plan_{Path(args.model).name}_{args.dtype}.json"
     measured_at = provenance()
-    if args.from_json is not None:  # the measurement's own provenance stays; the estimates are of this commit
-        saved = json.loads(args.from_json.read_text())
+    if saved is not None:  # the measurement's own provenance stays; the estimates are of this commit
         measured_at = {key: saved[key] for key in measured_at if key in saved} | {"estimates_git_commit": measured_at["git_commit"]}
     write_json(out, {"model": args.model, "dtype": args.dtype, "recipe": str(args.recipe), "metrics": metrics, "stages": rows, **measured_at})
     print(f"wrote {out}")
