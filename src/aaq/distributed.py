@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,6 +141,10 @@ def sigterm_as_error() -> Iterator[None]:
     this = launched()
 
     def stopped(_signum: int, _frame: Any) -> None:
+        if sys.exc_info()[1] is not None:
+            # An error is already on its way out (e.g. lost contact), and its handler is recording it
+            # (failed.json): raising here would cut that short, and the error names what happened.
+            return
         raise Stopped(f"process {this.rank} of {this.size} was stopped by the launcher: another process of the run failed or was killed; {_RESUME}", setting="resume")
 
     previous = signal.signal(signal.SIGTERM, stopped)
