@@ -60,10 +60,10 @@ class World:
 
 def launched() -> World:
     """The world `torchrun` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK); one process without it."""
-    size = int(os.environ.get("WORLD_SIZE", 1))
+    size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    return World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def world() -> World:
