@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from aaq.loading import load_config_and_tokenizer
 from aaq.models import transform_plan
-from aaq.packing import unpack_codes
-from aaq.plan import TransformConfig
-from aaq.runs import provenance, write_json
-from aaq.transforms import LearnableTransforms
+from aaq.models.loading import load_config_and_tokenizer
+from aaq.models.plan import TransformConfig
+from aaq.quant.packing import unpack_codes
+from aaq.runs.records import provenance, write_json
+from aaq.transforms.learnable import LearnableTransforms
 
 RESULTS = Path(__file__).parent / "results" / "distributed_step.json"
 SOURCE = Path(__file__).resolve().parents[1] / "src"

@@ -54,7 +54,7 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, needle):
 
 def test_options_change_only_what_they_name():
     from aaq.methods import MethodOptions
-    from aaq.quantizers import SchemeOptions
+    from aaq.quant.quantizers import SchemeOptions
     from aaq.recipes import QuantizeOptions, configure, load_recipe
 
     recipe = load_recipe(RECIPES / "aaq_demo.yaml")

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from aaq.checkpoint import load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import EXPORT_REPORT, ExportConfig, export
-from aaq.hadamard import fast_hadamard_transform, hadamard_matrix
 from aaq.methods import GPTQConfig, QuaRotConfig, RTNConfig
-from aaq.plan import NO_TRANSFORMS, TransformConfig
-from aaq.quantizers import QuantScheme, QuantSpec, fake_quantize
+from aaq.models.plan import NO_TRANSFORMS, TransformConfig
+from aaq.quant.quantizers import QuantScheme, QuantSpec, fake_quantize
+from aaq.runs.checkpoint import load_quantized
+from aaq.transforms.hadamard import fast_hadamard_transform, hadamard_matrix
 from tests.helpers import FAMILIES, compressed_tensors_model, logits_of, saved_run
 
 
@@ -125,7 +125,7 @@ def test_w4a4_r4_transform_is_aaqs_online_hadamard(tmp_path, tiny_tokenizer, mon
     # activation codes (enough to move smollm2-135m's W4A4 logits by ~30%); computed the dense way, aaq's
     # simulation must equal compressed-tensors' exactly.
     matrix, norm = hadamard_matrix(down_proj.in_features).T.float(), torch.tensor(down_proj.in_features, dtype=torch.float64).sqrt()
-    monkeypatch.setattr("aaq.online.fast_hadamard_transform", lambda v: (v @ matrix) / norm)
+    monkeypatch.setattr("aaq.transforms.online.fast_hadamard_transform", lambda v: (v @ matrix) / norm)
     simulation, _, _ = load_quantized(run, scheme=W4A4_SCHEME, transforms=TransformConfig(r3=False, r4=True))
     torch.testing.assert_close(logits_of(model), logits_of(simulation), rtol=1e-5, atol=1e-5)
 
@@ -162,8 +162,8 @@ def test_cli_strict_export_refusal_is_one_line(tmp_path, tiny_tokenizer, capsys)
 
 def test_a_bfloat16_run_exports_its_exact_codes(tmp_path, tiny_tokenizer):
     from aaq.api import QuantizeConfig, quantize
-    from aaq.checkpoint import save_quantized
-    from aaq.devices import Placement
+    from aaq.runs.checkpoint import save_quantized
+    from aaq.runtime.devices import Placement
     from tests.helpers import make_tiny_model
 
     model = make_tiny_model("qwen2").to(torch.bfloat16)

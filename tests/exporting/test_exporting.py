@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import aaq
-from aaq.checkpoint import AAQ_CONFIG, WEIGHTS, load, load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import ExportConfig, export
 from aaq.methods import GPTQConfig, RTNConfig
-from aaq.quantizers import QuantScheme, QuantSpec
+from aaq.quant.quantizers import QuantScheme, QuantSpec
+from aaq.runs.checkpoint import AAQ_CONFIG, WEIGHTS, load, load_quantized
 from tests.helpers import FAMILIES, logits_of, saved_run
 
 # --- codes and packing -----------------------------------------------------------------------------------------

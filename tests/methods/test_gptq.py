@@ -9,7 +9,7 @@ from aaq.api import QuantizeConfig, quantize
 from aaq.errors import AaqError
 from aaq.methods import QuaRotConfig, RTNConfig
 from aaq.methods.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, gptq_quantize_with_params
-from aaq.quantizers import QuantSpec, quantize_weight_rtn, weight_quant_params
+from aaq.quant.quantizers import QuantSpec, quantize_weight_rtn, weight_quant_params
 from tests.helpers import CALIBRATION, make_tiny_model, quantized_logit_error
 
 OUT, IN, N = 64, 128, 512

@@ -6,8 +6,8 @@ import torch
 from aaq.api import QuantizeConfig, quantize
 from aaq.errors import AaqError
 from aaq.methods import QuaRotConfig
-from aaq.plan import TransformConfig
-from aaq.quantizers import quantize_weight_rtn
+from aaq.models.plan import TransformConfig
+from aaq.quant.quantizers import quantize_weight_rtn
 from tests.helpers import CALIBRATION, make_tiny_model
 
 

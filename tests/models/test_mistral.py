@@ -3,13 +3,13 @@
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from aaq.fake_quant import install_quantizers
 from aaq.models import adapter_for, transform_plan
 from aaq.models.mistral import MistralAdapter
-from aaq.online import install_online_rotations
-from aaq.plan import TransformConfig
-from aaq.quantizers import QuantScheme
-from aaq.rotation import rotate_model
+from aaq.models.plan import TransformConfig
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.quantizers import QuantScheme
+from aaq.transforms.online import install_online_rotations
+from aaq.transforms.rotation import rotate_model
 from tests.helpers import logits_of
 
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -65,13 +65,13 @@ from pathlib import Path
 
 import torch
 
-from aaq.devices import model_device
 from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig, batched, chat_texts, generate_responses, left_padding
 from aaq.eval.prompts import benign_train_records, harmbench_tuning_records
 from aaq.eval.refusal import is_refusal
-from aaq.loading import cache_root
-from aaq.runs import write_json
+from aaq.models.loading import cache_root
+from aaq.runs.records import write_json
+from aaq.runtime.devices import model_device
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aaq.data import datasets_offline
+from aaq.data.corpus import datasets_offline
 from aaq.errors import AaqError
-from aaq.hub import unavailable_reason
+from aaq.runtime.hub import unavailable_reason
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from aaq.data import TextDataConfig, resolve_dataset, token_windows
+from aaq.data.corpus import TextDataConfig, resolve_dataset, token_windows
 from aaq.errors import AaqError
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from aaq.data import shared_data_dir
+from aaq.data.corpus import shared_data_dir
 from aaq.errors import AaqError
 
 PROMPT_COLUMNS = ("prompt", "forbidden_prompt", "Behavior", "goal", "instruction")

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aaq.errors import AaqError
-from aaq.folders import prepare_output_folder
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.runs.folders import prepare_output_folder
+from aaq.runs.records import provenance, write_atomic, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aaq.data import corpus_documents
+from aaq.data.corpus import corpus_documents
 from aaq.errors import AaqError
 from aaq.eval.coherence import COHERENCE_RULE, CoherenceScorer
 from aaq.eval.generate import GenerationConfig
@@ -22,10 +22,10 @@ from aaq.eval.refusal import Judge, PhraseJudge
 from aaq.eval.report import write_report
 from aaq.eval.safety import SafetyResult, benign_compliance, refusal_rate, safety_result
 from aaq.eval.safetybench import SafetyBenchResult, load_safetybench, safetybench_accuracy
-from aaq.fake_quant import quantized_linears
-from aaq.folders import check_output_folder, prepare_output_folder
-from aaq.loading import load_config_and_tokenizer
-from aaq.runs import provenance, write_atomic
+from aaq.models.loading import load_config_and_tokenizer
+from aaq.quant.fake_quant import quantized_linears
+from aaq.runs.folders import check_output_folder, prepare_output_folder
+from aaq.runs.records import provenance, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def evaluate(
     full-precision model of the garbled check (default: the evaluated model, when it is unquantized).
     `inputs`: what `prepare_inputs(config)` returned, when the caller checked them before its own
     work (else they are read here, before the first task). `out_dir` must be new, empty, or an aaq
-    evaluation or run folder (`aaq.folders`).
+    evaluation or run folder (`aaq.runs.folders`).
     """
     if config.judge and judge is None:
         raise AaqError(f"judge model {config.judge!r} is configured but not loaded; pass judge=ModelJudge(model, tokenizer)")

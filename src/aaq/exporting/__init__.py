@@ -23,14 +23,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.api import QuantizeConfig
-from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, load_quantized, read_aaq_config, write_marker, write_model_files
-from aaq.devices import Placement
 from aaq.errors import AaqError
-from aaq.fake_quant import quantized_linears
-from aaq.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
 from aaq.models import transform_plan
-from aaq.quantizers import QuantScheme
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.quant.fake_quant import quantized_linears
+from aaq.quant.quantizers import QuantScheme
+from aaq.runs.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, load_quantized, read_aaq_config, write_marker, write_model_files
+from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
+from aaq.runs.records import provenance, write_atomic, write_json
+from aaq.runtime.devices import Placement
 
 FORMATS = ("aaq", "compressed-tensors")
 HALF_DTYPES = ("float16", "bfloat16")

@@ -22,17 +22,17 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from aaq import distributed
-from aaq.devices import StageMeter, model_device, release_freed_host_memory
+from aaq.calibration.layerwise import capture_first_layer_inputs, run_layer
+from aaq.calibration.teachers import tokens_fingerprint
 from aaq.errors import AaqError
-from aaq.fake_quant import QuantLinear, install_quantizers
-from aaq.layerwise import capture_first_layer_inputs, run_layer
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.packing import WeightCodes
-from aaq.plan import LayerPlan
-from aaq.quantizers import QuantSpec, weight_quant_params
-from aaq.runs import write_atomic
-from aaq.teachers import tokens_fingerprint
+from aaq.models.plan import LayerPlan
+from aaq.quant.fake_quant import QuantLinear, install_quantizers
+from aaq.quant.packing import WeightCodes
+from aaq.quant.quantizers import QuantSpec, weight_quant_params
+from aaq.runs.records import write_atomic
+from aaq.runtime import distributed
+from aaq.runtime.devices import StageMeter, model_device, release_freed_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     finished layer is saved, and `resume` reuses them: the finished layers only rerun their forward,
     so the result equals an uninterrupted run.
 
-    Split over processes (`aaq.distributed`), each process runs its share of the calibration batches
+    Split over processes (`aaq.runtime.distributed`), each process runs its share of the calibration batches
     through the layers, the Hessians are summed over the processes before each layer's solve, each
     process solves its share of the layer's weights, and all take every weight's codes from the
     process that solved it: all hold the weights of a one-process run. Process 0 writes the finished

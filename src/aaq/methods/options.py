@@ -15,7 +15,7 @@ from typing import Any
 class MethodOptions:
     """Method settings to change; None keeps the config's value.
 
-    r1, r2, r3, r4, smoothing: the transforms (`aaq.plan.TransformConfig`). weight_quantizer,
+    r1, r2, r3, r4, smoothing: the transforms (`aaq.models.plan.TransformConfig`). weight_quantizer,
     damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, batch_size, loss, lam, cache,
     weights_in_loop, activation_checkpointing, teacher_batch, optimizer, rotation_lr, scale_lr: the
     calibration of learned transforms (`CalibrationSettings`); loss, lam, top_k (the pull's k),

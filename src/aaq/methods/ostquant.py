@@ -18,21 +18,19 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from aaq import distributed
-from aaq.calibrate import CalibrationSettings, calibrate
-from aaq.devices import StageMeter, dispatched, free_memory, model_device
+from aaq.calibration.loop import CalibrationSettings, calibrate
+from aaq.calibration.pair_stats import PairSummary, push_warning, summary_line
+from aaq.calibration.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
 from aaq.errors import AaqError
-from aaq.fake_quant import install_quantizers
 from aaq.methods.quarot import ROTATION_OPTIONS
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
-from aaq.online import OnlineRotations, install_online_rotations
-from aaq.pair_stats import PairSummary, push_warning, summary_line
-from aaq.plan import TransformConfig, TransformPlan
-from aaq.quantizers import QuantScheme
-from aaq.rotation import AppliedTransforms, fuse_norms
-from aaq.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
-from aaq.transforms import (
+from aaq.models.plan import TransformConfig, TransformPlan
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.quantizers import QuantScheme
+from aaq.runtime import distributed
+from aaq.runtime.devices import StageMeter, dispatched, free_memory, model_device
+from aaq.transforms.learnable import (
     InstalledTransforms,
     LearnableTransforms,
     fuse_learned_transforms,
@@ -40,6 +38,8 @@ from aaq.transforms import (
     install_weight_form,
     remove_learnable_transforms,
 )
+from aaq.transforms.online import OnlineRotations, install_online_rotations
+from aaq.transforms.rotation import AppliedTransforms, fuse_norms
 
 logger = logging.getLogger(__name__)
 

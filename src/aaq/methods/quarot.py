@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from aaq.devices import StageMeter
-from aaq.fake_quant import install_quantizers
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
-from aaq.online import install_online_rotations
-from aaq.plan import TransformConfig
-from aaq.rotation import check_fixed, rotate_model
+from aaq.models.plan import TransformConfig
+from aaq.quant.fake_quant import install_quantizers
+from aaq.runtime.devices import StageMeter
+from aaq.transforms.online import install_online_rotations
+from aaq.transforms.rotation import check_fixed, rotate_model
 
 ROTATION_OPTIONS = ("r1", "r2", "r3", "r4")
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from aaq.devices import Placement, StageRecord
 from aaq.errors import AaqError
 from aaq.methods.options import MethodOptions
-from aaq.plan import NO_TRANSFORMS, TransformPlan
-from aaq.quantizers import QuantScheme
-from aaq.rotation import AppliedTransforms
+from aaq.models.plan import NO_TRANSFORMS, TransformPlan
+from aaq.quant.quantizers import QuantScheme
+from aaq.runtime.devices import Placement, StageRecord
+from aaq.transforms.rotation import AppliedTransforms
 from aaq.typed import dataclass_from_dict
 
 if TYPE_CHECKING:

@@ -8,12 +8,12 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from aaq.devices import StageMeter
-from aaq.fake_quant import install_quantizers
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, register_method
-from aaq.packing import rtn_codes
-from aaq.plan import TransformPlan
-from aaq.quantizers import QuantSpec
+from aaq.models.plan import TransformPlan
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.packing import rtn_codes
+from aaq.quant.quantizers import QuantSpec
+from aaq.runtime.devices import StageMeter
 
 
 @dataclass

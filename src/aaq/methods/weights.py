@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from aaq.devices import StageMeter
 from aaq.errors import AaqError
 from aaq.methods.gptq import GPTQConfig, quantize_weights_gptq
 from aaq.methods.registry import MethodContext, Options, take_options
 from aaq.methods.rtn import quantize_weights_rtn
+from aaq.runtime.devices import StageMeter
 
 WEIGHT_QUANTIZERS = ("gptq", "rtn")
 
