@@ -94,10 +94,10 @@ from aaq.errors import AaqError
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.generate import GenerationConfig
 from aaq.eval.perplexity import PerplexityConfig
-from aaq.eval.prompts import BENIGN_TRAIN_FILE, benign_train_records, harmbench_tuning_records
+from aaq.eval.prompts import BENIGN_TRAIN_FILE, benign_train_records, evenly_spaced, harmbench_tuning_records
 from aaq.eval.refusal import PhraseJudge
 from aaq.eval.safety import judged_records
-from aaq.eval.suite import EvalConfig, evaluate, evenly_spaced
+from aaq.eval.suite import EvalConfig, evaluate
 from aaq.methods import AAQConfig, OSTQuantConfig, QuaRotConfig
 from aaq.models.loading import load_model
 from aaq.runs.records import provenance, write_json

@@ -159,6 +159,7 @@ def quantized_logit_error(method, bits: str, family: str = "llama") -> float:
 def prepared_model(bits: str, r3: bool = False):
     """A tiny Llama with the fake quantizers of `bits` (and R3 when asked) installed, and its logits before."""
     from aaq.models import transform_plan
+    from aaq.models.plan import TransformConfig
     from aaq.quant.fake_quant import install_quantizers
     from aaq.quant.quantizers import QuantScheme
     from aaq.transforms.online import install_online_rotations
@@ -167,5 +168,5 @@ def prepared_model(bits: str, r3: bool = False):
     reference = logits_of(model)
     plan = transform_plan(model)
     install_quantizers(model, plan, QuantScheme.from_string(bits))
-    install_online_rotations(model, plan, r3=r3, r4=False)
+    install_online_rotations(model, plan, TransformConfig(r3=r3, r4=False), "final")
     return model, reference

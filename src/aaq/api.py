@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from aaq.data.chat import ChatDataConfig, chat_token_windows
 from aaq.data.corpus import TextDataConfig, token_windows
 from aaq.errors import AaqError
-from aaq.methods import RUN_WORK_FOLDERS, MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
+from aaq.methods import MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
 from aaq.models import transform_plan
 from aaq.quant.quantizers import QuantScheme
 from aaq.runs.folders import prepare_output_folder
@@ -225,7 +225,7 @@ def quantize(
     if run_dir is not None:
         with distributed.agreed("the preparation of the run folder"):
             if distributed.is_main_process():
-                prepare_output_folder(run_dir, "run", work_folders=RUN_WORK_FOLDERS)
+                prepare_output_folder(run_dir, "run", work_folders=config.method.work_folders())
     if config.method.needs_reference() and reference is None:
         raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     if isinstance(reference, PreTrainedModel):

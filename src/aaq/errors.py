@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 SETTING = "{setting}"
 
@@ -10,6 +11,20 @@ SETTING = "{setting}"
 def python_name(setting: str) -> str:
     """How a library message names a setting: as the Python argument or config field."""
     return f"`{setting}`"
+
+
+_setting_names: Callable[[str], str] = python_name
+
+
+@contextlib.contextmanager
+def settings_named_by(name_of: Callable[[str], str]) -> Iterator[None]:
+    """Within the block, every message names its settings with `name_of` (a front end's own options, e.g. the CLI's flags)."""
+    global _setting_names
+    previous, _setting_names = _setting_names, name_of
+    try:
+        yield
+    finally:
+        _setting_names = previous
 
 
 class AaqError(Exception):
@@ -25,8 +40,8 @@ class AaqError(Exception):
         self.setting = setting
         super().__init__(self.render())
 
-    def render(self, name_of: Callable[[str], str] = python_name) -> str:
-        """The message with the setting named by `name_of`."""
+    def render(self, name_of: Callable[[str], str] | None = None) -> str:
+        """The message with the setting named by `name_of` (default: as the front end in use names it, see `settings_named_by`)."""
         if self.setting is None:
             return self.template
-        return self.template.replace(SETTING, name_of(self.setting))
+        return self.template.replace(SETTING, (name_of or _setting_names)(self.setting))

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaq.cli import build_parser, main, quantize_config_from_args
+from aaq.cli import build_parser, main
+from aaq.cli.config import quantize_config
+from aaq.cli.options import flag
+from aaq.errors import settings_named_by
 from aaq.quant.quantizers import QuantScheme
 from aaq.runs.folders import TEMP_SUFFIX
 from tests.helpers import snapshot
@@ -140,12 +143,12 @@ def test_unknown_eval_task_is_one_line(tmp_path, tiny_model_dir, capsys):
 
 
 def test_recipe_and_flags_combine(tmp_path):
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: {name: quarot, weight_quantizer: rtn, transforms: {r1: hadamard}}\nbits: w4a8kv8\nseed: 5\n")
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", str(recipe), "--no-r4", "--damp", "0.1"])
-    config = quantize_config_from_args(args)
+    config = quantize_config(args)
     assert config.bits == "w4a8kv8" and config.seed == 5
     assert config.method.transforms.r1 == "hadamard" and config.method.transforms.r4 is False
     assert config.method.weight_quantizer == "rtn" and config.method.gptq.damp == 0.1
@@ -193,19 +196,19 @@ def test_report_merges_runs_into_table_and_plot(tmp_path, capsys):
     ],
 )
 def test_flags_that_would_be_ignored_are_errors(flags, needle):
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
     from aaq.errors import AaqError
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", *flags])
-    with pytest.raises(AaqError, match=needle):
-        quantize_config_from_args(args)
+    with settings_named_by(flag), pytest.raises(AaqError, match=needle):
+        quantize_config(args)
 
 
 def test_online_hadamard_flags_reach_the_learned_methods():
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "ostquant", "--no-r4"])
-    assert quantize_config_from_args(args).method.transforms.r4 is False
+    assert quantize_config(args).method.transforms.r4 is False
 
 
 @pytest.mark.parametrize(
@@ -221,23 +224,23 @@ def test_online_hadamard_flags_reach_the_learned_methods():
     ],
 )
 def test_calibration_mode_flags_reach_the_learned_methods(flags, in_loop, checkpointing):
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
 
     recipe_dir = Path(__file__).resolve().parents[2]
     flags = [str(recipe_dir / f) if f.startswith("recipes/") else f for f in flags]
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "aaq", *flags])
-    config = quantize_config_from_args(args)
+    config = quantize_config(args)
     assert config.method.calibrates_quantized_weights(QuantScheme.from_string(config.bits)) is in_loop
     assert config.method.training.activation_checkpointing is checkpointing
 
 
 def test_calibration_mode_flags_are_rejected_where_nothing_is_calibrated():
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
     from aaq.errors import AaqError
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "quarot", "--activation-checkpointing", "on"])
-    with pytest.raises(AaqError, match="--activation-checkpointing has no effect"):
-        quantize_config_from_args(args)
+    with settings_named_by(flag), pytest.raises(AaqError, match="--activation-checkpointing has no effect"):
+        quantize_config(args)
 
 
 @pytest.mark.parametrize(
@@ -250,20 +253,20 @@ def test_calibration_mode_flags_are_rejected_where_nothing_is_calibrated():
     ],
 )
 def test_recipe_typos_are_errors(tmp_path, text, needle):
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
     from aaq.errors import AaqError
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", str(recipe)])
     with pytest.raises(AaqError, match=needle):
-        quantize_config_from_args(args)
+        quantize_config(args)
 
 
 def test_cli_flags_override_the_recipe(tmp_path):
     argv = ["quantize", "--model", "m", "--out", str(tmp_path), "--recipe", str(RECIPES / "aaq_demo.yaml")]
     args = build_parser().parse_args(argv + ["--steps", "7", "--lam", "0.5", "--loss", "kl", "--no-cache"])
-    training = quantize_config_from_args(args).method.training
+    training = quantize_config(args).method.training
     assert (training.steps, training.loss.lam, training.loss.name, training.cache) == (7, 0.5, "kl", False)
 
 
@@ -296,7 +299,7 @@ def test_choices_come_from_the_library(capsys):
 
 def test_start_of_a_learned_rotation_is_an_option():
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "ostquant", "--r1", "hadamard", "--no-smoothing"])
-    transforms = quantize_config_from_args(args).method.transforms
+    transforms = quantize_config(args).method.transforms
     assert transforms.r1 == "hadamard" and transforms.smoothing is False
 
 
@@ -584,7 +587,7 @@ def test_a_learning_rate_written_like_1e_3_is_a_number(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: {name: ostquant, training: {rotation_lr: 1e-3, scale_lr: 2e-4}}\n")
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", str(recipe), "--steps", "3"])
-    training = quantize_config_from_args(args).method.training
+    training = quantize_config(args).method.training
     assert (training.rotation_lr, training.scale_lr, training.steps) == (0.001, 0.0002, 3)
 
 
@@ -617,7 +620,8 @@ def test_a_hub_id_on_an_offline_machine_fails_at_once(tmp_path, capsys, monkeypa
 def test_an_lmeval_task_without_its_data_fails_before_perplexity(tmp_path, tiny_model_dir, fake_data_dir, capsys, monkeypatch):
     import functools
 
-    import aaq.eval.suite
+    import aaq.eval.tasks.lmeval
+    import aaq.eval.tasks.perplexity
     from aaq.eval.lmeval import LmEvalConfig
 
     tasks = tmp_path / "tasks"
@@ -626,8 +630,8 @@ def test_an_lmeval_task_without_its_data_fails_before_perplexity(tmp_path, tiny_
         "task: hub_mc\ndataset_path: someone/not-cached\noutput_type: multiple_choice\ntest_split: test\n"
         'doc_to_text: "{{q}}"\ndoc_to_target: 0\ndoc_to_choice: ["a", "b"]\nmetric_list:\n  - metric: acc\n'
     )
-    monkeypatch.setattr(aaq.eval.suite, "LmEvalConfig", functools.partial(LmEvalConfig, include_path=tasks, include_defaults=False))
-    monkeypatch.setattr(aaq.eval.suite, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+    monkeypatch.setattr(aaq.eval.tasks.lmeval, "LmEvalConfig", functools.partial(LmEvalConfig, include_path=tasks, include_defaults=False))
+    monkeypatch.setattr(aaq.eval.tasks.perplexity, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -657,13 +661,13 @@ def test_report_takes_its_own_comparisons_as_input(tmp_path, capsys):
 
 
 def test_optimizer_loss_and_calibration_form_flags_reach_the_config():
-    from aaq.cli import build_parser, quantize_config_from_args
+    from aaq.cli import build_parser
 
     recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "aaq_demo.yaml")
     flags = ["--optimizer", "riemannian_adam", "--rotation-lr", "0.02", "--scale-lr", "0.003", "--top-k", "50",
              "--push-tokens", "reference", "--push-k", "20", "--calib-form", "chat", "--calib-benign-train"]  # fmt: skip
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", recipe, *flags])
-    config = quantize_config_from_args(args)
+    config = quantize_config(args)
     training = config.method.training
     assert (training.optimizer, training.rotation_lr, training.scale_lr) == ("riemannian_adam", 0.02, 0.003)
     assert (training.loss.k, training.loss.push_tokens, training.loss.push_k, training.loss.lam) == (50, "reference", 20, 1.0)

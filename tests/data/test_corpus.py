@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaq.data.corpus import TextDataConfig, corpus_token_ids, is_heldout_doc, python_docs_files, resolve_dataset, shared_data_dir, token_windows
 from aaq.data import corpus as data
+from aaq.data.corpus import TextDataConfig, corpus_token_ids, is_heldout_doc, python_docs_files, resolve_dataset, shared_data_dir, token_windows
 from aaq.errors import AaqError
 
 

@@ -5,7 +5,9 @@ import pytest
 from aaq.errors import AaqError
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
-from aaq.eval.suite import EvalConfig, evaluate, harmful_prompt_sets
+from aaq.eval.suite import EvalConfig, evaluate
+from aaq.eval.tasks.benign import benign_prompt_set
+from aaq.eval.tasks.refusal import harmful_prompt_sets
 
 
 def test_unknown_task_lists_valid_ones():
@@ -17,7 +19,7 @@ def test_unknown_task_lists_valid_ones():
 def test_lmeval_task_list_keeps_its_commas():
     config = EvalConfig(tasks="ppl,lmeval:arc_easy,piqa,refusal")
     assert config.tasks == ["ppl", "lmeval:arc_easy,piqa", "refusal"]
-    assert config.lmeval_task_names == ["arc_easy", "piqa"]
+    assert [(task.name, task.arguments) for task in config.selected_tasks()] == [("ppl", ""), ("lmeval", "arc_easy,piqa"), ("refusal", "")]
 
 
 def test_configured_judge_must_be_passed(tiny_llama, tiny_tokenizer):
@@ -133,8 +135,6 @@ def test_a_quantized_model_needs_a_scorer_or_the_check_off(tiny_llama, tiny_toke
 
 
 def test_max_prompts_takes_an_evenly_spaced_subset():
-    from aaq.eval.suite import benign_prompt_set
-
     everything = benign_prompt_set(EvalConfig())
     subset = benign_prompt_set(EvalConfig(max_prompts=40))
     assert len(subset) == 40 and subset[0] == everything[0] and set(subset) < set(everything)
@@ -145,9 +145,9 @@ def test_max_prompts_takes_an_evenly_spaced_subset():
 
 
 def test_bad_inputs_fail_before_the_first_task(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
-    import aaq.eval.suite
+    import aaq.eval.tasks.perplexity
 
-    monkeypatch.setattr(aaq.eval.suite, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+    monkeypatch.setattr(aaq.eval.tasks.perplexity, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("id,category\n1,a\n")
     config = EvalConfig(tasks="ppl,refusal", harmful_prompts=str(prompts))

@@ -149,7 +149,7 @@ def test_quarot_keeps_the_function():
     plan = transform_plan(model)
     rotate_model(model, plan, TransformConfig())
     install_quantizers(model, plan, FP)
-    install_online_rotations(model, plan, r3=True, r4=True)
+    install_online_rotations(model, plan, TransformConfig(), "final")
     assert _relative_error(_logits(model), reference) < 1e-4
 
 

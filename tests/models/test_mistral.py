@@ -27,5 +27,5 @@ def test_rotations_keep_the_function_with_a_window_shorter_than_the_sequence():
     plan = transform_plan(model)
     rotate_model(model, plan, TransformConfig())
     install_quantizers(model, plan, QuantScheme.from_string("fp"))
-    install_online_rotations(model, plan, r3=True, r4=True)
+    install_online_rotations(model, plan, TransformConfig(), "final")
     assert ((logits_of(model, TOKENS) - reference).norm() / reference.norm()) < 1e-4

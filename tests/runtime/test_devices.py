@@ -112,7 +112,7 @@ def test_fusion_quantizers_and_online_rotations_keep_every_tensor_on_the_models_
     with _OneDeviceOnly():
         rotate_model(model, plan, TransformConfig())
         install_quantizers(model, plan, QuantScheme.from_string("w4a4kv4"))
-        install_online_rotations(model, plan, r3=True, r4=True)
+        install_online_rotations(model, plan, TransformConfig(), "final")
         logits = model(TOKENS.to("meta")).logits
     assert logits.device.type == "meta" and model_device(model).type == "meta"
 

@@ -41,7 +41,7 @@ def _rotate_and_prepare(model, config: TransformConfig):
     plan = transform_plan(model)
     transforms = rotate_model(model, plan, config)
     install_quantizers(model, plan, QuantScheme.from_string("fp"))
-    install_online_rotations(model, plan, r3=config.r3, r4=config.r4)
+    install_online_rotations(model, plan, config, "final")
     return transforms
 
 

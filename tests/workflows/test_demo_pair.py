@@ -153,7 +153,7 @@ def test_shipped_adapters_are_complete_and_their_preset_rebuilds_them(alias, pre
 
 def test_make_demo_pair_cli_starts_from_the_preset_and_applies_the_flags(monkeypatch, tmp_path, capsys):
     seen = []
-    monkeypatch.setattr("aaq.workflows.demo_pair.make_demo_pair", lambda config: seen.append(config) or config.out)
+    monkeypatch.setattr("aaq.cli.make_demo_pair.make_demo_pair", lambda config: seen.append(config) or config.out)
     assert main(["make-demo-pair", "--preset", "unanchored", "--epochs", "3", "--out", str(tmp_path)]) == 0
     assert (seen[0].preset, seen[0].kl_weight, seen[0].epochs, seen[0].rank) == ("unanchored", 0.0, 3, 8)
     assert main(["make-demo-pair", "--kl-weight", "0.5", "--out", str(tmp_path)]) == 0

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from aaq.api import CalibrationConfig, calibration_windows
 from aaq.calibration.pair_stats import PushSet
-from aaq.cli import build_parser, diagnostics_config_from_args, main
+from aaq.cli import build_parser, main
+from aaq.cli.diagnose import diagnostics_config
 from aaq.errors import AaqError
 from aaq.eval.generate import chat_texts
 from aaq.eval.prompts import harmbench_tuning_records
@@ -87,24 +88,25 @@ def test_bad_settings_are_one_line_errors():
         DiagnosticsConfig(max_prompts=0)
 
 
-def test_cli_reads_the_recipe_and_flags(tmp_path):
+def test_cli_reads_the_recipe_and_flags(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "method: {name: aaq, training: {loss: {name: apc, k: 50, push_tokens: reference, push_k: 20}}}\n"
         "calibration: {dataset: python-docs, n_samples: 4, seq_len: 64}\nseed: 3\n"
     )
     base = ["diagnose", "--model", "a", "--reference", "b", "--recipe", str(recipe)]
-    config = diagnostics_config_from_args(build_parser().parse_args(base))
+    config = diagnostics_config(build_parser().parse_args(base))
     assert (config.push, config.seed, config.calibration.n_samples) == (PushSet("reference", 20), 3, 4)
-    vocab = diagnostics_config_from_args(build_parser().parse_args(base + ["--push-tokens", "vocab"]))
+    vocab = diagnostics_config(build_parser().parse_args(base + ["--push-tokens", "vocab"]))
     assert vocab.push == PushSet("vocab", None)  # the recipe's push_k 20 is dropped with it
     flags = ["--push-tokens", "vocab", "--push-k", "7", "--calib-form", "chat", "--push-ks", "5,50"]
     with pytest.raises(AaqError, match="no effect"):
-        diagnostics_config_from_args(build_parser().parse_args(base + flags))
-    config = diagnostics_config_from_args(build_parser().parse_args(base + flags[2:] + ["--push-tokens", "diff", "--seed", "1"]))
+        diagnostics_config(build_parser().parse_args(base + flags))
+    config = diagnostics_config(build_parser().parse_args(base + flags[2:] + ["--push-tokens", "diff", "--seed", "1"]))
     assert (config.push, config.calibration.form, config.push_ks, config.seed) == (PushSet("diff", 7), "chat", (5, 50), 1)
-    with pytest.raises(AaqError, match="--push-ks"):
-        diagnostics_config_from_args(build_parser().parse_args(base + ["--push-ks", "5,x"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--push-ks", "5,x"])
+    assert "argument --push-ks: must be a comma list of positive integers, got '5,x'; see aaq diagnose --help" in capsys.readouterr().err
 
 
 def test_cli_prints_the_tables_and_writes_them(tmp_path, tiny_model_dir, fake_data_dir, capsys):

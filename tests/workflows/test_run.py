@@ -54,13 +54,13 @@ def test_the_reference_is_required_exactly_when_the_method_pushes(tmp_path):
 
 def test_a_finished_run_is_replaced_only_when_asked(tmp_path):
     out = tmp_path / "run"
-    prepare_run_folder(out, overwrite=False)
+    prepare_run_folder(out, overwrite=False, work_folders=("teacher_cache",))
     write_json(out / RUN_RECORD, {})
     write_json(out / "teacher_cache" / "meta.json", {})
     with pytest.raises(AaqError, match="already holds a finished run") as info:
-        prepare_run_folder(out, overwrite=False)
+        prepare_run_folder(out, overwrite=False, work_folders=("teacher_cache",))
     assert info.value.setting == "overwrite"
-    prepare_run_folder(out, overwrite=True)
+    prepare_run_folder(out, overwrite=True, work_folders=("teacher_cache",))
     assert [p.name for p in out.iterdir()] == [MARKER]
 
 

@@ -43,6 +43,13 @@ class Prompt:
     looks_harmful: bool = False
 
 
+def evenly_spaced(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
+    """At most `limit` prompts spread evenly over the list (all of them when `limit` is None or not smaller)."""
+    if limit is None or limit >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // limit] for i in range(limit)]
+
+
 def _find_column(columns: list[str], wanted: tuple[str, ...]) -> str | None:
     by_lower = {column.lower(): column for column in columns}
     return next((by_lower[name.lower()] for name in wanted if name.lower() in by_lower), None)

@@ -19,9 +19,6 @@ from aaq.methods.registry import (
 )
 from aaq.methods.rtn import RTNConfig
 
-# The subfolders of a run folder where methods keep resumable progress (teacher cache, checkpoints, GPTQ layers).
-RUN_WORK_FOLDERS = (ostquant.TEACHER_CACHE_DIR, ostquant.CALIBRATION_DIR, gptq.PROGRESS_DIR)
-
 __all__ = [
     "AAQConfig",
     "OSTQuantConfig",
@@ -33,7 +30,6 @@ __all__ = [
     "MethodOptions",
     "MethodResult",
     "ReleasableModel",
-    "RUN_WORK_FOLDERS",
     "QuaRotConfig",
     "RTNConfig",
     "apply_method",

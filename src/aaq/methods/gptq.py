@@ -29,7 +29,7 @@ from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Opti
 from aaq.models.plan import LayerPlan
 from aaq.quant.fake_quant import QuantLinear, install_quantizers
 from aaq.quant.packing import WeightCodes
-from aaq.quant.quantizers import QuantSpec, weight_quant_params
+from aaq.quant.quantizers import QuantScheme, QuantSpec, weight_quant_params
 from aaq.runs.records import write_atomic
 from aaq.runtime import distributed
 from aaq.runtime.devices import StageMeter, model_device, release_freed_host_memory
@@ -78,9 +78,24 @@ class GPTQConfig(MethodConfig):
         """GPTQ reads the Hessians of calibration inputs."""
         return True
 
-    def weight_solver(self) -> GPTQConfig:
-        """As a method, GPTQ quantizes the weights with its own settings."""
-        return self
+    def stages(self, scheme: QuantScheme) -> tuple[str, ...]:
+        """GPTQ on the weights, when they are quantized."""
+        return () if scheme.weights is None else ("gptq",)
+
+    def work_folders(self) -> tuple[str, ...]:
+        """The finished layers, kept for a resume."""
+        return (PROGRESS_DIR,)
+
+    def export_blocker(self, scheme: QuantScheme) -> AaqError | None:
+        """With act_order and weight groups, dynamic groups are scattered in the original column order: no export format stores that."""
+        weights = scheme.weights
+        if weights is None or weights.group_size is None or not self.act_order or self.static_groups:
+            return None
+        return AaqError(
+            "GPTQ with act_order and weight groups orders each group's scale by processing order, which no export format can "
+            "store, so the run cannot be exported; quantize with {setting} (or without act_order) for an exportable run",
+            setting="static_groups",
+        )
 
 
 class HessianAccumulator:

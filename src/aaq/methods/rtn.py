@@ -12,7 +12,7 @@ from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, regi
 from aaq.models.plan import TransformPlan
 from aaq.quant.fake_quant import install_quantizers
 from aaq.quant.packing import rtn_codes
-from aaq.quant.quantizers import QuantSpec
+from aaq.quant.quantizers import QuantScheme, QuantSpec
 from aaq.runtime.devices import StageMeter
 
 
@@ -21,6 +21,10 @@ class RTNConfig(MethodConfig):
     """Round-to-nearest weights (with the per-row clip search of the weight spec)."""
 
     name: ClassVar[str] = "rtn"
+
+    def stages(self, scheme: QuantScheme) -> tuple[str, ...]:
+        """Rounding, when the weights are quantized."""
+        return () if scheme.weights is None else ("rtn",)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from aaq.errors import AaqError
 from aaq.methods.gptq import GPTQConfig, quantize_weights_gptq
 from aaq.methods.registry import MethodContext, Options, take_options
 from aaq.methods.rtn import quantize_weights_rtn
+from aaq.quant.quantizers import QuantScheme
 from aaq.runtime.devices import StageMeter
 
 WEIGHT_QUANTIZERS = ("gptq", "rtn")
@@ -25,9 +26,17 @@ class FusedWeightQuantization:
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise AaqError(f"unknown weight quantizer {self.weight_quantizer!r}; use one of {', '.join(WEIGHT_QUANTIZERS)}")
 
-    def weight_solver(self) -> GPTQConfig | None:
-        """The GPTQ settings of the weight step, or None when RTN quantizes the weights."""
-        return self.gptq if self.weight_quantizer == "gptq" else None
+    def weight_stages(self, scheme: QuantScheme) -> tuple[str, ...]:
+        """The weight step's stage (`gptq` or `rtn`), when the weights are quantized."""
+        return () if scheme.weights is None else (self.weight_quantizer,)
+
+    def work_folders(self) -> tuple[str, ...]:
+        """GPTQ's finished layers (RTN keeps no progress)."""
+        return self.gptq.work_folders() if self.weight_quantizer == "gptq" else ()
+
+    def export_blocker(self, scheme: QuantScheme) -> AaqError | None:
+        """GPTQ's reason, when GPTQ quantizes the weights."""
+        return self.gptq.export_blocker(scheme) if self.weight_quantizer == "gptq" else None
 
     def apply_weight_options(self, options: Options) -> tuple[FusedWeightQuantization, Options]:
         """This config with the weight-step options (weight_quantizer and GPTQ's) applied, and the rest."""

@@ -23,7 +23,7 @@ read the plan; `model.get_submodule(name)` turns a name into the module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from aaq.errors import AaqError
@@ -43,11 +43,11 @@ class TransformConfig:
     scales (learned methods only).
     """
 
-    r1: RotationKind = "random_hadamard"
-    r2: RotationKind = "random_hadamard"
-    r3: bool = True
-    r4: bool = True
-    smoothing: bool = False
+    r1: RotationKind = field(default="random_hadamard", metadata={"help": "residual-stream rotation; the start of the learned one"})
+    r2: RotationKind = field(default="random_hadamard", metadata={"help": "per-head value/output rotation; the start of the learned one"})
+    r3: bool = field(default=True, metadata={"help": "online Hadamard on queries and keys after RoPE"})
+    r4: bool = field(default=True, metadata={"help": "online Hadamard on the MLP down projection's input"})
+    smoothing: bool = field(default=False, metadata={"help": "learnable smoothing scales (ostquant, aaq)"})
 
     def __post_init__(self) -> None:
         for name in ("r1", "r2"):
@@ -64,6 +64,8 @@ class TransformConfig:
 
 
 NO_TRANSFORMS = TransformConfig(r1="none", r2="none", r3=False, r4=False)
+# The switches by name, as options and flags name them.
+TRANSFORM_SWITCHES: tuple[str, ...] = tuple(f.name for f in fields(TransformConfig))
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from aaq.api import QuantizeConfig, QuantizeResult
 from aaq.errors import AaqError
 from aaq.models import transform_plan
 from aaq.models.loading import ModelSource, load_model
@@ -37,9 +36,14 @@ from aaq.runtime.devices import Placement, default_device, dtype_name
 from aaq.transforms.online import install_online_rotations
 from aaq.transforms.rotation import ties_embeddings
 
+if TYPE_CHECKING:
+    from aaq.api import QuantizeResult
+
 AAQ_CONFIG = "aaq_config.json"
 # What a run that stopped on an error leaves in its folder: the error and the stage it happened in.
 FAILED_RECORD = "failed.json"
+# The record's reason why the run cannot be exported (null when it can), as its method gave it.
+EXPORT_BLOCKER = "export_blocker"
 WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq"
@@ -117,7 +121,15 @@ def save_quantized(
     else:
         (out / TRANSFORMS).unlink(missing_ok=True)
     write_model_files(result.model, tokenizer, out)
-    record = {"source_model": source, "quantize": result.config.to_dict(), "transforms": asdict(result.transforms.config), **provenance()}
+    scheme = result.config.resolved_scheme()
+    blocker = result.config.method.export_blocker(scheme)
+    record = {
+        "source_model": source,
+        "quantize": result.config.to_dict(),
+        "transforms": asdict(result.transforms.config),
+        EXPORT_BLOCKER: None if blocker is None else {"message": blocker.template, "setting": blocker.setting},
+        **provenance(),
+    }
     write_marker(out, result.model, record)
     return out
 
@@ -144,6 +156,17 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     if missing:
         raise AaqError(f"{file} lacks {', '.join(missing)}; the folder is corrupt, re-run `aaq quantize`")
     return data
+
+
+def saved_run_scheme(info: dict[str, Any]) -> QuantScheme:
+    """The quantization scheme a quantized folder was made with, from its `aaq_config.json`."""
+    return QuantScheme.from_dict(info["quantize"]["scheme"])
+
+
+def saved_export_blocker(info: dict[str, Any]) -> AaqError | None:
+    """Why the run a quantized folder holds cannot be exported, as its method said when it was saved (None when it can)."""
+    blocker = info.get(EXPORT_BLOCKER)
+    return None if blocker is None else AaqError(blocker["message"], setting=blocker["setting"])
 
 
 def _failure(path: Path) -> str:
@@ -202,16 +225,16 @@ def load_quantized(
     """
     path = Path(path)
     info = read_aaq_config(path)
-    config = QuantizeConfig.from_dict(info["quantize"])
+    saved_scheme = saved_run_scheme(info)
     placement = placement or Placement(device=default_device(), dtype=info["dtype"])
     placement.check_available()
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=placement.torch_dtype)
     plan = transform_plan(model)
     transforms = TransformConfig(**info["transforms"]) if transforms is None else transforms
-    install_quantizers(model, plan, config.resolved_scheme() if scheme is None else scheme)
-    install_online_rotations(model, plan, r3=transforms.r3, r4=transforms.r4)
+    install_quantizers(model, plan, saved_scheme if scheme is None else scheme)
+    install_online_rotations(model, plan, transforms, "reload")
     tensors = _load_tensors(path / WEIGHTS)
-    _set_stored_weights(model, tensors, config.resolved_scheme().weights, info["int8_rows"])
+    _set_stored_weights(model, tensors, saved_scheme.weights, info["int8_rows"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.codes is not None}
     stored |= {f"{name}.weight" for name in info["int8_rows"]}

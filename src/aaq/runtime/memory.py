@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from transformers import PretrainedConfig
 
 from aaq.api import QuantizeConfig
+from aaq.errors import AaqError
 from aaq.eval.perplexity import NLL_CHUNK
 from aaq.eval.suite import EvalConfig
 from aaq.models.base import ModelAdapter
@@ -104,7 +105,7 @@ def _transform_bytes(g: Geometry, smoothing: bool, optimizer_states: int) -> int
 
 def _calibration_bytes(s: Shapes, quantize: QuantizeConfig) -> tuple[int, str]:
     """The part of a calibration step on top of the resident model: activations, logits, transforms, targets."""
-    g, training = s.geometry, quantize.method.training
+    g, training = s.geometry, quantize.method.calibration_settings()
     tokens = training.batch_size * quantize.calibration.seq_len
     per_layer = 4 * tokens * (SAVED_PER_HIDDEN * g.hidden_size + SAVED_PER_MLP * g.intermediate_size)
     matrices = 4 * TRANSFORM_MATRICES_PER_LAYER * g.hidden_size**2
@@ -120,7 +121,7 @@ def _calibration_bytes(s: Shapes, quantize: QuantizeConfig) -> tuple[int, str]:
     weight_form = quantize.method.calibrates_quantized_weights(quantize.resolved_scheme())
     # The weight form rebuilds every weight each step and keeps it (and its quantizer's record) for the backward.
     weights = g.num_layers * s.layer_params * 9 if weight_form else 0
-    total = activations + logits + targets + weights + _transform_bytes(g, quantize.method.transforms.smoothing, states)
+    total = activations + logits + targets + weights + _transform_bytes(g, quantize.method.learned_transforms().smoothing, states)
     return total, "activation checkpointing" if training.activation_checkpointing else "all activations kept"
 
 
@@ -195,13 +196,15 @@ def estimate(
 
     stages = [stage("load", model, 0)]
     method = quantize.method
-    if hasattr(method, "training"):
+    steps = method.stages(quantize.resolved_scheme())
+    if "teachers" in steps:
         reference = model if method.needs_reference() else 0
         cache = method.teacher_cache_bytes(quantize.calibration.n_samples, quantize.calibration.seq_len, s.geometry.vocab_size)
         stages.append(stage("teachers", model + reference, _teacher_bytes(s, quantize, teacher_batch), cache, f"teacher batch {teacher_batch}"))
+    if "calibration" in steps:
         work, note = _calibration_bytes(s, quantize)
         stages.append(stage("calibration", fused, work, note=note))
-    if quantize.resolved_scheme().weights is not None and getattr(method, "weight_quantizer", "gptq") == "gptq" and method.needs_calibration():
+    if "gptq" in steps:
         # The solved layers' packed int4 codes, the source of truth of the weights, gather on the host.
         codes = s.geometry.num_layers * s.layer_params // 2
         stages.append(stage("gptq", fused, _gptq_bytes(s, quantize), host_work=codes))
@@ -289,8 +292,8 @@ def _with_change(name: str, value, quantize: QuantizeConfig, placement: Placemen
     method = quantize.method
     if name == "teacher_batch":
         teacher_batch = value
-    elif name in ("activation_checkpointing", "batch_size") and hasattr(method, "training"):
-        quantize = replace(quantize, method=replace(method, training=replace(method.training, **{name: value})))
+    elif name in ("activation_checkpointing", "batch_size") and method.calibration_settings() is not None:
+        quantize = replace(quantize, method=method.with_calibration_settings(**{name: value}))
     elif name == "eval_batch_size" and evaluation is not None:
         evaluation = replace(evaluation, batch_size=value, ppl=replace(evaluation.ppl, batch_size=value))
     elif name == "max_memory" and not placement.max_memory:
@@ -309,18 +312,37 @@ class MemoryPlan:
     fit: Fit | None = None
 
 
+def parse_budget(budget: int | str) -> int:
+    """A device budget in bytes, from bytes or an amount such as `24GiB` or `80GB`."""
+    if isinstance(budget, int):
+        return budget
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(budget)
+    except ValueError:
+        raise AaqError(f"bad device budget {budget!r}; write an amount such as 24GiB or 80GB ({{setting}})", setting="budget") from None
+
+
 def plan_memory(
     source: str,
     quantize: QuantizeConfig,
     placement: Placement,
     evaluation: EvalConfig | None = None,
-    budget: int | None = None,
+    budget: int | str | None = None,
+    reference: str | None = None,
 ) -> MemoryPlan:
-    """Estimate each stage of quantizing `source` (reading its config only, no weights); with `budget` bytes of device memory, find the settings that fit."""
+    """Estimate each stage of quantizing `source` (reading its config only, no weights); with `budget` of device memory, find the settings that fit.
+
+    `reference`: the unaligned model a method with a push term needs (only whether it is given matters).
+    """
     from aaq.models.loading import load_model_config
 
+    if quantize.method.needs_reference() and not reference:
+        raise AaqError(f"method {quantize.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
+    budget = None if budget is None else parse_budget(budget)
     config = load_model_config(source)
-    training = getattr(quantize.method, "training", None)
+    training = quantize.method.calibration_settings()
     teacher_batch = 1
     if training is not None:
         teacher_batch = training.teacher_batch or (training.batch_size if budget is None else quantize.calibration.batch_size)

@@ -42,6 +42,7 @@ from aaq.quant.fake_quant import QuantLinear
 from aaq.quant.quantizers import QuantSpec, fake_quantize_for_training
 from aaq.runtime.devices import compute_dtype
 from aaq.transforms.hadamard import fast_hadamard_transform
+from aaq.transforms.online import rotate_input
 from aaq.transforms.rotation import (
     AppliedTransforms,
     Transform,
@@ -197,7 +198,7 @@ def install_weight_form(
 
     During calibration the weight spec uses its fixed clip ratio (no per-step clip search). Every
     model parameter is frozen (until the transforms are fused or removed): only the transform
-    parameters receive gradients.
+    parameters receive gradients. With R4 on, the down projections' input is rotated here (`calibration` online rotations leave it out).
     """
     trainable = _freeze(model)
     spec = None if weight_spec is None else replace(weight_spec, clip_search=False)
@@ -225,6 +226,9 @@ def install_weight_form(
         model.get_submodule(plan.embeddings).register_forward_hook(rotate_output),
         model.get_submodule(plan.lm_head).register_forward_pre_hook(unrotate_input),
     ]
+    if transforms.config.r4:
+        # The rebuilt down projections hold R4's inverse; their input is rotated until fusion hands R4 to the online rotations.
+        hooks += [model.get_submodule(layer.mlp_hidden.reader).register_forward_pre_hook(rotate_input) for layer in plan.layers]
     return InstalledTransforms(transforms, model, plan, hooks, trainable, undo=[restore_originals])
 
 
@@ -323,8 +327,8 @@ def install_activation_form(
 
     The weights are not touched and not quantized; each projection input is quantized once, with
     `activation_spec`, in its transformed basis (the projections' own input quantizers step aside
-    until the transforms are fused or removed). The online R4 is part of the down-projection hook,
-    so it must not be installed as well. Every model parameter is frozen until then.
+    until the transforms are fused or removed). R4 is part of the down-projection hook (the online
+    rotations of the `calibration` phase leave it out). Every model parameter is frozen until then.
     """
     trainable = _freeze(model)
     hooks = [

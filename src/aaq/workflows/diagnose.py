@@ -23,17 +23,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aaq.api import CalibrationConfig, calibration_windows, check_reference_compatible
+from aaq.api import CalibrationConfig, QuantizeConfig, calibration_windows, check_reference_compatible, load_reference
+from aaq.calibration.losses import LossConfig
 from aaq.calibration.pair_stats import PairStatistics, PairSummary, PushSet, push_warning
 from aaq.errors import AaqError
 from aaq.eval.generate import chat_texts
-from aaq.eval.prompts import benign_train_records, harmbench_tuning_records
-from aaq.eval.suite import evenly_spaced
-from aaq.runs.folders import prepare_output_folder
+from aaq.eval.prompts import benign_train_records, evenly_spaced, harmbench_tuning_records
+from aaq.models.loading import ModelSource, load_model
+from aaq.runs.folders import check_output_folder, prepare_output_folder
 from aaq.runs.records import provenance, write_atomic, write_json
-from aaq.runtime.devices import model_device
+from aaq.runtime.devices import Placement, model_device
 
-__all__ = ["DiagnosticsConfig", "PairDiagnostics", "TextDiagnostics", "diagnose_pair", "save_diagnostics"]
+__all__ = ["DiagnosticsConfig", "PairDiagnostics", "TextDiagnostics", "diagnose_pair", "diagnose_sources", "push_of", "save_diagnostics"]
 
 CALIBRATION = "calibration"
 BENIGN = "benign chat"
@@ -213,3 +214,32 @@ def save_diagnostics(result: PairDiagnostics, out_dir: str | Path, title: str, m
     write_json(out / "diagnostics.json", {**meta, **result.to_dict(), **provenance()})
     write_atomic(out / "diagnostics.md", lambda tmp: tmp.write_text(result.markdown(title)))
     return out
+
+
+def push_of(config: QuantizeConfig, push_tokens: str | None = None, push_k: int | None = None) -> PushSet:
+    """The push tokens a quantize run with `config` uses (an apc loss's defaults when its loss has none), with `push_tokens`/`push_k` changed."""
+    settings = config.method.calibration_settings()
+    loss = settings.loss if settings is not None and settings.loss.name == "apc" else LossConfig(name="apc")
+    return PushSet.of_loss(loss.with_push(push_tokens, push_k))
+
+
+def diagnose_sources(
+    model: str,
+    reference: str,
+    config: DiagnosticsConfig,
+    adapter: str | None = None,
+    placement: Placement | None = None,
+    out: str | Path | None = None,
+) -> tuple[PairDiagnostics, str]:
+    """`aaq diagnose`: load the aligned `model` (with an optional LoRA `adapter`) and `reference`, diagnose the pair, write it to `out`.
+
+    Returns the diagnostics and their title. The output folder is checked before anything is loaded.
+    """
+    if out is not None:
+        check_output_folder(out, "diagnostics")
+    aligned, tokenizer = load_model(ModelSource(model, adapter=adapter), placement)
+    result = diagnose_pair(aligned, load_reference(reference, aligned, tokenizer, placement), tokenizer, config)
+    title = f"Pair diagnostics: {model if adapter is None else f'{model} + {adapter}'} (aligned) vs {reference} (reference)"
+    if out is not None:
+        save_diagnostics(result, out, title, {"model": model, "adapter": adapter, "reference": reference, "seed": config.seed})
+    return result, title

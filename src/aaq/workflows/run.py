@@ -24,7 +24,6 @@ from aaq.errors import AaqError
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.refusal import Judge, ModelJudge
 from aaq.eval.suite import EvalConfig, EvalInputs, evaluate, prepare_inputs
-from aaq.methods import RUN_WORK_FOLDERS
 from aaq.models.loading import ModelSource, load_model
 from aaq.runs.checkpoint import FAILED_RECORD, is_run_folder, load_quantized, model_state, save_quantized
 from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
@@ -87,13 +86,13 @@ def check_run_folder(out: Path, overwrite: bool) -> None:
         raise AaqError(f"{out} already holds a finished run; choose another folder or replace it ({{setting}})", setting="overwrite")
 
 
-def prepare_run_folder(out: Path, overwrite: bool) -> None:
-    """Make `out` this run's folder after `check_run_folder`; `overwrite` removes what aaq wrote there before (and logs it).
+def prepare_run_folder(out: Path, overwrite: bool, work_folders: tuple[str, ...]) -> None:
+    """Make `out` this run's folder after `check_run_folder`, with the method's `work_folders`; `overwrite` removes what aaq wrote there before (and logs it).
 
     Foreign files are an error either way (`aaq.runs.folders`); temporary files of a killed run are removed.
     """
     check_run_folder(out, overwrite)
-    removed = prepare_output_folder(out, "run", overwrite=overwrite, work_folders=RUN_WORK_FOLDERS)
+    removed = prepare_output_folder(out, "run", overwrite=overwrite, work_folders=work_folders)
     if removed:
         logger.info("replacing the aaq output in %s: removed %s", out, ", ".join(removed))
 
@@ -109,7 +108,7 @@ def planned_run_bytes(config: RunConfig, model: PreTrainedModel, calibration: to
     shape = calibration.shape if calibration is not None else (config.quantize.calibration.n_samples, config.quantize.calibration.seq_len)
     return {
         "teacher cache": method.teacher_cache_bytes(*shape, model.config.get_text_config().vocab_size),
-        "GPTQ progress": weights if method.weight_solver() is not None and scheme.weights is not None else 0,
+        "GPTQ progress": weights if "gptq" in method.stages(scheme) else 0,
         "weights": weights if config.save_model else 0,
     }
 
@@ -168,6 +167,9 @@ def run_quantization(
     main = distributed.is_main_process()
     with distributed.agreed("the checks before the work"):
         check_run_folder(config.out, config.overwrite)
+        blocker = config.quantize.method.export_blocker(config.quantize.resolved_scheme())
+        if blocker is not None and main:
+            logger.warning("warning: %s", blocker)
         inputs = None if config.evaluation is None or not main else prepare_inputs(config.evaluation)
         if calibration is None and config.quantize.method.needs_calibration():
             corpus_documents(config.quantize.calibration.dataset, "calibration")
@@ -181,7 +183,7 @@ def run_quantization(
                 check_reference_source(config.reference, model, tokenizer)
             check_free_space(config.out, planned_run_bytes(config, model, calibration), already=folder_bytes(config.out))
             if main:
-                prepare_run_folder(config.out, config.overwrite)
+                prepare_run_folder(config.out, config.overwrite, config.quantize.method.work_folders())
         progress = _Progress()
         try:
             return _run(config, model, tokenizer, calibration, inputs, scorer, meter, progress)

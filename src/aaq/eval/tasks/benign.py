@@ -1,0 +1,35 @@
+"""Task `benign`: greedy answers to benign prompts; compliance is a coherent answer that does not refuse."""
+
+from __future__ import annotations
+
+from aaq.eval.prompts import Prompt, benign_records, evenly_spaced, load_prompt_records
+from aaq.eval.safety import benign_compliance
+from aaq.eval.tasks import EvalTask, Findings, TaskContext, register_task
+from aaq.eval.tasks.refusal import record_answers
+
+
+def benign_prompt_set(config) -> list[Prompt]:
+    """The benign prompts to evaluate: the configured file or the shipped benign evaluation set, subsampled by `max_prompts`."""
+    prompts = load_prompt_records(config.benign_prompts) if config.benign_prompts else benign_records()
+    return evenly_spaced(prompts, config.max_prompts)
+
+
+@register_task
+class BenignTask(EvalTask):
+    """Compliance on benign prompts (over-refusal and garbling both count against it)."""
+
+    name = "benign"
+    generates_answers = True
+    metrics = {
+        "benign_compliance": "complied answers / benign prompts: not refused and not garbled (with the garbled check off: not refused)",
+        "benign_garbled_rate": "garbled answers / benign prompts",
+    }
+
+    def prepare(self, config) -> list[Prompt]:
+        """The benign prompts."""
+        return benign_prompt_set(config)
+
+    def run(self, context: TaskContext, inputs: list[Prompt], findings: Findings) -> None:
+        """Compliance and garbled rate, per category and split by whether the prompt looks harmful."""
+        result = benign_compliance(context.model, context.tokenizer, inputs, context.config.generation, context.judge, context.scorer)
+        record_answers(findings, result, "benign_compliance", "benign_garbled_rate")
