@@ -170,3 +170,16 @@ def prepared_model(bits: str, r3: bool = False):
     install_quantizers(model, plan, QuantScheme.from_string(bits))
     install_online_rotations(model, plan, TransformConfig(r3=r3, r4=False), "final")
     return model, reference
+
+
+def rtn_weight(weight: torch.Tensor, spec) -> torch.Tensor:
+    """Round-to-nearest fake-quantized copy of a weight matrix, from the quantizer's own level functions (the reference of GPTQ and packing tests)."""
+    from aaq.quant.quantizers import dequantize_levels, weight_levels
+
+    return dequantize_levels(*weight_levels(weight, spec), spec).to(weight.dtype)
+
+
+def orthogonality_error(rotation: torch.Tensor) -> float:
+    """||R^T R - I||_F in float64."""
+    r = rotation.detach().to(torch.float64)
+    return float((r.T @ r - torch.eye(r.shape[1], dtype=torch.float64)).norm())

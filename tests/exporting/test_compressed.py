@@ -1,6 +1,7 @@
 """compressed-tensors exports: W4A16 folders load in plain transformers, W4A4 folders through compressed-tensors'
 own apply functions, both with the logits of aaq's simulation of the same settings; what differs is listed."""
 
+import dataclasses
 import json
 
 import pytest
@@ -39,7 +40,7 @@ def test_hadamard_kind_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-ASYMMETRIC_GROUPS = QuantScheme.from_string("w4a4kv4").with_overrides(weights=QuantSpec(bits=4, symmetric=False, group_size=32))
+ASYMMETRIC_GROUPS = dataclasses.replace(QuantScheme.from_string("w4a4kv4"), weights=QuantSpec(bits=4, symmetric=False, group_size=32))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -99,7 +100,7 @@ W4A4_SCHEME = QuantScheme(
 @pytest.mark.parametrize("weights", [W4A4_SCHEME.weights, QuantSpec(bits=4, symmetric=False, group_size=32)])
 def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_path, tiny_tokenizer, weights):
     no_r4 = QuaRotConfig(weight_quantizer="rtn", transforms=TransformConfig(r4=False))
-    scheme = W4A4_SCHEME.with_overrides(weights=weights)
+    scheme = dataclasses.replace(W4A4_SCHEME, weights=weights)
     run, _ = saved_run(tmp_path, tiny_tokenizer, method=no_r4, scheme=scheme)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True, dtype="float32"))
     assert report.differences == [] and any("R3" in note for note in report.notes)
@@ -132,7 +133,7 @@ def test_w4a4_r4_transform_is_aaqs_online_hadamard(tmp_path, tiny_tokenizer, mon
 
 def test_w4a4_export_of_an_r4_order_compressed_tensors_cannot_build_unfuses_it(tmp_path, tiny_tokenizer):
     # intermediate 284 = 4 * 71: aaq builds Paley(283); compressed-tensors' table has no divisor of it.
-    per_channel = W4A4_SCHEME.with_overrides(weights=QuantSpec(bits=4, symmetric=True, clip_search=True))
+    per_channel = dataclasses.replace(W4A4_SCHEME, weights=QuantSpec(bits=4, symmetric=True, clip_search=True))
     run, logits = saved_run(tmp_path, tiny_tokenizer, scheme=per_channel, hidden_size=142, num_heads=2)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4"))
     assert any("cannot build a Hadamard of order 284" in d for d in report.differences)

@@ -7,8 +7,7 @@ from aaq.api import QuantizeConfig, quantize
 from aaq.errors import AaqError
 from aaq.methods import QuaRotConfig
 from aaq.models.plan import TransformConfig
-from aaq.quant.quantizers import quantize_weight_rtn
-from tests.helpers import CALIBRATION, make_tiny_model
+from tests.helpers import CALIBRATION, make_tiny_model, rtn_weight
 
 
 def test_rtn_after_the_transforms_rounds_the_fused_weights():
@@ -20,7 +19,7 @@ def test_rtn_after_the_transforms_rounds_the_fused_weights():
     spec = config.resolved_scheme().weights
     for name, linear in rounded.named_modules():
         if name.endswith("down_proj"):
-            torch.testing.assert_close(linear.weight, quantize_weight_rtn(fused.get_submodule(name).weight, spec))
+            torch.testing.assert_close(linear.weight, rtn_weight(fused.get_submodule(name).weight, spec))
 
 
 def test_gptq_and_rtn_weight_steps_give_different_weights():

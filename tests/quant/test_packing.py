@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from aaq.errors import AaqError
-from aaq.methods.gptq import GPTQConfig, gptq_quantize_with_params, prepare_hessian
+from aaq.methods.gptq import GPTQConfig, gptq_quantize, prepare_hessian
 from aaq.quant.packing import WeightCodes, pack_codes, rtn_codes, unpack_codes
-from aaq.quant.quantizers import QuantSpec, quantize_weight_rtn
+from aaq.quant.quantizers import QuantSpec
+from tests.helpers import rtn_weight
 
 
 @pytest.mark.parametrize("shape", [(3, 7), (5, 1), (2, 16)])
@@ -33,7 +34,7 @@ def test_rtn_codes_dequantize_to_the_rtn_weight_bit_exactly(spec):
     codes = rtn_codes(weight, spec)
     levels = codes.levels()
     assert levels.min() >= spec.qmin and levels.max() <= spec.qmax
-    assert torch.equal(codes.dequantize(), quantize_weight_rtn(weight, spec))
+    assert torch.equal(codes.dequantize(), rtn_weight(weight, spec))
     if spec.half_range_scale:
         assert int(levels.min()) == spec.qmin
 
@@ -53,7 +54,7 @@ def test_gptq_codes_are_exact_and_record_scattered_act_order_groups(static_group
     weight, inputs = torch.randn(16, 64, generator=generator), torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
     spec = QuantSpec(bits=4, symmetric=False, group_size=16)
     config = GPTQConfig(static_groups=static_groups)
-    result = gptq_quantize_with_params(weight, prepare_hessian(2 * inputs.T.double() @ inputs.double() / 256, config), spec, config)
+    result = gptq_quantize(weight, prepare_hessian(2 * inputs.T.double() @ inputs.double() / 256, config), spec, config)
     assert torch.equal(result.codes.dequantize(), result.weight)
     assert result.codes.contiguous_groups is not scattered
     if scattered:

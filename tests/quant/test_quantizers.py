@@ -1,19 +1,13 @@
 """Quantizer error bounds, grids, STE gradients and the bit-string parser."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from aaq.errors import AaqError
-from aaq.quant.quantizers import (
-    ActivationQuantizer,
-    QuantScheme,
-    QuantSpec,
-    fake_quantize,
-    fake_quantize_for_training,
-    quant_params,
-    quantize_weight_rtn,
-    round_ste,
-)
+from aaq.quant.quantizers import ActivationQuantizer, QuantScheme, QuantSpec, fake_quantize, fake_quantize_for_training, quant_params, round_ste
+from tests.helpers import rtn_weight
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -57,8 +51,8 @@ def test_clip_search_reduces_weight_error():
     torch.manual_seed(0)
     weight = torch.randn(64, 256)
     weight[:, 0] *= 20  # one outlier column makes the full range wasteful
-    plain = quantize_weight_rtn(weight, QuantSpec(bits=4, symmetric=True))
-    searched = quantize_weight_rtn(weight, QuantSpec(bits=4, symmetric=True, clip_search=True))
+    plain = rtn_weight(weight, QuantSpec(bits=4, symmetric=True))
+    searched = rtn_weight(weight, QuantSpec(bits=4, symmetric=True, clip_search=True))
     assert (searched - weight).pow(2).sum() < 0.9 * (plain - weight).pow(2).sum()
 
 
@@ -92,7 +86,7 @@ def test_bad_bit_strings_are_one_line_errors(text):
 
 
 def test_scheme_round_trips_through_dict():
-    scheme = QuantScheme.from_string("w4a4kv4").with_overrides(weights=QuantSpec(bits=4, symmetric=True, group_size=128))
+    scheme = dataclasses.replace(QuantScheme.from_string("w4a4kv4"), weights=QuantSpec(bits=4, symmetric=True, group_size=128))
     assert QuantScheme.from_dict(scheme.to_dict()) == scheme
 
 

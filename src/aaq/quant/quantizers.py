@@ -144,10 +144,6 @@ class QuantScheme:
             name=text,
         )
 
-    def with_overrides(self, **changes: QuantSpec | None) -> "QuantScheme":
-        """Return a copy with some specs replaced (e.g. group-128 symmetric weights for an export format)."""
-        return replace(self, **changes)
-
     def with_options(self, options: SchemeOptions) -> "QuantScheme":
         """A copy with `options` applied; AaqError naming an option for a tensor this scheme keeps in full precision."""
         given = options.given()
@@ -263,11 +259,6 @@ def dequantize_levels(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     """The weight (out, in) that integer levels stand for, with a scale and zero point per row/group (out, groups)."""
     grouped = _grouped(levels, spec.group_size)
     return ((grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).flatten(-2)
-
-
-def quantize_weight_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest fake-quantized copy of a weight matrix (out_features, in_features), in its dtype."""
-    return dequantize_levels(*weight_levels(weight, spec), spec).to(weight.dtype)
 
 
 # Bits of the per-entry code the training quantizer saves for its backward: the entry was clamped,

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ TEMP_SUFFIX = ".aaq-tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+FOLDER_MODE = 0o777 & ~_UMASK
 FolderKind = Literal["run", "eval", "report", "export", "adapter", "diagnostics"]
 # How many foreign names an error message lists before it says how many more there are.
 _NAMES_SHOWN = 5
@@ -230,13 +232,34 @@ def mark_folder(folder: str | Path, kind: FolderKind) -> None:
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", suffix=TEMP_SUFFIX, dir=folder)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(marker, indent=1) + "\n")
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes it owner-only
-        os.replace(tmp, folder / MARKER)
+        replace_atomically(folder / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=1) + "\n"), record=False)
     except OSError as error:
         raise AaqError(f"cannot write to {folder} ({error.strerror}); free some space or choose another folder ({{setting}})", setting="out") from None
+
+
+def publish(tmp: str | Path, path: str | Path, record: bool = True) -> None:
+    """Move the finished temporary file `tmp` to `path` as an ordinary file, listed in the folder's marker first (with `record`)."""
+    if record:
+        record_file(path, tmp)
+    os.chmod(tmp, FILE_MODE)  # mkstemp makes it owner-only; outputs are ordinary files
+    os.replace(tmp, path)
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], None], record: bool = True) -> None:
+    """Call `write(tmp)` on a temporary file next to `path`, then `publish` it: a reader sees the old file or the complete new one.
+
+    The one way aaq writes a file in place; on any failure the temporary file is removed and the error raised.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        publish(tmp, path, record)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def verify_file(path: str | Path, remedy: str) -> None:

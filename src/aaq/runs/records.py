@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from aaq.errors import AaqError
-from aaq.runs.folders import FILE_MODE, TEMP_SUFFIX, record_file
+from aaq.runs.folders import FOLDER_MODE, TEMP_SUFFIX, publish, replace_atomically
 
 _PACKAGES = ("aaq", "torch", "transformers", "safetensors", "gguf", "geoopt", "peft", "lm-eval", "compressed-tensors")
 
@@ -35,14 +35,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     with _write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        os.close(fd)
-        try:
-            write(Path(tmp))
-            _publish(Path(tmp), path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_atomically(path, write)
 
 
 def write_staged(folder: str | Path, save: Callable[[Path], Any]) -> None:
@@ -57,18 +50,26 @@ def write_staged(folder: str | Path, save: Callable[[Path], Any]) -> None:
         try:
             save(staging)
             # save_pretrained writes flat folders; anything nested would not be listed in the marker.
-            written = sorted(entry for entry in staging.iterdir() if entry.is_file())
-            for file in written:
-                _publish(file, folder / file.name)
+            for file in sorted(entry for entry in staging.iterdir() if entry.is_file()):
+                publish(file, folder / file.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Move the finished temporary file `tmp` to `path`, listed in the folder's marker first."""
-    record_file(path, tmp)
-    tmp.chmod(FILE_MODE)  # mkstemp makes it owner-only; outputs are ordinary files
-    os.replace(tmp, path)
+def write_folder_atomic(target: str | Path, build: Callable[[Path], None]) -> None:
+    """Call `build(staging)` on a new folder next to `target`, then rename it to `target`: the folder is complete or absent.
+
+    `target` must not exist (the caller removes what it replaces); on any failure the staging folder is removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+    try:
+        build(staging)
+        staging.chmod(FOLDER_MODE)  # mkdtemp makes it owner-only; outputs and caches are ordinary folders
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager

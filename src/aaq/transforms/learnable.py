@@ -364,9 +364,3 @@ def fuse_learned_transforms(installed: InstalledTransforms, device: torch.device
         r2=[r.detach().to(torch.float64) for r in transforms.r2],
         scales=transforms.scales(),
     )
-
-
-def orthogonality_error(rotation: Tensor) -> float:
-    """||R^T R - I||_F in float64."""
-    r = rotation.detach().to(torch.float64)
-    return float((r.T @ r - torch.eye(r.shape[1], dtype=torch.float64)).norm())

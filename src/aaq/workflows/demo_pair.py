@@ -24,10 +24,8 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ from aaq.eval.prompts import benign_train_records, harmbench_prompts, harmbench_
 from aaq.eval.refusal import is_refusal
 from aaq.models.loading import load_model
 from aaq.runs.folders import check_output_folder, mark_folder, remove_aaq_folder
-from aaq.runs.records import provenance, write_atomic, write_json
+from aaq.runs.records import provenance, write_atomic, write_folder_atomic, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -316,9 +314,7 @@ def make_demo_pair(config: PairConfig) -> Path:
     examples += [encode_example(tokenizer, p, a, end=False) for p, a in benign]
     n_kl = max(config.kl_windows * 64, 1)
     kl_text = token_windows(tokenizer, TextDataConfig("calibration", n_kl, config.kl_seq_len, seed=config.seed))
-    config.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{config.out.name}-", dir=config.out.parent))
-    try:
+    def build(staging: Path) -> None:
         peft_model = train_adapter(model, tokenizer, examples, kl_text, config, staging / LOG_FILE)
         _save_adapter(peft_model, staging, config.base)
         shutil.copyfile(answers_cache, staging / ANSWERS_FILE)
@@ -330,12 +326,10 @@ def make_demo_pair(config: PairConfig) -> Path:
             **provenance(),
         }
         write_json(staging / CONFIG_FILE, summary)
-        staging.chmod(0o755)
         mark_folder(staging, "adapter")
         if config.out.exists():
             remove_aaq_folder(config.out)
-        os.replace(staging, config.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder_atomic(config.out, build)
     logger.info("safety adapter written to %s (%.0f s)", config.out, time.perf_counter() - started)
     return config.out
