@@ -43,7 +43,7 @@ _EXPORTS = {
     "plan_memory": "aaq.runtime.memory",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported public names)
 
 
 def __getattr__(name: str) -> Any:

@@ -94,7 +94,7 @@ class QuantizeConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantizeConfig":
+    def from_dict(cls, data: dict[str, Any]) -> QuantizeConfig:
         """Inverse of `to_dict`; missing parts take their defaults (so a recipe may name only what it changes)."""
         version = data.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 SETTING = "{setting}"
 
@@ -13,18 +14,17 @@ def python_name(setting: str) -> str:
     return f"`{setting}`"
 
 
-_setting_names: Callable[[str], str] = python_name
+_SETTING_NAMES: ContextVar[Callable[[str], str]] = ContextVar("setting_names", default=python_name)
 
 
 @contextlib.contextmanager
 def settings_named_by(name_of: Callable[[str], str]) -> Iterator[None]:
     """Within the block, every message names its settings with `name_of` (a front end's own options, e.g. the CLI's flags)."""
-    global _setting_names
-    previous, _setting_names = _setting_names, name_of
+    token = _SETTING_NAMES.set(name_of)
     try:
         yield
     finally:
-        _setting_names = previous
+        _SETTING_NAMES.reset(token)
 
 
 class AaqError(Exception):
@@ -44,4 +44,4 @@ class AaqError(Exception):
         """The message with the setting named by `name_of` (default: as the front end in use names it, see `settings_named_by`)."""
         if self.setting is None:
             return self.template
-        return self.template.replace(SETTING, (name_of or _setting_names)(self.setting))
+        return self.template.replace(SETTING, (name_of or _SETTING_NAMES.get())(self.setting))

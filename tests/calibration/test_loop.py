@@ -29,7 +29,7 @@ def _student_and_cache(tmp_path, value_dtype=torch.float32, weights_in_loop=True
 
 
 def _settings(**changes) -> CalibrationSettings:
-    base = dict(steps=4, batch_size=2, loss=APC, checkpoint_every=1, cache_dtype="float32")
+    base = {"steps": 4, "batch_size": 2, "loss": APC, "checkpoint_every": 1, "cache_dtype": "float32"}
     return CalibrationSettings(**{**base, **changes})
 
 
@@ -178,7 +178,6 @@ def test_activation_checkpointing_reaches_the_same_parameters_and_is_turned_off_
 def test_activation_checkpointing_refuses_a_model_with_dropout():
     model = make_tiny_model("llama")
     model.config.attention_dropout = 0.1
-    with pytest.raises(AaqError, match="dropout"):
-        with calibrate_module.activation_checkpointing(model, True):
-            pass
+    with pytest.raises(AaqError, match="dropout"), calibrate_module.activation_checkpointing(model, True):
+        pass
     assert not model.training

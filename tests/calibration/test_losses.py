@@ -28,7 +28,7 @@ def partial_kl(p: list[float], q: list[float], idx: list[int]) -> float:
 
 
 def hand_mean(teacher: list[list[float]], student: list[list[float]], idx: list[list[int]]) -> float:
-    values = [partial_kl(softmax(t), softmax(s), i) for t, s, i in zip(teacher, student, idx)]
+    values = [partial_kl(softmax(t), softmax(s), i) for t, s, i in zip(teacher, student, idx, strict=True)]
     return sum(values) / len(values)
 
 
@@ -71,7 +71,7 @@ def test_push_variants_equal_hand_computation(push_tokens, push_k, idx) -> None:
         assert t.push_idx.tolist() == idx
     assert t.push_prob.shape == (2, len(idx[0]))
     assert push_loss(tensor(Z_Q), t).item() == pytest.approx(hand_mean(Z_B, Z_Q, idx), abs=1e-6)
-    hand_ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, idx)]
+    hand_ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, idx, strict=True)]
     assert t.push_ref.tolist() == pytest.approx(hand_ref, abs=1e-6)
     config = LossConfig(name="apc", lam=0.5, k=2, push_tokens=push_tokens, push_k=push_k)
     total = compute_loss(tensor(Z_Q), t, config).total.item()
@@ -113,7 +113,7 @@ def test_push_can_be_negative() -> None:
 
 def test_push_ref_is_the_aligned_models_own_push() -> None:
     t = teacher_targets(tensor(Z_A), tensor(Z_B), k=2)
-    hand = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, I_D)]
+    hand = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, I_D, strict=True)]
     assert t.push_ref.tolist() == pytest.approx(hand, abs=1e-6)
     assert push_loss(tensor(Z_A), t).item() == pytest.approx(sum(hand) / 2, abs=1e-6)
 
@@ -121,9 +121,9 @@ def test_push_ref_is_the_aligned_models_own_push() -> None:
 def test_faithful_apc_is_unbounded_below_and_bounded_apc_is_not() -> None:
     t = teacher_targets(tensor(Z_A), tensor(Z_B), k=2)
     margin = 0.5
-    push_ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, I_D)]
+    push_ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, I_D, strict=True)]
     # The pull is at least sum_{I_a} p_a log p_a, so the bounded loss has this floor.
-    pull_floor = sum(sum(softmax(a)[i] * math.log(softmax(a)[i]) for i in idx) for a, idx in zip(Z_A, I_A)) / 2
+    pull_floor = sum(sum(softmax(a)[i] * math.log(softmax(a)[i]) for i in idx) for a, idx in zip(Z_A, I_A, strict=True)) / 2
     floor = pull_floor - 0.1 * sum(r + margin for r in push_ref) / 2
     faithful, bounded = [], []
     for scale in (10.0, 100.0, 1000.0):
@@ -143,8 +143,8 @@ def test_bounded_push_equals_hand_clamp_and_has_no_gradient_when_clamped() -> No
     # Position 0 pushes far (clamped); position 1 is Z_Q[1] (below the clamp, see the assert).
     z_q = tensor([[2.0, -8.0, 1.0, -8.0], Z_Q[1]]).requires_grad_(True)
     rows = z_q.detach().tolist()
-    push = [partial_kl(softmax(b), softmax(q), i) for b, q, i in zip(Z_B, rows, I_D)]
-    ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, I_D)]
+    push = [partial_kl(softmax(b), softmax(q), i) for b, q, i in zip(Z_B, rows, I_D, strict=True)]
+    ref = [partial_kl(softmax(b), softmax(a), i) for a, b, i in zip(Z_A, Z_B, I_D, strict=True)]
     assert push[0] > ref[0] + margin and push[1] < ref[1] + margin
     hand = (min(push[0], ref[0] + margin) + min(push[1], ref[1] + margin)) / 2
     value = push_loss(z_q, t, bound_margin=margin)
@@ -163,7 +163,7 @@ def test_zero_probabilities_in_targets_are_safe() -> None:
 
 
 def test_mse_is_mean_squared_logit_error() -> None:
-    hand = sum((q - a) ** 2 for qs, as_ in zip(Z_Q, Z_A) for q, a in zip(qs, as_)) / 8
+    hand = sum((q - a) ** 2 for qs, as_ in zip(Z_Q, Z_A, strict=True) for q, a in zip(qs, as_, strict=True)) / 8
     assert mse_loss(tensor(Z_Q), tensor(Z_A)).item() == pytest.approx(hand, abs=1e-6)
 
 

@@ -21,7 +21,7 @@ def softmax(xs: list[float]) -> list[float]:
 
 def hand_means(idx: list[list[int]]) -> tuple[float, float]:
     masses, contrasts = [], []
-    for a, b, rows in zip(Z_A, Z_B, idx):
+    for a, b, rows in zip(Z_A, Z_B, idx, strict=True):
         p_a, p_b = softmax(a), softmax(b)
         masses.append(sum(p_b[i] for i in rows))
         contrasts.append(sum(abs(p_a[i] - p_b[i]) for i in rows))
@@ -37,7 +37,7 @@ def measured(push_sets: tuple[PushSet, ...], z_a=Z_A, z_b=Z_B) -> PairSummary:
 def test_kl_mass_and_contrast_equal_hand_computation() -> None:
     push_sets = (PushSet("diff", 2), PushSet("diff", 1), PushSet("reference", 2), PushSet("vocab", None))
     summary = measured(push_sets)
-    hand_kl = sum(sum(p * math.log(p / q) for p, q in zip(softmax(a), softmax(b))) for a, b in zip(Z_A, Z_B)) / 2
+    hand_kl = sum(sum(p * math.log(p / q) for p, q in zip(softmax(a), softmax(b), strict=True)) for a, b in zip(Z_A, Z_B, strict=True)) / 2
     assert summary.positions == 2 and summary.kl == pytest.approx(hand_kl, abs=1e-6)
     for push in push_sets:
         mass, contrast = hand_means(PUSH_IDX[push.label])
@@ -58,7 +58,7 @@ def test_batched_and_chunked_positions_give_the_same_means(monkeypatch) -> None:
     chunked = statistics.summary()
     assert chunked.positions == whole.positions == 15
     assert chunked.kl == pytest.approx(whole.kl, rel=1e-6)
-    for got, want in zip(chunked.push, whole.push):
+    for got, want in zip(chunked.push, whole.push, strict=True):
         assert got.mass == pytest.approx(want.mass, rel=1e-6) and got.contrast == pytest.approx(want.contrast, rel=1e-6)
 
 

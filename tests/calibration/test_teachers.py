@@ -85,7 +85,7 @@ def test_fp32_cache_gives_the_uncached_loss_and_gradients(models, tokens, tmp_pa
     cached_terms, cached_grads = loss_and_grads(student, batch, cached, config)
     assert cached_terms.total.item() == pytest.approx(uncached_terms.total.item(), abs=1e-6)
     assert uncached_terms.total.item() != 0.0
-    for got, want in zip(cached_grads, uncached_grads):
+    for got, want in zip(cached_grads, uncached_grads, strict=True):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
         assert want.abs().max() > 0
 
@@ -105,7 +105,7 @@ def test_fp16_cache_is_close_to_uncached(models, tokens, tmp_path: Path) -> None
     uncached_terms, uncached_grads = loss_and_grads(student, tokens, on_the_fly, config)
     assert cached_terms.pull.item() == pytest.approx(uncached_terms.pull.item(), rel=1e-3)
     assert cached_terms.push.item() == pytest.approx(uncached_terms.push.item(), rel=1e-3)
-    for got, want in zip(cached_grads, uncached_grads):
+    for got, want in zip(cached_grads, uncached_grads, strict=True):
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
@@ -291,7 +291,7 @@ def test_cache_records_the_pair_statistics_of_its_windows(models, tokens, tmp_pa
     expected = direct.summary()
     assert recorded.positions == NUM_SEQ * SEQ_LEN and recorded.kl == pytest.approx(expected.kl, rel=1e-5)
     assert [s.push.label for s in recorded.push] == ["diff@7", "reference@7", "vocab"]
-    for got, want in zip(recorded.push, expected.push):
+    for got, want in zip(recorded.push, expected.push, strict=True):
         assert got.mass == pytest.approx(want.mass, rel=1e-5) and got.contrast == pytest.approx(want.contrast, rel=1e-5)
     assert recorded.kl > 0.01 and not recorded.of(PushSet("vocab", None)).sees_nothing
     assert build_teacher_cache(aligned, None, tokens, tmp_path / "pull", k=7).meta.pair_statistics is None

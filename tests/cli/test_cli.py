@@ -105,7 +105,7 @@ def test_existing_run_is_not_overwritten_silently(tmp_path, tiny_model_dir, fake
     assert main(args) == 0
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite"]) == 0
+    assert main([*args, "--overwrite"]) == 0
 
 
 def _error_line(capsys) -> str:
@@ -265,7 +265,7 @@ def test_recipe_typos_are_errors(tmp_path, text, needle):
 
 def test_cli_flags_override_the_recipe(tmp_path):
     argv = ["quantize", "--model", "m", "--out", str(tmp_path), "--recipe", str(RECIPES / "aaq_demo.yaml")]
-    args = build_parser().parse_args(argv + ["--steps", "7", "--lam", "0.5", "--loss", "kl", "--no-cache"])
+    args = build_parser().parse_args([*argv, "--steps", "7", "--lam", "0.5", "--loss", "kl", "--no-cache"])
     training = quantize_config(args).method.training
     assert (training.steps, training.loss.lam, training.loss.name, training.cache) == (7, 0.5, "kl", False)
 
@@ -433,11 +433,11 @@ def test_overwrite_replaces_only_what_aaq_wrote_and_says_so(tmp_path, tiny_model
     assert main(args) == 0
     assert main(["eval", "--model", str(out), "--tasks", "ppl", "--out", str(out / "eval"), *TINY_RUN[4:]]) == 0
     with caplog.at_level("INFO", logger="aaq"):
-        assert main(args + ["--overwrite"]) == 0
+        assert main([*args, "--overwrite"]) == 0
     assert re.search(r"replacing the aaq output in .*run: removed .*aaq_model.safetensors.*run.json", caplog.text)
     assert (out / "eval" / "report.json").is_file()  # another aaq output nested in the folder is kept
     (out / "mine.txt").write_text("mine")
-    assert "(mine.txt)" in _refused(args + ["--overwrite"], capsys, out)
+    assert "(mine.txt)" in _refused([*args, "--overwrite"], capsys, out)
 
 
 @pytest.mark.parametrize("place", ["file", "under a file"])
@@ -498,7 +498,7 @@ def test_a_full_disk_during_the_save_keeps_the_checkpoint_and_the_run_resumes(tm
     assert json.loads((out / "failed.json").read_text())["stage"] == "save"
     assert (out / "calibration" / "checkpoint.json").is_file() and not [p for p in out.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
     assert "failed in stage save" in _refused(["eval", "--model", str(out), "--tasks", "ppl", "--out", str(tmp_path / "e")], capsys, out)
-    assert main(argv + ["--resume"]) == 0
+    assert main([*argv, "--resume"]) == 0
     assert not (out / "failed.json").exists() and (out / "run.json").is_file()
 
 
@@ -524,7 +524,7 @@ def test_a_run_killed_during_its_final_save_is_one_line_in_eval_and_cleaned_by_t
     orphan.write_bytes((out / "aaq_model.safetensors").read_bytes()[:5000])
     line = _refused(["eval", "--model", str(out), "--tasks", "ppl", "--out", str(tmp_path / "e")], capsys, out)
     assert "has no aaq_config.json: it is not a finished aaq run; finish it with `aaq quantize` into that folder with --resume" in line
-    assert main(args + ["--resume"]) == 0
+    assert main([*args, "--resume"]) == 0
     assert not orphan.exists() and (out / "aaq_config.json").is_file()
 
 

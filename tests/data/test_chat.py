@@ -1,5 +1,7 @@
 """Chat-form calibration: conversations from the calibration-split docs, rendered with the chat template."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -116,7 +118,7 @@ def test_chat_windows_open_with_the_template_and_hold_no_held_out_text(chat_docs
     assert torch.equal(windows, chat_token_windows(tiny_tokenizer, config))
     assert not torch.equal(windows, chat_token_windows(tiny_tokenizer, ChatDataConfig(6, 40, seed=4)))
     rendered = render_exchanges(tiny_tokenizer, docs_exchanges())
-    from_each_start = [sum(rendered[s:] + rendered[:s] + rendered, [])[:40] for s in range(len(rendered))]
+    from_each_start = [list(itertools.chain.from_iterable(rendered[s:] + rendered[:s] + rendered))[:40] for s in range(len(rendered))]
     assert all(window.tolist() in from_each_start for window in windows)
 
 

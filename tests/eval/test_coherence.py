@@ -25,7 +25,7 @@ def _hand_nll(model, tokenizer, prompt: str, response: str) -> float:
 
 def test_answer_nll_matches_a_token_by_token_hand_computation(tiny_llama, tiny_tokenizer):
     responses = ["Boil water , add rice and wait .", "Paris", "It is not safe . It is safe ."]
-    expected = [_hand_nll(tiny_llama, tiny_tokenizer, p, r) for p, r in zip(PROMPTS, responses)]
+    expected = [_hand_nll(tiny_llama, tiny_tokenizer, p, r) for p, r in zip(PROMPTS, responses, strict=True)]
     # Batches of two mix prompt and answer lengths, so padding and the kept logits are exercised.
     got = answer_nlls(tiny_llama, tiny_tokenizer, PROMPTS, responses, batch_size=2)
     assert got == pytest.approx(expected, rel=1e-5)

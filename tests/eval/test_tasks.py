@@ -1,5 +1,7 @@
 """The task registry: a task registered in its own module is run by the suite, and its metrics reach the report."""
 
+from typing import ClassVar
+
 import pytest
 
 from aaq.errors import AaqError
@@ -18,7 +20,7 @@ def counting_task(monkeypatch):
     class CountingTask(EvalTask):
         name = "params"
         takes_arguments = True
-        metrics = {"params": "parameters of the model, divided by the argument"}
+        metrics: ClassVar[dict[str, str]] = {"params": "parameters of the model, divided by the argument"}
 
         def prepare(self, config):
             calls.append("prepare")

@@ -6,6 +6,7 @@ function against the untouched model.
 """
 
 from collections import OrderedDict
+from typing import ClassVar
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ class RenamedLlamaConfig(LlamaConfig):
 class RenamedLlamaForCausalLM(LlamaForCausalLM):
     config_class = RenamedLlamaConfig
     base_model_prefix = "backbone"
-    _tied_weights_keys = {}
+    _tied_weights_keys: ClassVar[dict] = {}
     model = property(lambda self: self._modules["backbone"])
     lm_head = property(lambda self: self._modules["output"])
 

@@ -72,9 +72,8 @@ def test_torchrun_environment_names_the_world_and_each_process_its_own_gpu(monke
     assert Placement(device="cuda").compute_device == torch.device("cuda", 1)
     assert Placement(device="cuda:0").compute_device == torch.device("cuda", 0)  # an explicit GPU stays as given
     assert Placement(device="cpu").compute_device == torch.device("cpu")
-    with pytest.raises(AaqError, match=r"each process computes on its own GPU .*not all on cuda:0") as error:
-        with distributed.process_group(torch.device("cuda", 0)):
-            pass
+    with pytest.raises(AaqError, match=r"each process computes on its own GPU .*not all on cuda:0") as error, distributed.process_group(torch.device("cuda", 0)):
+        pass
     assert error.value.setting == "device"
 
 
@@ -83,10 +82,10 @@ def test_sigterm_becomes_a_one_line_error_and_then_is_ignored(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(distributed.Stopped, match=r"process 1 of 2 was stopped by the launcher.*continue the run with `resume`"):
-            with distributed.sigterm_as_error():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(1)  # the handler runs at the next bytecode
+        stopped = pytest.raises(distributed.Stopped, match=r"process 1 of 2 was stopped by the launcher.*continue the run with `resume`")
+        with stopped, distributed.sigterm_as_error():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the process is ending: no second error
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -147,7 +147,7 @@ def _transform_gradients(model, installed, tokens: torch.Tensor = TOKENS) -> lis
     loss = model(tokens).logits.square().mean()
     rotations, scales = installed.transforms.rotation_parameters(), installed.transforms.scale_parameters()
     grads = torch.autograd.grad(loss, rotations + scales)
-    riemannian = [r.manifold.egrad2rgrad(r.detach(), g) for r, g in zip(rotations, grads, strict=False)]
+    riemannian = [r.manifold.egrad2rgrad(r.detach(), g) for r, g in zip(rotations, grads, strict=True)]
     return riemannian + list(grads[len(rotations) :])
 
 
@@ -194,7 +194,7 @@ def test_activation_form_computes_the_weight_form_in_value_gradient_and_fused_we
     assert len(agreeing) >= len(TOKEN_BATCHES) - 1
     for weights_in_loop in (True, False):
         installed[weights_in_loop].fuse()
-    fused = {k: v for k, v in models[False].state_dict().items()}
+    fused = dict(models[False].state_dict().items())
     for name, value in models[True].state_dict().items():
         assert torch.allclose(fused[name], value, rtol=1e-12, atol=1e-12), name
     assert _relative_error(_logits(models[False]), weight_form) < 1e-5

@@ -97,7 +97,7 @@ def test_cli_reads_the_recipe_and_flags(capsys, tmp_path):
     base = ["diagnose", "--model", "a", "--reference", "b", "--recipe", str(recipe)]
     config = diagnostics_config(build_parser().parse_args(base))
     assert (config.push, config.seed, config.calibration.n_samples) == (PushSet("reference", 20), 3, 4)
-    vocab = diagnostics_config(build_parser().parse_args(base + ["--push-tokens", "vocab"]))
+    vocab = diagnostics_config(build_parser().parse_args([*base, "--push-tokens", "vocab"]))
     assert vocab.push == PushSet("vocab", None)  # the recipe's push_k 20 is dropped with it
     flags = ["--push-tokens", "vocab", "--push-k", "7", "--calib-form", "chat", "--push-ks", "5,50"]
     with pytest.raises(AaqError, match="no effect"):
@@ -105,7 +105,7 @@ def test_cli_reads_the_recipe_and_flags(capsys, tmp_path):
     config = diagnostics_config(build_parser().parse_args(base + flags[2:] + ["--push-tokens", "diff", "--seed", "1"]))
     assert (config.push, config.calibration.form, config.push_ks, config.seed) == (PushSet("diff", 7), "chat", (5, 50), 1)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(base + ["--push-ks", "5,x"])
+        build_parser().parse_args([*base, "--push-ks", "5,x"])
     assert "argument --push-ks: must be a comma list of positive integers, got '5,x'; see aaq diagnose --help" in capsys.readouterr().err
 
 

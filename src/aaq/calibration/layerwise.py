@@ -7,6 +7,7 @@ costs one model forward in total, instead of one partial forward per layer.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +58,8 @@ def capture_first_layer_inputs(model: PreTrainedModel, first_layer: nn.Module, t
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, tokens.shape[0], batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=tokens[start : start + batch_size].to(model_device(model)), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured

@@ -148,7 +148,7 @@ class PairStatistics:
         for tokens in dict.fromkeys(push.tokens for push in self.push_sets):
             ks = [push.k for push in self.push_sets if push.tokens == tokens]
             mass, contrast = _prefix_sums(logits_a, logits_b, p_a, p_b, tokens, ks)
-            for k, m, c in zip(ks, mass, contrast):
+            for k, m, c in zip(ks, mass, contrast, strict=True):
                 push = PushSet(tokens, k)
                 self.mass_sums[push] = self.mass_sums.get(push, 0.0) + m
                 self.contrast_sums[push] = self.contrast_sums.get(push, 0.0) + c

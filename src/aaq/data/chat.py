@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from aaq.data.corpus import PYTHON_DOCS_FOLDER, python_docs_files, shared_data_dir
 from aaq.errors import AaqError
 
-__all__ = ["CHAT_FOLDERS", "ChatDataConfig", "Exchange", "chat_token_windows", "docs_exchanges", "benign_train_exchanges"]
+__all__ = ["CHAT_FOLDERS", "ChatDataConfig", "Exchange", "benign_train_exchanges", "chat_token_windows", "docs_exchanges"]
 
 CHAT_FOLDERS = ("faq", "howto", "tutorial")
 QUESTION_TEMPLATES = (
@@ -52,12 +52,11 @@ _DIRECTIVE = re.compile(r"^(\s*)\.\.(?:\s+([\w:-]+)::|\s|$)")
 # Directives whose indented content is text worth keeping; the content of any other directive (index
 # entries, targets, toctrees, comments) is dropped with it.
 _KEEP_CONTENT = frozenset(
-    "note warning tip hint important caution attention seealso admonition topic sidebar code-block sourcecode code doctest"
-    " deprecated versionadded versionchanged".split()
+    ["note", "warning", "tip", "hint", "important", "caution", "attention", "seealso", "admonition", "topic", "sidebar", "code-block", "sourcecode", "code", "doctest", "deprecated", "versionadded", "versionchanged"]
 )
 _ROLE = re.compile(r":(?:[\w-]+:)*([\w-]+):`([^`]+)`")
-_PLAIN_ROLES = frozenset("ref doc term pep rfc dfn abbr emphasis strong menuselection guilabel title-reference".split())
-_QUESTION_WORDS = frozenset("How What Why When Where Which Who Is Are Can Do Does Should Will".split())
+_PLAIN_ROLES = frozenset(["ref", "doc", "term", "pep", "rfc", "dfn", "abbr", "emphasis", "strong", "menuselection", "guilabel", "title-reference"])
+_QUESTION_WORDS = frozenset(["How", "What", "Why", "When", "Where", "Which", "Who", "Is", "Are", "Can", "Do", "Does", "Should", "Will"])
 _LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`_{1,2}|`([^`]+)`_{1,2}")
 
 

@@ -89,7 +89,7 @@ def _loads_from_cache(manager, tasks: Sequence[str]) -> bool:
     try:
         with datasets_offline():
             manager.load(list(tasks))
-    except Exception:  # lm-eval and datasets raise many unrelated types for data they cannot find
+    except Exception:  # noqa: BLE001 (lm-eval and datasets raise many unrelated types for data they cannot find)
         return False
     return True
 

@@ -202,7 +202,7 @@ def evaluate(
         prepare_output_folder(out_dir, "eval", joins=("run",))
     model.eval()
     definitions = metric_definitions()
-    findings = Findings(metrics={name: None for name in definitions})
+    findings = Findings(metrics=dict.fromkeys(definitions))
     if scorer is not None:
         start = time.perf_counter()
         scorer.calibration(config.generation)  # calibrated (or read from the cache) before the timed tasks

@@ -164,10 +164,10 @@ def _r4_plan(transforms: TransformConfig, plan: TransformPlan, target: str) -> t
     if kind is not None:
         return kind, False, []
     why = "transformers cannot apply online transforms" if target == "W4A16" else f"compressed-tensors cannot build a Hadamard of order {n}"
-    readers = ", ".join(sorted({name.removeprefix(f"{layer.block}.") for layer, name in zip(plan.layers, r4_readers(plan))}))
+    readers = ", ".join(sorted({name.removeprefix(f"{layer.block}.") for layer, name in zip(plan.layers, r4_readers(plan), strict=True)}))
     return None, True, [
-        f"{readers}: the run applies an online R4 Hadamard ({why}); its weights were rotated back and re-quantized with RTN, "
-        "so they differ from the run (quantize with r4 off for an exact export)"
+        (f"{readers}: the run applies an online R4 Hadamard ({why}); its weights were rotated back and re-quantized with RTN, "
+        "so they differ from the run (quantize with r4 off for an exact export)")
     ]
 
 
@@ -204,10 +204,7 @@ def plan_export(scheme: QuantScheme, transforms: TransformConfig, plan: Transfor
 
 def _quantization_args(spec: QuantSpec, dynamic: bool) -> QuantizationArgs:
     """compressed-tensors arguments for an aaq spec: weights per channel/group, activations per token/group."""
-    if spec.group_size is not None:
-        strategy = "group"
-    else:
-        strategy = "token" if dynamic else "channel"
+    strategy = "group" if spec.group_size is not None else "token" if dynamic else "channel"
     return QuantizationArgs(
         num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=strategy, group_size=spec.group_size, dynamic=dynamic
     )

@@ -358,7 +358,7 @@ def _finished_layer(path: Path, key: str) -> dict[str, torch.Tensor] | None:
         with safe_open(str(path), framework="pt") as handle:
             if handle.metadata().get("key") != key:
                 raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
-            return {name: handle.get_tensor(name) for name in handle.keys()}
+            return {name: handle.get_tensor(name) for name in handle}
     except (SafetensorError, OSError):
         return None
 
@@ -414,8 +414,8 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
             for name, weight_codes in codes.items():
                 linears[name].set_codes(weight_codes)
             if saved is None and layer_file is not None and main:
-                state = {key: t for name, weight_codes in codes.items() for key, t in weight_codes.tensors(name).items()}
-                write_atomic(layer_file, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
+                state = {tensor: t for name, weight_codes in codes.items() for tensor, t in weight_codes.tensors(name).items()}
+                write_atomic(layer_file, lambda tmp, state=state: save_file(state, str(tmp), metadata={"key": key}))
             inputs = run_layer(block, inputs)
         block.to(rest)
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without

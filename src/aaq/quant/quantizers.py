@@ -116,7 +116,7 @@ class QuantScheme:
     name: str = field(default="fp", compare=False)
 
     @classmethod
-    def from_string(cls, bits: str) -> "QuantScheme":
+    def from_string(cls, bits: str) -> QuantScheme:
         """Parse `w4a4kv4`, `w4a8kv8`, `w4a16`, `w8a8`, `fp` ... into the default specs.
 
         Defaults follow the design: weights symmetric per output channel with a searched clip
@@ -144,7 +144,7 @@ class QuantScheme:
             name=text,
         )
 
-    def with_options(self, options: SchemeOptions) -> "QuantScheme":
+    def with_options(self, options: SchemeOptions) -> QuantScheme:
         """A copy with `options` applied; AaqError naming an option for a tensor this scheme keeps in full precision."""
         given = options.given()
         changes: dict[str, QuantSpec] = {}
@@ -163,7 +163,7 @@ class QuantScheme:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantScheme":
+    def from_dict(cls, data: dict) -> QuantScheme:
         """Inverse of `to_dict`."""
         if not isinstance(data, dict):
             raise AaqError(f"scheme must be a mapping with weights, activations and kv_cache, got {data!r}; correct it in the recipe")
@@ -224,7 +224,7 @@ def search_clip_ratio(
     grouped: torch.Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5, norm: float = 2.4
 ) -> torch.Tensor:
     """Per-row clip ratio minimising the L^norm rounding error (the p = 2.4 search of GPTQ/QuaRot)."""
-    best_err = torch.full(grouped.shape[:-1] + (1,), float("inf"), dtype=grouped.dtype, device=grouped.device)
+    best_err = torch.full((*grouped.shape[:-1], 1), float("inf"), dtype=grouped.dtype, device=grouped.device)
     best_ratio = torch.ones_like(best_err)
     with torch.no_grad():
         for ratio in torch.linspace(1.0, min_ratio, grid).tolist():

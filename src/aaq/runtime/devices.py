@@ -12,7 +12,7 @@ import ctypes
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -235,7 +235,7 @@ def _fold_peaks(device: torch.device) -> None:
 
 def _fold_anon() -> None:
     anon = _status_bytes("RssAnon") or 0
-    for peaks in list(_OPEN_STAGES):
+    for peaks in _OPEN_STAGES:
         peaks["anon"] = max(peaks["anon"], anon)
 
 
@@ -305,7 +305,5 @@ def _reset_host_peak() -> None:
 
 def release_freed_host_memory() -> None:
     """Hand host memory freed so far back to the OS (glibc keeps freed heap memory mapped); a no-op off glibc."""
-    try:
+    with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -31,6 +31,6 @@ def unavailable_reason() -> str | None:
 
     try:
         get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
-    except Exception as error:  # the HTTP client raises its own exception types for every network failure
+    except Exception as error:  # noqa: BLE001 (the HTTP client raises its own exception types for every network failure)
         return f"{constants.ENDPOINT} did not answer: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -63,7 +63,7 @@ def _has_block(m: int) -> bool:
     return m == 1 or _paley_one_prime(m) is not None or _paley_two_prime(m) is not None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _factorisation(n: int) -> tuple[int, int] | None:
     """Return ``(2^k, m)`` with ``n = 2^k * m`` and the largest such power of two for which ``H_m`` exists."""
     if n < 1:
@@ -213,7 +213,7 @@ class _SylvesterButterfly(torch.autograd.Function):
         return _SylvesterButterfly.apply(grad, ctx.inner), None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _leading_block(n: int) -> torch.Tensor:
     """Return ``(H_d / sqrt(n)).T`` (float64), the dense factor of ``H_n = H_{n/d} ⊗ H_d`` used by the transform."""
     _, d = _factorisation(n)

@@ -288,10 +288,7 @@ def _activation_hooks(
     def channel_reader_input(_module: nn.Module, args: tuple) -> tuple:
         x, v = _working(args[0], t, index)
         x = scale_columns(x, _inverse(v.down))
-        if v.r4:
-            x = fast_hadamard_transform(quantize(fast_hadamard_transform(x)), inverse=True)
-        else:
-            x = quantize(x)
+        x = fast_hadamard_transform(quantize(fast_hadamard_transform(x)), inverse=True) if v.r4 else quantize(x)
         return (scale_columns(x, v.down).to(args[0].dtype), *args[1:])
 
     def module(name: str) -> nn.Module:

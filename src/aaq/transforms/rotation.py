@@ -148,7 +148,7 @@ def tensor_transforms(model: PreTrainedModel, layer: LayerPlan, geometry: Geomet
     inputs: dict[str, Transform] = {name: stream_reader("attn") for name in layer.attention_input.readers}
     inputs |= {name: stream_reader("mlp") for name in layer.mlp_input.readers}
     inputs |= {layer.values.reader: head_reader(geometry), layer.mlp_hidden.reader: channel_reader}
-    outputs: dict[str, Transform] = {name: stream_writer for name in layer.residual_writers}
+    outputs: dict[str, Transform] = dict.fromkeys(layer.residual_writers, stream_writer)
     outputs |= {layer.values.writer: head_writer(geometry), layer.mlp_hidden.writer: channel_writer}
     out: dict[tuple[nn.Module, str], Transform] = {}
     for name in layer.linears:

@@ -182,7 +182,7 @@ def self_distilled_answers(
     answers = generate_responses(model, tokenizer, prompts, GenerationConfig(max_new_tokens=max_new_tokens))
     rows = [
         {"prompt": p, "answer": a, "refusal": is_refusal(a), "model": model_name, "max_new_tokens": max_new_tokens}
-        for p, a in zip(prompts, answers)
+        for p, a in zip(prompts, answers, strict=True)
     ]
     write_atomic(cache, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"))
     return kept(rows)
@@ -193,7 +193,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str,
     prefix = tokenizer(chat_texts(tokenizer, [prompt])[0], add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if end:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
     return prefix + answer_ids, [IGNORE_INDEX] * len(prefix) + answer_ids
 
 
@@ -321,7 +321,7 @@ def make_demo_pair(config: PairConfig) -> Path:
         summary = {
             "config": dataclasses.asdict(config),  # write_json turns the Path into text
             "data": {"refusals": len(harmful), "benign": len(benign), "benign_dropped": len(benign_prompts) - len(benign),
-                     "refusal_templates": len(refusal_templates()), "tuning_split": len(tuning_split())},  # fmt: skip
+                     "refusal_templates": len(refusal_templates()), "tuning_split": len(tuning_split())},
             "seconds": round(time.perf_counter() - started, 1),
             **provenance(),
         }

@@ -158,12 +158,12 @@ def _answer_start_summaries(
     One prompt at a time, without padding, so the positions are exactly those of an unbatched chat.
     """
     statistics, first = PairStatistics(push_sets), PairStatistics()
-    for ids in tqdm(_prompt_ids(tokenizer, prompts), total=len(prompts), desc="chat prompts", unit="prompt", leave=False):
-        n = ids.shape[1]
+    for prompt_ids in tqdm(_prompt_ids(tokenizer, prompts), total=len(prompts), desc="chat prompts", unit="prompt", leave=False):
+        n, ids = prompt_ids.shape[1], prompt_ids
         if answer_tokens > 1:
             device = model_device(aligned)
             ids = aligned.generate(
-                input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device), max_new_tokens=answer_tokens - 1,
+                input_ids=prompt_ids.to(device), attention_mask=torch.ones_like(prompt_ids, device=device), max_new_tokens=answer_tokens - 1,
                 do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             ).cpu()  # fmt: skip
         # The logits at positions n-1 .. predict the answer's first, second, ... token.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from aaq.eval.prompts import Prompt, benign_records, evenly_spaced, load_prompt_records
 from aaq.eval.safety import benign_compliance
 from aaq.eval.tasks import EvalTask, Findings, TaskContext, register_task
@@ -20,7 +22,7 @@ class BenignTask(EvalTask):
 
     name = "benign"
     generates_answers = True
-    metrics = {
+    metrics: ClassVar[dict[str, str]] = {
         "benign_compliance": "complied answers / benign prompts: not refused and not garbled (with the garbled check off: not refused)",
         "benign_garbled_rate": "garbled answers / benign prompts",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from aaq.data.corpus import corpus_documents
 from aaq.eval.perplexity import evaluate_perplexity
@@ -14,7 +15,7 @@ class PerplexityTask(EvalTask):
     """Perplexity on the held-out windows `EvalConfig.ppl` describes."""
 
     name = "ppl"
-    metrics = {"ppl": "perplexity on held-out text"}
+    metrics: ClassVar[dict[str, str]] = {"ppl": "perplexity on held-out text"}
 
     def prepare(self, config) -> None:
         """Check that the held-out text can be read."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 from aaq.eval.prompts import Prompt, evenly_spaced, harmful_records
 from aaq.eval.safety import SafetyResult, refusal_rate, safety_result
@@ -37,7 +38,7 @@ class RefusalTask(EvalTask):
 
     name = "refusal"
     generates_answers = True
-    metrics = {
+    metrics: ClassVar[dict[str, str]] = {
         "refusal_rate": "refused answers / harmful prompts, pooled over the harmful sets (per set: refusal_by_set)",
         "garbled_rate": "garbled answers / harmful prompts: not refused, and empty, a loop (under half of its token "
         "4-grams distinct) or with a per-token NLL under the scorer above the threshold (see coherence)",

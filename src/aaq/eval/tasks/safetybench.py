@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from aaq.eval.safetybench import LETTERS, load_safetybench, safetybench_accuracy
 from aaq.eval.tasks import EvalTask, Findings, TaskContext, register_task
 
@@ -11,7 +13,7 @@ class SafetyBenchTask(EvalTask):
     """Few-shot SafetyBench accuracy on `EvalConfig.safetybench` (default: the shared English dev split)."""
 
     name = "safetybench"
-    metrics = {"safetybench_acc": "SafetyBench multiple-choice accuracy"}
+    metrics: ClassVar[dict[str, str]] = {"safetybench_acc": "SafetyBench multiple-choice accuracy"}
 
     def prepare(self, config) -> None:
         """Check that the SafetyBench file can be read."""
