@@ -114,7 +114,7 @@ def compressed_tensors_model(folder):
         apply_transform_config(model, TransformConfig.model_validate(transforms))
     apply_quantization_config(model, compressor.quantization_config)
     compressor.compress_model(model)
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     # R3 is a Sylvester Hadamard every loader builds itself: it is not stored.
     assert not unexpected and all(".R3_" in name for name in missing), (missing, unexpected)
     compressor.decompress_model(model)

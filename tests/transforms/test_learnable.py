@@ -147,7 +147,7 @@ def _transform_gradients(model, installed, tokens: torch.Tensor = TOKENS) -> lis
     loss = model(tokens).logits.square().mean()
     rotations, scales = installed.transforms.rotation_parameters(), installed.transforms.scale_parameters()
     grads = torch.autograd.grad(loss, rotations + scales)
-    riemannian = [r.manifold.egrad2rgrad(r.detach(), g) for r, g in zip(rotations, grads, strict=True)]
+    riemannian = [r.manifold.egrad2rgrad(r.detach(), g) for r, g in zip(rotations, grads[: len(rotations)], strict=True)]
     return riemannian + list(grads[len(rotations) :])
 
 

@@ -358,7 +358,7 @@ def _finished_layer(path: Path, key: str) -> dict[str, torch.Tensor] | None:
         with safe_open(str(path), framework="pt") as handle:
             if handle.metadata().get("key") != key:
                 raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
-            return {name: handle.get_tensor(name) for name in handle}
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError):
         return None
 

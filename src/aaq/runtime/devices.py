@@ -235,7 +235,7 @@ def _fold_peaks(device: torch.device) -> None:
 
 def _fold_anon() -> None:
     anon = _status_bytes("RssAnon") or 0
-    for peaks in _OPEN_STAGES:
+    for peaks in list(_OPEN_STAGES):  # noqa: PERF101 (a snapshot: the sampler thread runs this while stages open and close)
         peaks["anon"] = max(peaks["anon"], anon)
 
 
