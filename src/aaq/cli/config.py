@@ -8,7 +8,7 @@ from typing import Any
 from aaq.calibration.losses import LOSS_NAMES
 from aaq.cli.options import add_calibration_data, add_push, calibration_changes
 from aaq.methods import MethodOptions, method_names
-from aaq.methods.weights import WEIGHT_QUANTIZERS
+from aaq.methods.weight_step import WEIGHT_QUANTIZERS
 from aaq.models.plan import ROTATION_KINDS, TransformConfig
 from aaq.quant.quantizers import SchemeOptions
 from aaq.recipes import QuantizeOptions, configure, load_recipe

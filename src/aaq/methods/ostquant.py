@@ -23,7 +23,7 @@ from aaq.calibration.pair_stats import PairSummary, push_warning, summary_line
 from aaq.calibration.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
 from aaq.errors import AaqError
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
+from aaq.methods.weight_step import FusedWeightQuantization, quantize_fused_weights
 from aaq.models.plan import TRANSFORM_SWITCHES, TransformConfig, TransformPlan
 from aaq.quant.fake_quant import install_quantizers
 from aaq.quant.quantizers import QuantScheme

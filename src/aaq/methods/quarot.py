@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
+from aaq.methods.weight_step import FusedWeightQuantization, quantize_fused_weights
 from aaq.models.plan import TRANSFORM_SWITCHES, TransformConfig
 from aaq.quant.fake_quant import install_quantizers
 from aaq.quant.quantizers import QuantScheme
