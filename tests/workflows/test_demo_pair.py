@@ -2,18 +2,16 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-import aaq
 from aaq.cli import main
 from aaq.errors import AaqError
 from aaq.eval.generate import GenerationConfig, generate_responses
 from aaq.eval.prompts import harmbench_prompts
 from aaq.eval.refusal import is_refusal
-from aaq.models.loading import ADAPTER_ALIASES, MODEL_ALIASES, ModelSource, load_model
+from aaq.models.loading import ADAPTER_ALIASES, MODEL_ALIASES, ModelSource, load_model, shipped_adapter_folder
 from aaq.workflows.demo_pair import (
     ANSWERS_FILE,
     CONFIG_FILE,
@@ -137,7 +135,7 @@ def test_an_output_folder_of_foreign_files_is_refused_before_training(tmp_path, 
 def test_shipped_adapters_are_complete_and_their_preset_rebuilds_them(alias, preset):
     entry = ADAPTER_ALIASES[alias]
     assert entry.base in MODEL_ALIASES
-    folder = Path(aaq.__file__).parent / entry.adapter
+    folder = shipped_adapter_folder(alias)  # where the loader looks for it
     assert {"adapter_config.json", "adapter_model.safetensors", CONFIG_FILE, LOG_FILE, ANSWERS_FILE} <= {
         path.name for path in folder.iterdir()
     }

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -95,7 +96,7 @@ def load_model(source: ModelSource | str, placement: Placement | None = None) ->
     if name in ADAPTER_ALIASES:
         entry = ADAPTER_ALIASES[name]
         model, tokenizer = _load_alias(entry.base, dtype)
-        model = _merge_adapter(model, Path(__file__).parent / entry.adapter)
+        model = _merge_adapter(model, shipped_adapter_folder(name))
     elif name in MODEL_ALIASES:
         model, tokenizer = _load_alias(name, dtype)
     else:
@@ -270,6 +271,11 @@ def cache_root() -> Path:
     """Return the aaq cache folder: env AAQ_CACHE_DIR if set, else ~/.cache/aaq."""
     configured = os.environ.get(CACHE_ENV)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "aaq"
+
+
+def shipped_adapter_folder(alias: str) -> Path:
+    """The folder of the LoRA adapter an adapter alias (`smollm2-135m-safe`, ...) merges, shipped inside the aaq package."""
+    return Path(str(resources.files("aaq").joinpath(ADAPTER_ALIASES[alias].adapter)))
 
 
 def alias_cache_dir(alias: str) -> Path:
