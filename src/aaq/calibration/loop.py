@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from aaq.calibration.losses import LossConfig, LossTerms, TeacherTargets, compute_loss
+from aaq.calibration.losses import LossConfig, LossTerms, TeacherTargets, chunked_loss
 from aaq.calibration.teachers import Teacher
 from aaq.errors import AaqError
 from aaq.runs.records import write_atomic, write_json
@@ -142,8 +142,14 @@ def batch_indices(step: int, num_sequences: int, batch_size: int, seed: int) -> 
 
 
 def student_loss(model: PreTrainedModel, batch: Tensor, teacher: TeacherTargets | Tensor, loss: LossConfig) -> LossTerms:
-    """The configured loss of the student on one batch of token ids."""
-    return compute_loss(model(input_ids=batch, use_cache=False).logits, teacher, loss)
+    """The configured loss of the student on one batch of token ids.
+
+    The decoder runs as usual; its output head runs inside the loss, a chunk of positions at a time
+    (`chunked_loss`), so the batch's full-vocabulary logits are never formed at once. Every supported
+    family's logits are its output embedding applied to the decoder's final (normed) hidden states.
+    """
+    hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+    return chunked_loss(hidden, model.get_output_embeddings(), teacher, loss)
 
 
 def _tensor_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
