@@ -146,9 +146,10 @@ def student_loss(model: PreTrainedModel, batch: Tensor, teacher: TeacherTargets 
 
     The decoder runs as usual; its output head runs inside the loss, a chunk of positions at a time
     (`chunked_loss`), so the batch's full-vocabulary logits are never formed at once. Every supported
-    family's logits are its output embedding applied to the decoder's final (normed) hidden states.
+    family's logits are its output embedding applied to the decoder's final (normed) hidden states
+    (as perplexity computes them, `aaq.eval.perplexity.window_nll_sum`).
     """
-    hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
     return chunked_loss(hidden, model.get_output_embeddings(), teacher, loss)
 
 
