@@ -40,7 +40,7 @@ OptimizerName = Literal["cayley_sgd", "riemannian_adam"]
 _OPTIMIZERS = ("cayley_sgd", "riemannian_adam")
 _CHECKPOINT_FILE = "checkpoint.json"
 # Settings that may change between a killed run and its resume without changing the trajectory.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "activation_checkpointing", "teacher_batch")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "activation_checkpointing", "teacher_batch", "micro_batch", "sequential_teachers")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,11 @@ class CalibrationSettings:
     2 x 256 tokens, about half the peak memory for a third more time per step. `teacher_batch`:
     calibration sequences per teacher forward when the targets are computed (None: the calibration
     data batch size, smaller if one batch of full-vocabulary logits would not fit in half the free
-    device memory).
+    device memory). `micro_batch`: sequences per forward+backward within a step, whose gradients
+    add up to the step's (None: the whole step batch at once): the same loss and gradients in a
+    fraction of the activation memory. `sequential_teachers`: compute the targets with one teacher
+    on the device at a time (the aligned model's final hidden states first, kept on the host, then
+    the reference, while the aligned model waits on the host): the device holds one model instead of two.
     """
 
     steps: int = 150
@@ -77,6 +81,8 @@ class CalibrationSettings:
     weights_in_loop: bool | None = None
     activation_checkpointing: bool = False
     teacher_batch: int | None = None
+    micro_batch: int | None = None
+    sequential_teachers: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -93,6 +99,8 @@ class CalibrationSettings:
             raise AaqError(f"divergence_factor must be > 1, got {self.divergence_factor}")
         if self.teacher_batch is not None and self.teacher_batch < 1:
             raise AaqError(f"teacher_batch must be >= 1 (or None: sized to the device), got {self.teacher_batch}", setting="teacher_batch")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise AaqError(f"{{setting}} must be >= 1 (or None: the whole step batch at once), got {self.micro_batch}", setting="micro_batch")
 
 
 @dataclass
@@ -330,7 +338,7 @@ def calibrate(
             for optimizer in state.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             with distributed.agreed(f"calibration step {step}"):
-                terms = _backward_share(model, tokens, indices, teacher, settings.loss, device)
+                terms = _backward_share(model, tokens, indices, teacher, settings, device)
             terms = _summed_over_processes(terms, parameters, settings.loss, f"calibration step {step}")
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -352,20 +360,24 @@ def calibrate(
     return CalibrationResult(history=history, steps=state.step, initial_loss=state.initial_loss)
 
 
-def _backward_share(model: PreTrainedModel, tokens: Tensor, indices: Tensor, teacher: Teacher, loss: LossConfig, device: torch.device) -> LossTerms | None:
+def _backward_share(model: PreTrainedModel, tokens: Tensor, indices: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device) -> LossTerms | None:
     """Backpropagate the loss of this process's share of a step's batch (all of it in one process); its detached terms.
 
-    In several processes each share's loss is weighted by its fraction of the batch, so that the
-    sums over the processes are the loss (and gradients) of the whole batch. None for an empty share.
+    The share runs `settings.micro_batch` sequences at a time, each part's loss weighted by its
+    fraction of the step's batch (as is each process's share when there are several), so that the
+    sums of the parts' gradients and terms are those of the whole batch. None for an empty share.
     """
     share = distributed.share(indices)
     if len(share) == 0:
         return None
-    terms = student_loss(model, tokens[share].to(device), teacher(share), loss)
-    if len(share) < len(indices):
-        terms = terms.scaled(len(share) / len(indices))
-    terms.total.backward()
-    return terms.detached()
+    total = None
+    for part in share.split(settings.micro_batch or len(share)):
+        terms = student_loss(model, tokens[part].to(device), teacher(part), settings.loss)
+        if len(part) < len(indices):
+            terms = terms.scaled(len(part) / len(indices))
+        terms.total.backward()
+        total = terms.detached() if total is None else total.plus(terms.detached())
+    return total
 
 
 def _summed_over_processes(terms: LossTerms | None, parameters: list[torch.nn.Parameter], loss: LossConfig, what: str) -> LossTerms:

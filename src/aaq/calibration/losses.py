@@ -99,6 +99,10 @@ class LossTerms(NamedTuple):
         """Every term times `weight` (one process's share of a batch, weighted by its fraction of it)."""
         return LossTerms(*(None if value is None else value * weight for value in self))
 
+    def plus(self, other: LossTerms) -> LossTerms:
+        """The terms of two parts of a batch (each weighted by its fraction of it) added up."""
+        return LossTerms(*(None if value is None else value + more for value, more in zip(self, other, strict=True)))
+
     def scalars(self) -> dict[str, float]:
         """The terms as Python floats, for a progress bar or a log line."""
         values = {"loss": self.total, "pull": self.pull, "push": self.push}
