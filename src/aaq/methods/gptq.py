@@ -14,7 +14,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -82,6 +82,14 @@ class GPTQConfig(WeightOnlyConfig):
     def needs_calibration(self) -> bool:
         """GPTQ reads the Hessians of calibration inputs."""
         return True
+
+    def gptq_settings(self) -> GPTQConfig:
+        """Its own settings."""
+        return self
+
+    def with_gptq_settings(self, **changes: Any) -> GPTQConfig:
+        """This config with settings changed."""
+        return replace(self, **changes)
 
     def quantize_weights(self, context: MethodContext) -> None:
         """GPTQ every projection weight, layer by layer."""
