@@ -510,6 +510,16 @@ def _with_change(config: PretrainedConfig, name: str, value, quantize: QuantizeC
     return quantize, placement, evaluation, teacher_batch
 
 
+def fitted_settings(
+    config: PretrainedConfig, quantize: QuantizeConfig, placement: Placement, evaluation: EvalConfig | None, fit: Fit, teacher_batch: int
+) -> tuple[QuantizeConfig, Placement, EvalConfig | None]:
+    """The run's settings with `fit`'s changes made (a changed teacher batch goes into the calibration settings)."""
+    quantize, placement, evaluation, teacher_batch = _with_changes(config, fit.changes, (quantize, placement, evaluation, teacher_batch))
+    if "teacher_batch" in fit.changes:
+        quantize = replace(quantize, method=quantize.method.with_calibration_settings(teacher_batch=teacher_batch))
+    return quantize, placement, evaluation
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """The estimated stages of a run as configured, and, with a device budget, the settings that make it fit."""
