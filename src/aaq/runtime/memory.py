@@ -562,9 +562,8 @@ def plan_memory(
     budget = None if budget is None else parse_budget(budget)
     config = load_model_config(source)
     training = quantize.method.calibration_settings()
-    teacher_batch = 1
-    if training is not None:
-        teacher_batch = training.teacher_batch or (training.batch_size if budget is None else quantize.calibration.batch_size)
+    # As the run sizes it: the setting, else at most the calibration data's batch (`aaq.methods.ostquant.teacher_batch_size`).
+    teacher_batch = 1 if training is None else training.teacher_batch or quantize.calibration.batch_size
     stages = estimate(config, quantize, placement, evaluation, teacher_batch)
     fit = None if budget is None else fit_to_budget(config, quantize, placement, evaluation, budget, teacher_batch)
     return MemoryPlan(source, stages, teacher_batch, budget, fit)
