@@ -7,16 +7,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from aaq.cli import demo, diagnose, evaluate, export, make_demo_pair, options, plan, quantize, report
+from aaq.cli import audit, demo, diagnose, evaluate, export, make_demo_pair, options, plan, quantize, report
 from aaq.errors import AaqError, settings_named_by
 from aaq.runs.records import git_commit
 from aaq.runtime import distributed
 
-COMMANDS = (quantize, plan, evaluate, report, demo, make_demo_pair, diagnose, export)
+COMMANDS = (quantize, plan, evaluate, report, demo, make_demo_pair, diagnose, export, audit)
 EXAMPLES = """examples:
   aaq quantize --model smollm2-135m-instruct --method quarot --bits w4a4kv4 --out runs/quarot
   aaq eval --model runs/quarot --tasks ppl --out runs/quarot/eval
   aaq export runs/quarot --format compressed-tensors --scheme W4A4 --out runs/quarot-vllm
+  aaq audit --original smollm2-135m-safe --quantized model.Q4_0.gguf runs/quarot --out runs/audit --fail-if "harmful_complied>+0.05"
   aaq demo"""
 
 

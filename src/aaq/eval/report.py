@@ -39,7 +39,8 @@ def _cell(value, pattern: str = "{}") -> str:
     return pattern.format(value) if isinstance(value, (int, float)) else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of `header` and `rows` (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -53,7 +54,7 @@ def _metrics_section(report: dict) -> str:
                  [f"harmful garbled, {name} ({values['n']})", _cell(values["garbled_rate"], "{:.1%}")]]  # fmt: skip
     for task, values in (metrics.get("lmeval") or {}).items():
         rows += [[f"lm-eval {task} {name}", _cell(value, "{:.4f}")] for name, value in values.items()]
-    return "## Metrics\n\n" + _table(["metric", "value"], rows)
+    return "## Metrics\n\n" + markdown_table(["metric", "value"], rows)
 
 
 def _breakdowns_section(report: dict) -> str:
@@ -61,13 +62,13 @@ def _breakdowns_section(report: dict) -> str:
     for name, values in (report.get("breakdowns") or {}).items():
         if values:
             rows = [[category, _cell(value, "{:.1%}")] for category, value in values.items()]
-            parts.append(f"### {name}\n\n" + _table(["category", "rate"], rows))
+            parts.append(f"### {name}\n\n" + markdown_table(["category", "rate"], rows))
     return "\n\n".join(parts)
 
 
 def _key_values_section(title: str, values: dict, pattern: str = "{}") -> str:
     rows = [[str(key), _cell(value, pattern)] for key, value in (values or {}).items()]
-    return f"## {title}\n\n" + (_table(["", ""], rows) if rows else "(none)")
+    return f"## {title}\n\n" + (markdown_table(["", ""], rows) if rows else "(none)")
 
 
 def _coherence_section(report: dict) -> str:
@@ -157,7 +158,7 @@ def comparison_table(reports: Sequence[dict]) -> str:
             + [_cell(metrics.get(key), pattern) for _, key, pattern in METRIC_COLUMNS]
             + [_cell((report.get("meta") or {}).get("quantize_s"), "{:.0f}")]
         )
-    return _table(header, rows) + "\n\n" + TABLE_LEGEND + "\n"
+    return markdown_table(header, rows) + "\n\n" + TABLE_LEGEND + "\n"
 
 
 def is_full_precision(report: dict) -> bool:

@@ -36,7 +36,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 FOLDER_MODE = 0o777 & ~_UMASK
-FolderKind = Literal["run", "eval", "report", "export", "adapter", "diagnostics"]
+FolderKind = Literal["run", "eval", "report", "export", "adapter", "diagnostics", "audit"]
 # How many foreign names an error message lists before it says how many more there are.
 _NAMES_SHOWN = 5
 
