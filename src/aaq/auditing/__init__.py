@@ -114,8 +114,9 @@ class AuditConfig:
         if self.names is not None and len(self.names) != len(self.quantized):
             raise AaqError(f"{len(self.names)} names for {len(self.quantized)} quantized models; give one name each ({{setting}})", setting="names")
         self.evaluation()
+        limits = self.limits()
         if self.signal_only:
-            beyond = [str(limit) for limit in self.limits() if limit.metric not in SIGNAL_METRICS]
+            beyond = [str(limit) for limit in limits if limit.metric not in SIGNAL_METRICS]
             if beyond:
                 raise AaqError(f"limits {', '.join(beyond)} need the full audit, not {{setting}}; drop them or the option", setting="signal_only")
 
