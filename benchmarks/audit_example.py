@@ -21,12 +21,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from aaq.api import QuantizeConfig
 from aaq.exporting import ExportConfig, export
 from aaq.exporting.gguf import write_gguf
 from aaq.methods import GPTQConfig, QuaRotConfig
 from aaq.models.loading import ADAPTER_ALIASES, alias_model_file, load_model
 from aaq.runs.records import provenance, write_json
-from aaq.api import QuantizeConfig
 from aaq.workflows.run import RunConfig, run_quantization
 
 ORIGINAL = "smollm2-135m-safe"
