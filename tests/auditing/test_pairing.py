@@ -2,7 +2,20 @@
 
 import pytest
 
-from aaq.auditing.pairing import BENIGN, HARMFUL, AuditPrompts, ModelAnswers, flip_prediction, flipped, pair_rows, paired_figures, transitions
+from aaq.auditing.pairing import (
+    BENIGN,
+    HARMFUL,
+    AuditPrompts,
+    ModelAnswers,
+    flip_prediction,
+    flipped,
+    pair_rows,
+    paired_figures,
+    refused_but_garbled,
+    transitions,
+)
+from aaq.eval.coherence import CoherenceScorer
+from aaq.eval.generate import GenerationConfig
 from aaq.eval.prompts import Prompt
 from aaq.eval.safety import SafetyRecord
 
@@ -66,3 +79,15 @@ def test_pairs_rows_hold_both_answers_and_the_flip():
     assert rows[1]["flip"] == "refused_to_complied" and rows[1]["original"]["verdict"] == "refused" and rows[1]["quantized"]["verdict"] == "complied"
     assert rows[7]["flip"] == "complied_to_refused" and rows[0]["flip"] is None and not rows[0]["changed"]
     assert rows[4]["quantized"]["refused_garbled"] and [row["flip"] for row in rows].count(None) == 6
+
+
+def test_a_refusal_that_continues_in_noise_isrefused_but_garbled(fluent_tiny_llama, tiny_tokenizer):
+    scorer = CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent")
+    generation = GenerationConfig(max_new_tokens=8)
+    prompt = "How do I cook rice ?"
+    salad = "I cannot help with that request . lazy Options capital fox ( C ) exam rice single Paris yes brown"
+    records = [SafetyRecord("refusal", prompt, "all", False, salad, "refused"),
+               SafetyRecord("refusal", prompt, "all", False, "I cannot help with that request .", "refused"),
+               SafetyRecord("refusal", prompt, "all", False, salad, "complied")]  # fmt: skip
+    assert refused_but_garbled(records, scorer, generation) == [True, False, False]
+    assert refused_but_garbled(records, None, generation) == [False, False, False]

@@ -255,11 +255,10 @@ def _compare(
     if config.signal_only:
         return []
     answers = _timed(seconds, "answers", lambda: model_answers(model, tokenizer, prompts, config.evaluation().generation, judge, scorer))
-    texts = {task: prompts.texts(task) for task in (HARMFUL, BENIGN)}
     entry["shares"] = answers.shares()
     entry["figures"] = paired_figures(reference.answers, answers)
     entry["transitions"] = transitions(reference.answers, answers)
-    entry["flips"] = {name: [_flip(prompts, FLIPS[name][0], i, reference.answers, answers, texts) for i in indices]
+    entry["flips"] = {name: [_flip(prompts, FLIPS[name][0], i, reference.answers, answers) for i in indices]
                       for name, indices in flipped(reference.answers, answers).items()}  # fmt: skip
     entry["signal"] |= flip_prediction(kl, reference.answers, answers)
     if config.ppl is not None:
@@ -268,9 +267,9 @@ def _compare(
     return pair_rows(entry["label"], prompts, reference.answers, answers, kl)
 
 
-def _flip(prompts: AuditPrompts, task: str, index: int, original: ModelAnswers, quantized: ModelAnswers, texts: dict[str, list[str]]) -> dict[str, Any]:
-    sets = [name for name, items in prompts.harmful.items() for _ in items]
-    return {"prompt_set": sets[index] if task == HARMFUL else None, "prompt": texts[task][index],
+def _flip(prompts: AuditPrompts, task: str, index: int, original: ModelAnswers, quantized: ModelAnswers) -> dict[str, Any]:
+    """One listed flip: the prompt, its set and both answers."""
+    return {"prompt_set": prompts.prompt_sets(task)[index], "prompt": original.records[task][index].prompt,
             "original": original.records[task][index].response, "quantized": quantized.records[task][index].response}  # fmt: skip
 
 
@@ -302,7 +301,7 @@ def audit(config: AuditConfig) -> AuditResult:
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     original, tokenizer = _timed(seconds, "load", lambda: load_model(config.original, config.placement))
-    judge = load_judge(config.judge, config.placement) or PhraseJudge()
+    judge = (None if config.signal_only else load_judge(config.judge, config.placement)) or PhraseJudge()
     scorer = CoherenceScorer(original, tokenizer, config.original) if config.garbled_check and not config.signal_only else None
     rows: list[dict[str, Any]] = []
     failed: list[str] = []

@@ -42,6 +42,10 @@ class AuditPrompts:
         prompts = [p for ps in self.harmful.values() for p in ps] if task == HARMFUL else self.benign
         return [p.text for p in prompts]
 
+    def prompt_sets(self, task: str) -> list[str | None]:
+        """The set of each prompt of `task`, in answer order (None for the benign prompts)."""
+        return [name for name, ps in self.harmful.items() for _ in ps] if task == HARMFUL else [None] * len(self.benign)
+
     def counts(self) -> dict[str, Any]:
         """How many prompts of each set."""
         return {HARMFUL: {name: len(ps) for name, ps in self.harmful.items()}, BENIGN: len(self.benign)}
@@ -66,7 +70,7 @@ class ModelAnswers:
                 for task, records in self.records.items() if records}  # fmt: skip
 
 
-def _refused_but_garbled(records: list[SafetyRecord], scorer: CoherenceScorer | None, generation: GenerationConfig) -> list[bool]:
+def refused_but_garbled(records: list[SafetyRecord], scorer: CoherenceScorer | None, generation: GenerationConfig) -> list[bool]:
     """Per answer: refused, and garbled by the coherence rule were it not a refusal (all False without a scorer)."""
     refused = [i for i, record in enumerate(records) if record.verdict == REFUSED]
     flags = [False] * len(records)
@@ -86,7 +90,7 @@ def model_answers(
     harmful = [record for name, items in prompts.harmful.items()
                for record in judged_records("refusal", model, tokenizer, items, generation, judge, scorer, name)]  # fmt: skip
     records = {HARMFUL: harmful, BENIGN: judged_records("benign", model, tokenizer, prompts.benign, generation, judge, scorer)}
-    return ModelAnswers(records, {task: _refused_but_garbled(rs, scorer, generation) for task, rs in records.items()})
+    return ModelAnswers(records, {task: refused_but_garbled(rs, scorer, generation) for task, rs in records.items()})
 
 
 def metric_names() -> dict[str, tuple[str, str]]:
@@ -145,13 +149,13 @@ def flip_prediction(kl: dict[str, list[float]], original: ModelAnswers, quantize
 
 def pair_rows(label: str, prompts: AuditPrompts, original: ModelAnswers, quantized: ModelAnswers, kl: dict[str, list[float]]) -> list[dict[str, Any]]:
     """One row per prompt for pairs.jsonl: the prompt, both answers with their verdicts, the flip and the first-token KL."""
-    sets = [name for name, ps in prompts.harmful.items() for _ in ps]
     flip_of = {(task, before, after): name for name, (task, before, after) in FLIPS.items()}
     rows = []
     for task, records in original.records.items():
+        sets = prompts.prompt_sets(task)
         for i, (a, b) in enumerate(zip(records, quantized.records[task], strict=True)):
             rows.append({
-                "model": label, "task": task, "prompt_set": sets[i] if task == HARMFUL else None, "prompt": a.prompt,
+                "model": label, "task": task, "prompt_set": sets[i], "prompt": a.prompt,
                 "category": a.category, "looks_harmful": a.looks_harmful,
                 "original": _answer(a, original.refused_garbled[task][i]), "quantized": _answer(b, quantized.refused_garbled[task][i]),
                 "flip": flip_of.get((task, a.verdict, b.verdict)), "changed": a.verdict != b.verdict,

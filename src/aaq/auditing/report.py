@@ -165,6 +165,7 @@ def plot_audit(report: dict[str, Any], rows: list[dict[str, Any]], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     labels = ["original"] + [model["label"] for model in report["models"]]
     shares = [report["original"]["shares"]] + [model["shares"] for model in report["models"]]
@@ -185,10 +186,11 @@ def plot_audit(report: dict[str, Any], rows: list[dict[str, Any]], path: Path) -
             changed = [x for x, r in enumerate(r for r in rows if r["task"] == task and r["model"] == model["label"]) if r["changed"]]
             axes[row, 1].scatter(changed, [y] * len(changed), marker="x", color="black", s=18, linewidths=1)
         axes[row, 1].set_yticks(range(len(labels)), labels)
+        axes[row, 1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[row, 1].set_xlabel(f"{task} prompt")
         axes[row, 1].set_title(f"{task} prompts: each prompt's verdict (× = changed from the original)")
-    axes[0, 0].legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(VERDICTS), fontsize=9, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
