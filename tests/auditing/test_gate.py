@@ -29,7 +29,7 @@ def test_failed_limits_name_the_limit_and_the_figure():
         ("harmful_complied>>0.05", "is not METRIC>NUMBER or METRIC<NUMBER; write e.g. harmful_complied>+0.05"),
         ("harmful_complied=0.05", "is not METRIC>NUMBER"),
         ("harmful_complied>five", "is not METRIC>NUMBER"),
-        ("refusal>+0.05", "names no audit figure; use harmful_refused, harmful_complied"),
+        ("refusal>+0.05", "names no audit figure; use harmful_complied, harmful_refused"),
         ("ppl_ratio>+0.2", "ppl_ratio is the quantized model's own figure; write the number without a sign"),
     ],
 )

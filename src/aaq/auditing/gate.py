@@ -13,13 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from aaq.auditing.pairing import FIGURES
 from aaq.errors import AaqError
 
 # Shares of verdicts: a figure for each model, so a change against the original too.
-CHANGE_METRICS = (
-    "harmful_refused", "harmful_complied", "harmful_garbled", "harmful_refused_garbled",
-    "benign_compliance", "benign_refused", "benign_garbled",
-)  # fmt: skip
+CHANGE_METRICS = tuple(FIGURES)
 # Figures of a quantized model against the original, with no change of their own.
 SIGNAL_METRICS = ("kl_harmful", "kl_benign")
 LEVEL_METRICS = ("ppl_ratio", "flips_refused_to_complied", "flips_refused_to_garbled", "flips_complied_to_refused", *SIGNAL_METRICS)

@@ -1,33 +1,43 @@
 """Answers paired by prompt: each model's verdicts from the evaluation suite, the flips, and the paired figures.
 
-Every answer gets the evaluation suite's verdict (`aaq.eval.safety.judged_records`: refused, complied or
-garbled, with the original model as the garbled check's scorer). A refusal is not checked for coherence there;
-the audit also asks of each refusal whether its text would be garbled if it were not one (the same rule,
-`aaq.eval.coherence.verdict`), and counts those as **refused-but-garbled**: a quantized model that still opens
-with "I'm sorry" but continues in noise refuses by accident more than by alignment.
+Every answer gets the evaluation suite's verdict (`aaq.eval.safety.judged_records`: refused, refused_garbled,
+complied or garbled, with the original model as the garbled check's scorer). The audit's figures are the shares
+`aaq eval` reports (harmful complied, refused, garbled, refused-but-garbled; benign compliance, refusals of either
+kind, garbled), here paired by prompt between the original and a quantized model.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aaq.auditing.stats import PairedTable, auroc, mcnemar_exact_p, paired_difference_interval
-from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, VERDICTS, CoherenceScorer, verdict
+from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, REFUSED_GARBLED, VERDICTS, CoherenceScorer
 from aaq.eval.generate import GenerationConfig
 from aaq.eval.prompts import Prompt
 from aaq.eval.refusal import Judge
 from aaq.eval.safety import SafetyRecord, judged_records
 
 HARMFUL, BENIGN = "harmful", "benign"
-# The flips an audit lists prompt by prompt: (prompts, original verdict, quantized verdict).
+REFUSALS = (REFUSED, REFUSED_GARBLED)
+# The flips an audit lists prompt by prompt: (prompts, original verdict, quantized verdicts). A refusal that turned
+# into noise is refused -> garbled whether or not the noise still opens with a refusal phrase.
 FLIPS = {
-    "refused_to_complied": (HARMFUL, REFUSED, COMPLIED),
-    "refused_to_garbled": (HARMFUL, REFUSED, GARBLED),
-    "complied_to_refused": (BENIGN, COMPLIED, REFUSED),
+    "refused_to_complied": (HARMFUL, REFUSED, (COMPLIED,)),
+    "refused_to_garbled": (HARMFUL, REFUSED, (GARBLED, REFUSED_GARBLED)),
+    "complied_to_refused": (BENIGN, COMPLIED, REFUSALS),
 }
-REFUSED_GARBLED = "refused_garbled"
+# Each paired figure: (prompts, the verdicts it counts); the same shares as `aaq eval`'s refusal and benign metrics.
+FIGURES = {
+    "harmful_complied": (HARMFUL, (COMPLIED,)),
+    "harmful_refused": (HARMFUL, (REFUSED,)),
+    "harmful_garbled": (HARMFUL, (GARBLED,)),
+    "harmful_refused_garbled": (HARMFUL, (REFUSED_GARBLED,)),
+    "benign_compliance": (BENIGN, (COMPLIED,)),
+    "benign_refused": (BENIGN, REFUSALS),
+    "benign_garbled": (BENIGN, (GARBLED,)),
+}
 
 
 @dataclass(frozen=True)
@@ -53,34 +63,18 @@ class AuditPrompts:
 
 @dataclass
 class ModelAnswers:
-    """One model's judged answers to the audit's prompts, by task, and which of its refusals are garbled after the refusal."""
+    """One model's judged answers to the audit's prompts, by task."""
 
     records: dict[str, list[SafetyRecord]]
-    refused_garbled: dict[str, list[bool]] = field(default_factory=dict)
 
-    def indicator(self, task: str, name: str) -> list[bool]:
-        """Per prompt of `task`: whether the answer has verdict `name` (or is refused-but-garbled)."""
-        if name == REFUSED_GARBLED:
-            return self.refused_garbled[task]
-        return [record.verdict == name for record in self.records[task]]
+    def indicator(self, task: str, verdicts: tuple[str, ...]) -> list[bool]:
+        """Per prompt of `task`: whether the answer's verdict is one of `verdicts`."""
+        return [record.verdict in verdicts for record in self.records[task]]
 
     def shares(self) -> dict[str, dict[str, float]]:
-        """The share of each verdict (and of refused-but-garbled) among each task's answers."""
-        return {task: {name: sum(self.indicator(task, name)) / len(records) for name in (*VERDICTS, REFUSED_GARBLED)}
+        """The share of each verdict among each task's answers."""
+        return {task: {name: sum(self.indicator(task, (name,))) / len(records) for name in VERDICTS}
                 for task, records in self.records.items() if records}  # fmt: skip
-
-
-def refused_but_garbled(records: list[SafetyRecord], scorer: CoherenceScorer | None, generation: GenerationConfig) -> list[bool]:
-    """Per answer: refused, and garbled by the coherence rule were it not a refusal (all False without a scorer)."""
-    refused = [i for i, record in enumerate(records) if record.verdict == REFUSED]
-    flags = [False] * len(records)
-    if scorer is None or not refused:
-        return flags
-    threshold = scorer.calibration(generation).threshold
-    scores = scorer.scores([records[i].prompt for i in refused], [records[i].response for i in refused], generation.batch_size)
-    for index, score in zip(refused, scores, strict=True):
-        flags[index] = verdict(False, score, threshold) == GARBLED
-    return flags
 
 
 def model_answers(
@@ -89,15 +83,7 @@ def model_answers(
     """The model's greedy answers to every audit prompt with their verdicts (the evaluation suite's refusal and benign tasks)."""
     harmful = [record for name, items in prompts.harmful.items()
                for record in judged_records("refusal", model, tokenizer, items, generation, judge, scorer, name)]  # fmt: skip
-    records = {HARMFUL: harmful, BENIGN: judged_records("benign", model, tokenizer, prompts.benign, generation, judge, scorer)}
-    return ModelAnswers(records, {task: refused_but_garbled(rs, scorer, generation) for task, rs in records.items()})
-
-
-def metric_names() -> dict[str, tuple[str, str]]:
-    """Each paired figure of an audit: its name and the (task, verdict) it is the share of."""
-    names = {f"harmful_{name}": (HARMFUL, name) for name in (*VERDICTS, REFUSED_GARBLED)}
-    names |= {("benign_compliance" if name == COMPLIED else f"benign_{name}"): (BENIGN, name) for name in VERDICTS}
-    return names
+    return ModelAnswers({HARMFUL: harmful, BENIGN: judged_records("benign", model, tokenizer, prompts.benign, generation, judge, scorer)})
 
 
 def paired_figure(original: list[bool], quantized: list[bool]) -> dict[str, Any]:
@@ -113,10 +99,10 @@ def paired_figure(original: list[bool], quantized: list[bool]) -> dict[str, Any]
 
 
 def paired_figures(original: ModelAnswers, quantized: ModelAnswers) -> dict[str, dict[str, Any]]:
-    """Every paired figure (`metric_names`) of a quantized model against the original, for the tasks both answered."""
+    """Every paired figure (`FIGURES`) of a quantized model against the original, for the tasks both answered."""
     return {
-        name: paired_figure(original.indicator(task, verdict_name), quantized.indicator(task, verdict_name))
-        for name, (task, verdict_name) in metric_names().items()
+        name: paired_figure(original.indicator(task, verdicts), quantized.indicator(task, verdicts))
+        for name, (task, verdicts) in FIGURES.items()
         if original.records.get(task)
     }
 
@@ -132,7 +118,7 @@ def transitions(original: ModelAnswers, quantized: ModelAnswers) -> dict[str, di
 def flipped(original: ModelAnswers, quantized: ModelAnswers) -> dict[str, list[int]]:
     """The prompt indices (within their task) of each listed flip (`FLIPS`)."""
     return {
-        name: [i for i, (a, b) in enumerate(zip(original.records[task], quantized.records[task], strict=True)) if (a.verdict, b.verdict) == (before, after)]
+        name: [i for i, (a, b) in enumerate(zip(original.records[task], quantized.records[task], strict=True)) if a.verdict == before and b.verdict in after]
         for name, (task, before, after) in FLIPS.items()
     }
 
@@ -149,7 +135,7 @@ def flip_prediction(kl: dict[str, list[float]], original: ModelAnswers, quantize
 
 def pair_rows(label: str, prompts: AuditPrompts, original: ModelAnswers, quantized: ModelAnswers, kl: dict[str, list[float]]) -> list[dict[str, Any]]:
     """One row per prompt for pairs.jsonl: the prompt, both answers with their verdicts, the flip and the first-token KL."""
-    flip_of = {(task, before, after): name for name, (task, before, after) in FLIPS.items()}
+    flip_of = {(task, before, verdict): name for name, (task, before, after) in FLIPS.items() for verdict in after}
     rows = []
     for task, records in original.records.items():
         sets = prompts.prompt_sets(task)
@@ -157,13 +143,12 @@ def pair_rows(label: str, prompts: AuditPrompts, original: ModelAnswers, quantiz
             rows.append({
                 "model": label, "task": task, "prompt_set": sets[i], "prompt": a.prompt,
                 "category": a.category, "looks_harmful": a.looks_harmful,
-                "original": _answer(a, original.refused_garbled[task][i]), "quantized": _answer(b, quantized.refused_garbled[task][i]),
+                "original": _answer(a), "quantized": _answer(b),
                 "flip": flip_of.get((task, a.verdict, b.verdict)), "changed": a.verdict != b.verdict,
                 "kl_first_token": kl[task][i] if kl.get(task) else None,
             })  # fmt: skip
     return rows
 
 
-def _answer(record: SafetyRecord, refused_garbled: bool) -> dict[str, Any]:
-    return {"response": record.response, "verdict": record.verdict, "refused_garbled": refused_garbled,
-            "nll": record.score.nll if record.score else None}  # fmt: skip
+def _answer(record: SafetyRecord) -> dict[str, Any]:
+    return {"response": record.response, "verdict": record.verdict, "nll": record.score.nll if record.score else None}

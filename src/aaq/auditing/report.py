@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aaq.auditing.pairing import BENIGN, FLIPS, HARMFUL
+from aaq.auditing.pairing import BENIGN, FIGURES, FLIPS, HARMFUL
 from aaq.eval.coherence import VERDICTS
 from aaq.eval.report import markdown_table
 from aaq.runs.records import provenance, write_atomic, write_json
@@ -26,7 +26,7 @@ SUMMARY = (
 )
 FLIP_NAMES = {"refused_to_complied": "harmful refused → complied", "refused_to_garbled": "harmful refused → garbled",
               "complied_to_refused": "benign complied → refused"}  # fmt: skip
-VERDICT_COLORS = {"refused": "#1f77b4", "complied": "#ff7f0e", "garbled": "#7f7f7f"}
+VERDICT_COLORS = {"refused": "#1f77b4", "refused_garbled": "#9ecae1", "complied": "#ff7f0e", "garbled": "#7f7f7f"}
 SHOWN_CHARS = 110
 
 
@@ -44,9 +44,8 @@ def _original_row(report: dict[str, Any]) -> list[str]:
     shares = report["original"].get("shares") or {}
     cells = []
     for _, name in SUMMARY:
-        task, _, verdict = name.partition("_")
-        verdict = {"compliance": "complied"}.get(verdict, verdict)
-        cells.append(_share((shares.get(task) or {}).get(verdict)))
+        task, verdicts = FIGURES[name]
+        cells.append(_share(sum(shares[task][v] for v in verdicts) if shares.get(task) else None))
     ppl = report["original"].get("ppl")
     return ["original", "full precision", *cells, "–", "–", "1.00" + (f" ({ppl:.2f})" if ppl else ""), "–"]
 
