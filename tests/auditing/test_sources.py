@@ -99,6 +99,11 @@ def test_a_transformers_quantization_with_a_cpu_path_loads_through_transformers(
     loaded, _ = load_source(info)
     reference = logits_of(model)
     assert 0 < ((logits_of(loaded) - reference).norm() / reference.norm()).item() < 0.1
+    for file in (tmp_path / "fp8").iterdir():
+        if file.suffix not in (".safetensors",) and file.name not in ("config.json", "generation_config.json"):
+            file.unlink()
+    with pytest.raises(AaqError, match="holds no tokenizer transformers can read .*; copy the original's tokenizer files into it"):
+        load_source(info)
 
 
 def _with_quantization(tmp_path, tiny_tokenizer, quantization):
@@ -120,6 +125,13 @@ def test_what_cannot_be_loaded_is_one_line_naming_the_fix(tmp_path, tiny_tokeniz
     with pytest.raises(AaqError, match=r"needs a package that is not installed: .*pip install .*; install it") as error:
         load_source(gptq)
     assert "\n" not in str(error.value)
+    # transformers names bitsandbytes configs by their flags (bitsandbytes_4bit): known, not refused as an unknown method.
+    bnb = describe_source(str(_with_quantization(tmp_path, tiny_tokenizer, {"quant_method": "bitsandbytes", "load_in_4bit": True})))
+    assert (bnb.kind, bnb.format) == (TRANSFORMERS, "bitsandbytes 4-bit")
+    with pytest.raises(AaqError, match=r"bitsandbytes 4-bit\) needs a package that is not installed: .*pip install -U bitsandbytes"):
+        load_source(bnb)
+    with pytest.raises(AaqError, match=r"quantized with 'fp8', which transformers .* cannot load \(.*\); repair its quantization_config"):
+        describe_source(str(_with_quantization(tmp_path, tiny_tokenizer, {"quant_method": "fp8", "weight_block_size": [1, 2, 3]})))
     with pytest.raises(AaqError, match="does not exist|not exactly one"):
         load_source(describe_source(str(tmp_path / "no-such.gguf")))
     (tmp_path / "two").mkdir()

@@ -108,14 +108,19 @@ def _describe_folder(source: str, path: Path) -> SourceInfo:
         transforms = sorted((quantization.get("transform_config") or {}).get("config_groups", {}))
         details = {"scheme": scheme, "format": quantization.get("format"), "transforms": transforms, "simulated": simulate}
         return SourceInfo(source, COMPRESSED, f"compressed-tensors {scheme} ({quantization.get('format')})", details)
-    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import AutoQuantizationConfig
 
-    if method not in AUTO_QUANTIZER_MAPPING:
+    try:  # transformers' own reading of the config (it names bitsandbytes configs by their load_in_4bit/8bit flags)
+        AutoQuantizationConfig.from_dict(dict(quantization))
+    except ImportError:
+        pass  # a known method whose package is missing: loading says which one
+    except ValueError as error:
+        known = "Unknown quantization type" not in str(error)
         raise AaqError(
             f"{path} is quantized with {method!r}, which transformers {transformers.__version__} cannot load "
-            f"(it would load the packed weights as garbage); {CONVERT_HINT}"
-        )
-    bits = quantization.get("bits") or quantization.get("weight_bits")
+            + (f"({_reason(error)}); repair its quantization_config, {CONVERT_HINT}" if known else f"(it would load the packed weights as garbage); {CONVERT_HINT}")
+        ) from None
+    bits = quantization.get("bits") or quantization.get("weight_bits") or (4 if quantization.get("load_in_4bit") else 8 if quantization.get("load_in_8bit") else None)
     return SourceInfo(source, TRANSFORMERS, f"{method}" + (f" {bits}-bit" if bits else ""), {"quant_method": method, "quantization_config": quantization})
 
 
@@ -187,6 +192,13 @@ def _load_with_transformers(folder: Path, info: SourceInfo, dtype: torch.dtype) 
     return model.eval()
 
 
+def _folder_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise AaqError(f"{folder} holds no tokenizer transformers can read ({_reason(error)}); copy the original's tokenizer files into it") from None
+
+
 def load_source(info: SourceInfo, placement: Placement | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model `info` describes, ready to evaluate on the placement's device, and its tokenizer."""
     placement = placement or Placement()
@@ -202,7 +214,7 @@ def load_source(info: SourceInfo, placement: Placement | None = None) -> tuple[P
                 raise AaqError(f"compressed-tensors cannot simulate {path} ({info.format}): {_reason(error)}; {CONVERT_HINT}") from None
         else:
             model = _load_with_transformers(path, info, placement.torch_dtype)
-        return model.to(placement.rest_device), AutoTokenizer.from_pretrained(path)
+        return model.to(placement.rest_device), _folder_tokenizer(path)
     try:
         return load_model(ModelSource(str(info.source)), placement)
     except (ValueError, KeyError, NotImplementedError, ImportError) as error:  # transformers' GGUF reader raises these for types and architectures it lacks
