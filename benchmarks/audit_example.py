@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from aaq.api import QuantizeConfig
+from aaq.auditing.report import summary_table
 from aaq.exporting import ExportConfig, export
 from aaq.exporting.gguf import write_gguf
 from aaq.methods import GPTQConfig, QuaRotConfig
@@ -82,7 +83,10 @@ def run_audit(work: Path, threads: int) -> None:
         "command": " ".join(command), "exit_status": status, "wall_s": round(wall, 1), "threads": threads,
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
         "seconds": {"original": report["original"]["seconds"], **{m["label"]: m["seconds"] for m in report["models"]}},
-        "coherence_threshold_cached": report["coherence"].get("cached"), **provenance(),
+        "coherence_threshold_cached": report["coherence"].get("cached"), "prompts": report["prompts"], "gate": report["gate"],
+        "models": [{key: model.get(key) for key in ("label", "format", "figures", "signal", "ppl", "transitions")} | {"flips": {
+            name: len(items) for name, items in model.get("flips", {}).items()}} for model in report["models"]],
+        "table": summary_table(report), **provenance(),
     })  # fmt: skip
     print(f"exit status {status}, wall {wall:.0f} s; wrote {RESULTS}")
 
