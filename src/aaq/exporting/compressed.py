@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from aaq.errors import AaqError
@@ -45,7 +44,7 @@ from aaq.models.plan import TransformConfig, TransformPlan
 from aaq.quant.packing import WeightCodes, rtn_codes
 from aaq.quant.quantizers import QuantScheme, QuantSpec
 from aaq.runs.checkpoint import model_state
-from aaq.runs.records import write_atomic, write_staged
+from aaq.runs.records import write_staged, write_tensors
 from aaq.transforms.hadamard import hadamard_matrix
 from aaq.transforms.rotation import normalized_hadamard, rotate_reader
 
@@ -304,7 +303,7 @@ def _write_config(out: Path, model: PreTrainedModel, compressor: ModelCompressor
     write_staged(out, save)
 
 
-def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
+def export_compressed(run_dir: Path, out: Path, config: ExportConfig, overwrite: bool = False) -> Written:
     """Write `run_dir` as a compressed-tensors folder with the `config.scheme` preset (marker: config.json)."""
     fake_quant, tokenizer, info = load_for_export(run_dir, config)
     scheme = run_scheme(info, run_dir)
@@ -322,8 +321,8 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     tensors = model_state(model)
     if plan.r4 is not None:
         tensors.update(r4_tensors(model_plan, model.dtype))
-    start_folder(out)
-    write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    start_folder(out, overwrite)
+    write_tensors(out / HF_WEIGHTS, tensors, {"format": "pt"})
     write_staged(out, tokenizer.save_pretrained)
     report.linear_bytes, report.linear_fp16_bytes = linear_bytes(tensors, linears)
     return report, lambda: _write_config(out, model, compressor)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,7 +29,7 @@ from aaq.models.plan import LayerPlan
 from aaq.quant.fake_quant import QuantLinear
 from aaq.quant.packing import WeightCodes
 from aaq.quant.quantizers import QuantScheme, QuantSpec, weight_quant_params
-from aaq.runs.records import write_atomic
+from aaq.runs.records import matches_its_checksum, read_tensors, write_tensors
 from aaq.runtime import distributed
 from aaq.runtime.devices import model_device, release_freed_host_memory
 
@@ -351,16 +349,16 @@ def _progress_key(context: MethodContext, config: GPTQConfig) -> str:
 
 
 def _finished_layer(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The saved quantized weights of one layer, or None if that layer was not finished."""
+    """The saved quantized weights of one layer, or None if that layer was not finished (or its file is damaged: it is solved again)."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            if handle.metadata().get("key") != key:
-                raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        tensors, metadata = read_tensors(path)
     except (SafetensorError, OSError):
         return None
+    if metadata.get("key") != key:
+        raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
+    return tensors if matches_its_checksum(tensors, metadata) else None
 
 
 @torch.no_grad()
@@ -385,9 +383,9 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     model, plan, spec = context.model, context.plan, context.scheme.weights
     device = context.placement.compute_device
     main = distributed.is_main_process()
-    progress = None if context.run_dir is None else context.run_dir / PROGRESS_DIR
-    if progress is not None and not context.resume and main:
-        shutil.rmtree(progress, ignore_errors=True)
+    if not context.resume:
+        context.drop_work_folder(PROGRESS_DIR)
+    progress = context.work_folder(PROGRESS_DIR)
     key = _progress_key(context, config)
     first_block = model.get_submodule(plan.layers[0].block)
     tokens = context.calibration_tokens[distributed.share_of_batches(context.calibration_tokens.shape[0], context.batch_size)]
@@ -415,14 +413,13 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
                 linears[name].set_codes(weight_codes)
             if saved is None and layer_file is not None and main:
                 state = {tensor: t for name, weight_codes in codes.items() for tensor, t in weight_codes.tensors(name).items()}
-                write_atomic(layer_file, lambda tmp, state=state: save_file(state, str(tmp), metadata={"key": key}))
+                write_tensors(layer_file, state, {"key": key})
             inputs = run_layer(block, inputs)
         block.to(rest)
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without
         # this the host peak grows by a copy of the linear weights (1.7 GiB for a 1B model in bf16).
         release_freed_host_memory()
-    if progress is not None and main:
-        shutil.rmtree(progress, ignore_errors=True)
+    context.drop_work_folder(PROGRESS_DIR)
 
 
 def _layer_hessians(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.Module, inputs) -> dict[str, HessianAccumulator]:

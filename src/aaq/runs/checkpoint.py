@@ -1,14 +1,17 @@
 """Saving a quantized model to a folder and loading it back as the same fake-quantized model.
 
 A quantized folder holds `aaq_config.json` (written last: its presence means the folder is
-complete), `aaq_folder.json` with every file's checksum (`aaq.runs.folders`; the weights are checked
-when read), the transformers `config.json` of the transformed architecture, the weights in
+complete), `aaq_folder.json` with every file's checksum (`aaq.runs.folders`), the transformers
+`config.json` of the transformed architecture, the weights in
 `aaq_model.safetensors`, the fused rotations and smoothing scales in `transforms.safetensors`,
 and the tokenizer. The weights file holds each quantized linear as its integer codes (packed two
 int4 per byte, with scales and zero points: `aaq.quant.packing.WeightCodes`), every other tensor in the
 model's dtype, and, in exports that ask for it, the embeddings and lm_head as int8 rows. It is named
 so that plain `from_pretrained` does not load it without the online transforms it needs.
-`aaq export --format aaq` writes the same format without the run's working files.
+Both safetensors files carry the checksum of their tensors in their own metadata
+(`aaq.runs.records.write_tensors`), so a copy of the folder without its marker is checked too:
+reading a weight file verifies it, and one that carries no checksum is read only when the marker
+vouches for it. `aaq export --format aaq` writes the same format without the run's working files.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.errors import AaqError
@@ -28,10 +30,10 @@ from aaq.models import transform_plan
 from aaq.models.loading import ModelSource, load_model
 from aaq.models.plan import TransformConfig
 from aaq.quant.fake_quant import QuantLinear, install_quantizers
-from aaq.quant.packing import SUFFIXES, WeightCodes, rtn_codes
+from aaq.quant.packing import SUFFIXES, WeightCodes, packed_bytes, rtn_codes
 from aaq.quant.quantizers import QuantScheme, QuantSpec
-from aaq.runs.folders import folder_kind, prepare_output_folder, verify_file
-from aaq.runs.records import provenance, write_atomic, write_json, write_staged
+from aaq.runs.folders import MARKER, folder_kind, prepare_output_folder, remove_file, verify_file
+from aaq.runs.records import CHECKSUM_KEY, matches_its_checksum, provenance, read_tensors, write_json, write_staged, write_tensors
 from aaq.runtime.devices import Placement, default_device, dtype_name
 from aaq.transforms.online import install_online_rotations
 from aaq.transforms.rotation import ties_embeddings
@@ -74,6 +76,29 @@ def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def saved_weight_bytes(model: PreTrainedModel, scheme: QuantScheme, fuses_norms: bool) -> tuple[int, int]:
+    """Estimated bytes a run folder of the still unquantized `model` stores: its quantized linears' codes, and everything else.
+
+    Everything else: the other tensors in the model's dtype, a copy of the embeddings for the lm_head
+    when norm fusion (`fuses_norms`) unties them, and the fused rotations and scales (float64 at most).
+    """
+    plan = transform_plan(model)
+    quantized = set(plan.linears) if scheme.weights is not None else set()
+    codes, rest = 0, 0
+    for name, tensor in model_state(model).items():
+        module, _, kind = name.rpartition(".")
+        if module in quantized and kind == "weight":
+            codes += packed_bytes(*tensor.shape, scheme.weights)
+        else:
+            rest += tensor.numel() * tensor.element_size()
+    if fuses_norms:
+        embeddings = model.get_submodule(plan.embeddings).weight
+        rest += embeddings.numel() * embeddings.element_size() if ties_embeddings(model, plan) else 0
+        g = plan.geometry
+        rest += 8 * (g.hidden_size**2 + g.num_layers * (g.head_dim**2 + 4 * g.hidden_size + g.intermediate_size))
+    return codes, rest
+
+
 def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The tensors a quantized folder stores: quantized linears as codes, `int8_rows` modules as int8 rows, the rest as is."""
     state = model_state(model)
@@ -91,10 +116,10 @@ def write_model_files(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, int8_rows: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
     """Write the model files of a quantized folder (not its marker) into a prepared output folder; returns the stored tensors."""
-    (out / AAQ_CONFIG).unlink(missing_ok=True)
+    remove_file(out / AAQ_CONFIG)
     write_staged(out, model.config.save_pretrained)
     tensors = model_tensors(model, int8_rows)
-    write_atomic(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    write_tensors(out / WEIGHTS, tensors, {"format": FORMAT})
     if tokenizer is not None:
         write_staged(out, tokenizer.save_pretrained)
     return tensors
@@ -115,11 +140,11 @@ def save_quantized(
     """Write the quantized model of `result` to `out_dir`; returns the folder."""
     out = Path(out_dir)
     prepare_output_folder(out, "run")
-    (out / AAQ_CONFIG).unlink(missing_ok=True)
+    remove_file(out / AAQ_CONFIG)
     if result.transforms.tensors():
-        write_atomic(out / TRANSFORMS, lambda tmp: save_file(result.transforms.tensors(), str(tmp)))
+        write_tensors(out / TRANSFORMS, result.transforms.tensors())
     else:
-        (out / TRANSFORMS).unlink(missing_ok=True)
+        remove_file(out / TRANSFORMS)
     write_model_files(result.model, tokenizer, out)
     scheme = result.config.resolved_scheme()
     blocker = result.config.method.export_blocker(scheme)
@@ -178,15 +203,26 @@ def _failure(path: Path) -> str:
         return ""
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def load_checked_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file of a quantized folder, checked against its own checksum and its folder's marker.
+
+    AaqError when either does not match, when it carries no checksum and no marker vouches for it
+    (a folder of an older aaq copied without its marker), or when it is missing or unreadable.
+    """
     remedy = "write the folder again (`aaq quantize` or `aaq export`)"
     try:
         verify_file(file, remedy)
-        return load_file(str(file))
+        tensors, metadata = read_tensors(file)
     except FileNotFoundError:
         raise AaqError(f"{file} is missing; the folder is incomplete, {remedy}") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise AaqError(f"{file} is corrupt or truncated ({err}); {remedy}") from None
+        raise AaqError(f"{file} is corrupt or truncated ({str(err).strip().splitlines()[0]}); {remedy}") from None
+    carried = metadata.get(CHECKSUM_KEY)
+    if carried is None and folder_kind(file.parent) is None:
+        raise AaqError(f"{file} carries no checksum and its folder has no {MARKER}, so aaq cannot tell whether it changed; {remedy}")
+    if carried is not None and not matches_its_checksum(tensors, metadata):
+        raise AaqError(f"{file} does not match the checksum it carries: it changed after aaq wrote it and is corrupt; {remedy}")
+    return tensors
 
 
 def _take_codes(tensors: dict[str, torch.Tensor], name: str, shape: torch.Size, spec: QuantSpec | None) -> WeightCodes | None:
@@ -233,7 +269,7 @@ def load_quantized(
     transforms = TransformConfig(**info["transforms"]) if transforms is None else transforms
     install_quantizers(model, plan, saved_scheme if scheme is None else scheme)
     install_online_rotations(model, plan, transforms, "reload")
-    tensors = _load_tensors(path / WEIGHTS)
+    tensors = load_checked_tensors(path / WEIGHTS)
     _set_stored_weights(model, tensors, saved_scheme.weights, info["int8_rows"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.codes is not None}
