@@ -139,15 +139,16 @@ def test_a_failed_run_records_its_error_and_stage(tmp_path, tiny_model_dir, fake
 
 
 def test_the_disk_space_a_run_plans_for_is_what_it_saves(tmp_path, tiny_model_dir, fake_data_dir):
+    from safetensors.torch import load_file
+
     from aaq.models.loading import load_model
     from aaq.quant.packing import SUFFIXES
     from aaq.quant.quantizers import QuantScheme, SchemeOptions
     from aaq.runs.checkpoint import TRANSFORMS, WEIGHTS
-    from aaq.runs.records import read_tensors
     from aaq.workflows.run import planned_run_bytes
 
     def stored(file, codes: bool) -> int:
-        tensors = read_tensors(file)[0] if file.is_file() else {}
+        tensors = load_file(file) if file.is_file() else {}
         return sum(t.numel() * t.element_size() for name, t in tensors.items() if (name.rpartition(".")[2] in SUFFIXES) == codes)
 
     grouped = QuantScheme.from_string("w4a16").with_options(SchemeOptions(weight_group_size=32))
@@ -165,4 +166,4 @@ def test_the_disk_space_a_run_plans_for_is_what_it_saves(tmp_path, tiny_model_di
     k = min(1000, model.config.vocab_size)
     assert planned_run_bytes(aaq, model, calibration=None)["teacher cache"] == 4 * 32 * (2 * k * (4 + 2) + 4)
     rtn = RunConfig(model="m", out=tmp_path, quantize=QuantizeConfig(method=RTNConfig()), save_model=False)
-    assert planned_run_bytes(rtn, model, calibration=None) == {"teacher cache": 0, "weights": 0}
+    assert planned_run_bytes(rtn, model, calibration=None) == {"teacher cache": 0, "weights": 0, "tokenizer": 0}

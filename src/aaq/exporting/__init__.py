@@ -41,9 +41,10 @@ from aaq.runs.checkpoint import (
     saved_run_scheme,
     write_marker,
     write_model_files,
+    write_tensors,
 )
 from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
-from aaq.runs.records import provenance, write_json, write_tensors
+from aaq.runs.records import provenance, write_json
 from aaq.runtime.devices import DTYPES, Placement
 
 logger = logging.getLogger(__name__)
@@ -229,15 +230,16 @@ def _export_packed(run_dir: Path, out: Path, config: ExportConfig, overwrite: bo
     model, tokenizer, info = load_for_export(run_dir, config)
     plan = transform_plan(model)
     int8_rows = (plan.embeddings, plan.lm_head) if config.int8_embeddings else ()
-    carried = {name: load_checked_tensors(run_dir / name) for name in _CARRIED_FILES if (run_dir / name).is_file()}
+    carried = {name: load_checked_tensors(run_dir / name, info) for name in _CARRIED_FILES if (run_dir / name).is_file()}
     start_folder(out, overwrite)
-    tensors = write_model_files(model, tokenizer, out, int8_rows)
+    checksums: dict[str, str] = {}
+    tensors = write_model_files(model, tokenizer, out, checksums, int8_rows)
     for name, stored in carried.items():
-        write_tensors(out / name, stored)
+        write_tensors(out / name, stored, checksums)
     stored, fp16 = linear_bytes(tensors, quantized_linears(model))
     report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
     record = {key: info.get(key) for key in ("source_model", "quantize", "transforms", EXPORT_BLOCKER)} | {EXPORTED_FROM: str(run_dir), **provenance()}
-    return report, lambda: write_marker(out, model, record, int8_rows)
+    return report, lambda: write_marker(out, model, record, checksums, int8_rows)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None = None, overwrite: bool = False) -> ExportReport:

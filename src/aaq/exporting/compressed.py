@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from aaq.errors import AaqError
@@ -44,7 +45,7 @@ from aaq.models.plan import TransformConfig, TransformPlan
 from aaq.quant.packing import WeightCodes, rtn_codes
 from aaq.quant.quantizers import QuantScheme, QuantSpec
 from aaq.runs.checkpoint import model_state
-from aaq.runs.records import write_staged, write_tensors
+from aaq.runs.records import write_atomic, write_staged
 from aaq.transforms.hadamard import hadamard_matrix
 from aaq.transforms.rotation import normalized_hadamard, rotate_reader
 
@@ -322,7 +323,7 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig, overwrite:
     if plan.r4 is not None:
         tensors.update(r4_tensors(model_plan, model.dtype))
     start_folder(out, overwrite)
-    write_tensors(out / HF_WEIGHTS, tensors, {"format": "pt"})
+    write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_staged(out, tokenizer.save_pretrained)
     report.linear_bytes, report.linear_fp16_bytes = linear_bytes(tensors, linears)
     return report, lambda: _write_config(out, model, compressor)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,7 +30,7 @@ from aaq.models.plan import LayerPlan
 from aaq.quant.fake_quant import QuantLinear
 from aaq.quant.packing import WeightCodes
 from aaq.quant.quantizers import QuantScheme, QuantSpec, weight_quant_params
-from aaq.runs.records import matches_its_checksum, read_tensors, write_tensors
+from aaq.runs.records import write_atomic
 from aaq.runtime import distributed
 from aaq.runtime.devices import model_device, release_freed_host_memory
 
@@ -349,16 +350,16 @@ def _progress_key(context: MethodContext, config: GPTQConfig) -> str:
 
 
 def _finished_layer(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The saved quantized weights of one layer, or None if that layer was not finished (or its file is damaged: it is solved again)."""
+    """The saved quantized weights of one layer, or None if that layer was not finished."""
     if not path.is_file():
         return None
     try:
-        tensors, metadata = read_tensors(path)
+        with safe_open(str(path), framework="pt") as handle:
+            if handle.metadata().get("key") != key:
+                raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError):
         return None
-    if metadata.get("key") != key:
-        raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
-    return tensors if matches_its_checksum(tensors, metadata) else None
 
 
 @torch.no_grad()
@@ -413,7 +414,7 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
                 linears[name].set_codes(weight_codes)
             if saved is None and layer_file is not None and main:
                 state = {tensor: t for name, weight_codes in codes.items() for tensor, t in weight_codes.tensors(name).items()}
-                write_tensors(layer_file, state, {"key": key})
+                write_atomic(layer_file, lambda tmp, state=state: save_file(state, str(tmp), metadata={"key": key}))
             inputs = run_layer(block, inputs)
         block.to(rest)
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without

@@ -8,10 +8,10 @@ and the tokenizer. The weights file holds each quantized linear as its integer c
 int4 per byte, with scales and zero points: `aaq.quant.packing.WeightCodes`), every other tensor in the
 model's dtype, and, in exports that ask for it, the embeddings and lm_head as int8 rows. It is named
 so that plain `from_pretrained` does not load it without the online transforms it needs.
-Both safetensors files carry the checksum of their tensors in their own metadata
-(`aaq.runs.records.write_tensors`), so a copy of the folder without its marker is checked too:
-reading a weight file verifies it, and one that carries no checksum is read only when the marker
-vouches for it. `aaq export --format aaq` writes the same format without the run's working files.
+`aaq_config.json` also holds the checksum of both safetensors files' tensors
+(`aaq.runs.records.tensors_digest`), so a copy of the folder without its marker is checked too:
+reading a weight file verifies it, and one without a recorded checksum (a folder of an older aaq)
+is read only when the marker vouches for it. `aaq export --format aaq` writes the same format without the run's working files.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.errors import AaqError
@@ -33,7 +34,7 @@ from aaq.quant.fake_quant import QuantLinear, install_quantizers
 from aaq.quant.packing import SUFFIXES, WeightCodes, packed_bytes, rtn_codes
 from aaq.quant.quantizers import QuantScheme, QuantSpec
 from aaq.runs.folders import MARKER, folder_kind, prepare_output_folder, remove_file, verify_file
-from aaq.runs.records import CHECKSUM_KEY, matches_its_checksum, provenance, read_tensors, write_json, write_staged, write_tensors
+from aaq.runs.records import provenance, tensors_digest, write_atomic, write_json, write_staged
 from aaq.runtime.devices import Placement, default_device, dtype_name
 from aaq.transforms.online import install_online_rotations
 from aaq.transforms.rotation import ties_embeddings
@@ -46,6 +47,8 @@ AAQ_CONFIG = "aaq_config.json"
 FAILED_RECORD = "failed.json"
 # The record's reason why the run cannot be exported (null when it can), as its method gave it.
 EXPORT_BLOCKER = "export_blocker"
+# The record's sha256 of the tensors of each safetensors file (`tensors_digest`), by file name.
+CHECKSUMS = "checksums"
 WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq"
@@ -113,22 +116,33 @@ def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> di
 
 
 def write_model_files(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, int8_rows: tuple[str, ...] = ()
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, checksums: dict[str, str], int8_rows: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """Write the model files of a quantized folder (not its marker) into a prepared output folder; returns the stored tensors."""
+    """Write the model files of a quantized folder (not its marker) into a prepared output folder; returns the stored tensors.
+
+    The weights' checksum goes into `checksums` (for `write_marker`).
+    """
     remove_file(out / AAQ_CONFIG)
     write_staged(out, model.config.save_pretrained)
     tensors = model_tensors(model, int8_rows)
-    write_tensors(out / WEIGHTS, tensors, {"format": FORMAT})
+    write_tensors(out / WEIGHTS, tensors, checksums)
     if tokenizer is not None:
         write_staged(out, tokenizer.save_pretrained)
     return tensors
 
 
-def write_marker(out: Path, model: PreTrainedModel, record: dict[str, Any], int8_rows: tuple[str, ...] = ()) -> None:
-    """Write `aaq_config.json`, the marker that makes a folder a complete quantized folder (last, atomically)."""
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], checksums: dict[str, str]) -> None:
+    """Write a safetensors file of a quantized folder atomically, and note its tensors' checksum in `checksums` (for `write_marker`)."""
+    metadata = {"format": FORMAT} if path.name == WEIGHTS else None
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    checksums[path.name] = tensors_digest(tensors)
+
+
+def write_marker(out: Path, model: PreTrainedModel, record: dict[str, Any], checksums: dict[str, str], int8_rows: tuple[str, ...] = ()) -> None:
+    """Write `aaq_config.json`, the marker that makes a folder a complete quantized folder (last, atomically), with its weights' `checksums`."""
     dtype = dtype_name(next(model.parameters()).dtype)
-    write_json(out / AAQ_CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "int8_rows": list(int8_rows), **record})
+    fixed = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "int8_rows": list(int8_rows), CHECKSUMS: checksums}
+    write_json(out / AAQ_CONFIG, fixed | record)
 
 
 def save_quantized(
@@ -141,11 +155,12 @@ def save_quantized(
     out = Path(out_dir)
     prepare_output_folder(out, "run")
     remove_file(out / AAQ_CONFIG)
+    checksums: dict[str, str] = {}
     if result.transforms.tensors():
-        write_tensors(out / TRANSFORMS, result.transforms.tensors())
+        write_tensors(out / TRANSFORMS, result.transforms.tensors(), checksums)
     else:
         remove_file(out / TRANSFORMS)
-    write_model_files(result.model, tokenizer, out)
+    write_model_files(result.model, tokenizer, out, checksums)
     scheme = result.config.resolved_scheme()
     blocker = result.config.method.export_blocker(scheme)
     record = {
@@ -155,7 +170,7 @@ def save_quantized(
         EXPORT_BLOCKER: None if blocker is None else {"message": blocker.template, "setting": blocker.setting},
         **provenance(),
     }
-    write_marker(out, result.model, record)
+    write_marker(out, result.model, record, checksums)
     return out
 
 
@@ -180,6 +195,9 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     missing = [key for key in ("quantize", "transforms", "dtype", "int8_rows") if key not in data]
     if missing:
         raise AaqError(f"{file} lacks {', '.join(missing)}; the folder is corrupt, re-run `aaq quantize`")
+    checksums = data.get(CHECKSUMS, {})
+    if not isinstance(checksums, dict) or not all(isinstance(value, str) for value in checksums.values()):
+        raise AaqError(f"{file} has damaged {CHECKSUMS}; the folder is corrupt, re-run `aaq quantize`")
     return data
 
 
@@ -203,25 +221,25 @@ def _failure(path: Path) -> str:
         return ""
 
 
-def load_checked_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weight file of a quantized folder, checked against its own checksum and its folder's marker.
+def load_checked_tensors(file: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file of a quantized folder, checked against the checksum its `info` (aaq_config.json) records and its folder's marker.
 
-    AaqError when either does not match, when it carries no checksum and no marker vouches for it
-    (a folder of an older aaq copied without its marker), or when it is missing or unreadable.
+    AaqError when either does not match, when no checksum is recorded and no marker vouches for the
+    file (a folder of an older aaq copied without its marker), or when it is missing or unreadable.
     """
     remedy = "write the folder again (`aaq quantize` or `aaq export`)"
     try:
         verify_file(file, remedy)
-        tensors, metadata = read_tensors(file)
+        tensors = load_file(str(file))
     except FileNotFoundError:
         raise AaqError(f"{file} is missing; the folder is incomplete, {remedy}") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise AaqError(f"{file} is corrupt or truncated ({str(err).strip().splitlines()[0]}); {remedy}") from None
-    carried = metadata.get(CHECKSUM_KEY)
-    if carried is None and folder_kind(file.parent) is None:
-        raise AaqError(f"{file} carries no checksum and its folder has no {MARKER}, so aaq cannot tell whether it changed; {remedy}")
-    if carried is not None and not matches_its_checksum(tensors, metadata):
-        raise AaqError(f"{file} does not match the checksum it carries: it changed after aaq wrote it and is corrupt; {remedy}")
+    recorded = info.get(CHECKSUMS, {}).get(file.name)
+    if recorded is None and folder_kind(file.parent) is None:
+        raise AaqError(f"{AAQ_CONFIG} records no checksum of {file} and its folder has no {MARKER}, so aaq cannot tell whether it changed; {remedy}")
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise AaqError(f"{file} does not match the checksum in {AAQ_CONFIG}: it changed after aaq wrote it and is corrupt; {remedy}")
     return tensors
 
 
@@ -269,7 +287,7 @@ def load_quantized(
     transforms = TransformConfig(**info["transforms"]) if transforms is None else transforms
     install_quantizers(model, plan, saved_scheme if scheme is None else scheme)
     install_online_rotations(model, plan, transforms, "reload")
-    tensors = load_checked_tensors(path / WEIGHTS)
+    tensors = load_checked_tensors(path / WEIGHTS, info)
     _set_stored_weights(model, tensors, saved_scheme.weights, info["int8_rows"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.codes is not None}

@@ -133,8 +133,9 @@ def check_output_folder(folder: str | Path, kind: FolderKind, joins: tuple[str, 
     """Raise AaqError unless aaq may write an output of `kind` into `folder`; changes nothing.
 
     Allowed: a new or empty folder, or an aaq folder of the same kind or one of `joins` (an
-    evaluation may join a run folder); with `overwrite`, any aaq folder (it is replaced). Never a
-    folder with foreign entries, a file, or a place this process cannot write to.
+    evaluation may join a run folder); with `overwrite`, any aaq folder whose files are as aaq wrote
+    them (it is replaced). Never a folder with foreign entries, a marker naming anything outside
+    it, a file, or a place this process cannot write to.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -152,9 +153,13 @@ def check_output_folder(folder: str | Path, kind: FolderKind, joins: tuple[str, 
             f"choose an empty or new folder ({{setting}}), or move them away",
             setting="out",
         )
-    found = folder_kind(folder)
-    if found is not None and found != kind and found not in joins and not overwrite:
-        raise AaqError(f"{folder} is an aaq {found} folder, not an aaq {kind} folder; choose another folder ({{setting}})", setting="out")
+    marker = _read_marker(folder)
+    if marker is None:
+        return
+    if marker["kind"] != kind and marker["kind"] not in joins and not overwrite:
+        raise AaqError(f"{folder} is an aaq {marker['kind']} folder, not an aaq {kind} folder; choose another folder ({{setting}})", setting="out")
+    if overwrite:
+        removable(folder, marker)
 
 
 def _check_writable(folder: Path) -> None:

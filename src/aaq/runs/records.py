@@ -1,4 +1,4 @@
-"""Run folders: atomic writes, weight files that carry their own checksum, and the provenance every output records (versions, git commit)."""
+"""Run folders: atomic writes, checksums of stored tensors, and the provenance every output records (versions, git commit)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
 from aaq.errors import AaqError
 from aaq.runs.folders import FOLDER_MODE, TEMP_SUFFIX, publish, replace_atomically
 
-# The safetensors metadata key of a weight file's own checksum (`tensors_digest` of its tensors).
-CHECKSUM_KEY = "aaq_sha256"
 _PACKAGES = ("aaq", "torch", "transformers", "safetensors", "gguf", "geoopt", "peft", "lm-eval", "compressed-tensors")
 
 
@@ -98,25 +95,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` as a safetensors file atomically, with their `tensors_digest` in its metadata (`CHECKSUM_KEY`)."""
-    checked = {**(metadata or {}), CHECKSUM_KEY: tensors_digest(tensors)}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=checked))
-
-
-def matches_its_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
-    """Whether `tensors` match the checksum their file's `metadata` carries (False when it carries none)."""
-    return metadata.get(CHECKSUM_KEY) == tensors_digest(tensors)
-
-
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a safetensors file (with the checksum it carries, if any, under `CHECKSUM_KEY`)."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    return tensors, metadata
 
 
 def write_json(path: str | Path, data: Any) -> None:

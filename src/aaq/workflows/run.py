@@ -35,6 +35,8 @@ from aaq.runtime.devices import Placement, StageMeter, dispatched, placement_of,
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
+# A generous bound of a saved tokenizer's size per vocabulary entry (SmolLM2's tokenizer.json: 3.5 MB for 49152, 72 bytes each).
+TOKENIZER_BYTES_PER_ENTRY = 128
 
 
 @dataclass
@@ -101,7 +103,7 @@ def prepare_run_folder(out: Path, overwrite: bool) -> None:
 
 
 def planned_run_bytes(config: RunConfig, model: PreTrainedModel, calibration: torch.Tensor | None) -> dict[str, int]:
-    """The disk space a run takes at its peak, by what it is for: the teacher cache (exact) and the weights (estimated).
+    """The disk space a run takes at its peak, by what it is for: the teacher cache (exact), the weights and the tokenizer (estimated).
 
     The weights are what the run folder stores (`saved_weight_bytes`: packed codes and the other
     tensors); the GPTQ progress holds only the codes and is removed before the save, so it counts
@@ -111,9 +113,11 @@ def planned_run_bytes(config: RunConfig, model: PreTrainedModel, calibration: to
     steps = method.stages(scheme)
     codes, rest = saved_weight_bytes(model, scheme, fuses_norms="fusion" in steps)
     shape = calibration.shape if calibration is not None else (config.quantize.calibration.n_samples, config.quantize.calibration.seq_len)
+    vocab_size = model.config.get_text_config().vocab_size
     return {
-        "teacher cache": method.teacher_cache_bytes(*shape, model.config.get_text_config().vocab_size),
+        "teacher cache": method.teacher_cache_bytes(*shape, vocab_size),
         "weights": codes + rest if config.save_model else codes if "gptq" in steps else 0,
+        "tokenizer": TOKENIZER_BYTES_PER_ENTRY * vocab_size if config.save_model else 0,
     }
 
 
