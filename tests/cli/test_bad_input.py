@@ -279,6 +279,14 @@ def test_an_export_is_replaced_only_when_asked_and_never_over_an_edited_file(tmp
     assert "tokenizer.json in" in _refused(["export", run, "--out", out, "--overwrite"], capsys, out)
 
 
+def test_an_export_of_a_run_whose_config_is_broken_is_one_line(tmp_path, tiny_model_dir, fake_data_dir, capsys):
+    run = _run(tmp_path / "run", tiny_model_dir)
+    (run / "config.json").write_text("{broken")
+    line = _refused(["export", run, "--out", tmp_path / "export"], capsys, run)
+    assert f"{run / 'config.json'} cannot be read (" in line and line.endswith("write the folder again (`aaq quantize`)")
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_later_attempt_never_reports_an_earlier_attempts_failure(tmp_path, tiny_model_dir, fake_data_dir, capsys, monkeypatch):
     import aaq.workflows.run
 

@@ -59,6 +59,8 @@ EXPORTED_FROM = "exported_from"
 HF_WEIGHTS = "model.safetensors"
 # Files of a run folder an aaq export carries over unchanged (the fused transforms, for the record).
 _CARRIED_FILES = (TRANSFORMS,)
+# Bytes per value of the safetensors dtypes a quantized folder stores its codes, scales and zero points in.
+_SAFETENSORS_ITEMSIZE = {"U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,11 @@ def exported_bytes(run_dir: Path, info: dict[str, Any], config: ExportConfig) ->
     dtype (the embeddings and lm_head int8 rows with `int8_embeddings`); a W4A4 export with R4 adds
     one R4 matrix per layer; the run's other files (tokenizer, config, transforms) are copied at most.
     """
-    text = AutoConfig.from_pretrained(run_dir).get_text_config()
+    remedy = "write the folder again (`aaq quantize`)"
+    try:
+        text = AutoConfig.from_pretrained(run_dir).get_text_config()
+    except (OSError, ValueError) as err:
+        raise AaqError(f"{run_dir / 'config.json'} cannot be read ({str(err).strip().splitlines()[0]}); {remedy}") from None
     size = DTYPES[config.tensor_dtype(info)].itemsize
     total = sum(entry.stat().st_size for entry in run_dir.iterdir() if entry.is_file() and entry.name != WEIGHTS)
     try:
@@ -199,14 +205,10 @@ def exported_bytes(run_dir: Path, info: dict[str, Any], config: ExportConfig) ->
                 else:
                     total += numel * size
     except (SafetensorError, OSError) as err:
-        raise AaqError(f"{run_dir / WEIGHTS} is corrupt or truncated ({str(err).strip().splitlines()[0]}); write the folder again (`aaq quantize`)") from None
+        raise AaqError(f"{run_dir / WEIGHTS} is corrupt or truncated ({str(err).strip().splitlines()[0]}); {remedy}") from None
     if config.format == "compressed-tensors" and config.scheme == "W4A4" and info["transforms"].get("r4"):
         total += text.num_hidden_layers * text.intermediate_size**2 * size
     return total
-
-
-# Bytes per value of the safetensors dtypes a quantized folder stores its codes, scales and zero points in.
-_SAFETENSORS_ITEMSIZE = {"U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
 def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:

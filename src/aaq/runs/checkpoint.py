@@ -8,10 +8,13 @@ and the tokenizer. The weights file holds each quantized linear as its integer c
 int4 per byte, with scales and zero points: `aaq.quant.packing.WeightCodes`), every other tensor in the
 model's dtype, and, in exports that ask for it, the embeddings and lm_head as int8 rows. It is named
 so that plain `from_pretrained` does not load it without the online transforms it needs.
-`aaq_config.json` also holds the checksum of both safetensors files' tensors
+`aaq export --format aaq` writes the same format without the run's working files.
+
+`aaq_config.json` also records the checksum of the tensors of both safetensors files
 (`aaq.runs.records.tensors_digest`), so a copy of the folder without its marker is checked too:
 reading a weight file verifies it, and one without a recorded checksum (a folder of an older aaq)
-is read only when the marker vouches for it. `aaq export --format aaq` writes the same format without the run's working files.
+is read only when the marker vouches for it. (Not in the safetensors metadata: safetensors writes
+a metadata mapping of two keys in a random order, which would make equal folders differ in bytes.)
 """
 
 from __future__ import annotations

@@ -214,9 +214,10 @@ def removable(folder: str | Path, marker: dict[str, Any]) -> list[str]:
     changed = [name for name in files if not _unchanged(folder / name, marker["files"][name])]
     changed += [name for name in folders if not (folder / name).is_dir()]
     if changed:
+        it = "them" if len(changed) > 1 else "it"
         raise AaqError(
-            f"{_listing(changed)} in {folder} changed after aaq wrote {'them' if len(changed) > 1 else 'it'}, so aaq will not delete "
-            f"{'them' if len(changed) > 1 else 'it'}; move {'them' if len(changed) > 1 else 'it'} away (or delete {'them' if len(changed) > 1 else 'it'} yourself) and run again"
+            f"{_listing(changed)} in {folder} changed after aaq wrote {it}, so aaq will not delete {it}; "
+            f"move {it} away (or delete {it} yourself) and run again"
         )
     return files + [name + "/" for name in folders]
 
