@@ -261,7 +261,8 @@ def test_a_place_that_cannot_be_written_is_not_a_disk_space_problem(tmp_path, pl
     if not Path(place).parent.is_dir():
         pytest.skip(f"no {Path(place).parent} here")
     line = _refused(["quantize", "--model", "m", "--method", "rtn", "--out", place], capsys)
-    assert f"cannot write in {Path(place).parent} (" in line and "read-only, a virtual file system, or no permission" in line
+    assert f"cannot write in {Path(place).parent}: creating a file there fails (" in line
+    assert "it is read-only, a virtual file system, or not writable by this user; choose another folder (--out)" in line
 
 
 # --- export follows quantize's folder rules; failed.json belongs to one attempt ------------------------------

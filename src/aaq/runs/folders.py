@@ -171,8 +171,8 @@ def _check_writable(folder: Path) -> None:
         fd, name = tempfile.mkstemp(prefix=".aaq-probe.", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as error:
         raise AaqError(
-            f"cannot write in {folder} ({error.strerror}: read-only, a virtual file system, or no permission); "
-            "choose another folder ({setting})",
+            f"cannot write in {folder}: creating a file there fails ({error.strerror}); it is read-only, a virtual file "
+            "system, or not writable by this user; choose another folder ({setting})",
             setting="out",
         ) from None
     os.close(fd)
