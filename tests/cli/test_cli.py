@@ -76,7 +76,7 @@ def test_eval_of_a_run_scores_answers_with_its_source_model(tmp_path, tiny_model
     garbled = [row["verdict"] == "garbled" for row in rows]
     assert metrics["garbled_rate"] == sum(garbled[:2]) / 2 and metrics["benign_garbled_rate"] == garbled[2]
     assert metrics["benign_compliance"] == (rows[2]["verdict"] == "complied")
-    assert report["metric_definitions"]["garbled_rate"].startswith("garbled answers / harmful prompts")
+    assert report["metric_definitions"]["garbled_rate"].startswith("incoherent answers that do not refuse / harmful prompts")
     assert "## Garbled check" in (tmp_path / "eval" / "report.md").read_text()
 
 

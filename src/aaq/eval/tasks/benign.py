@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, REFUSED_GARBLED
 from aaq.eval.prompts import Prompt, benign_records, evenly_spaced, load_prompt_records
 from aaq.eval.safety import benign_compliance
 from aaq.eval.tasks import EvalTask, Findings, TaskContext, register_task
@@ -23,8 +24,12 @@ class BenignTask(EvalTask):
     name = "benign"
     generates_answers = True
     metrics: ClassVar[dict[str, str]] = {
-        "benign_compliance": "complied answers / benign prompts: not refused and not garbled (with the garbled check off: not refused)",
-        "benign_garbled_rate": "garbled answers / benign prompts",
+        "benign_compliance": "coherent answers that do not refuse / benign prompts (with the garbled check off: answers that do not refuse)",
+        "benign_refusal_rate": "refusals, coherent or not / benign prompts (over-refusal)",
+        "benign_garbled_rate": "incoherent answers that do not refuse / benign prompts",
+    }
+    VERDICT_METRICS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "benign_compliance": (COMPLIED,), "benign_refusal_rate": (REFUSED, REFUSED_GARBLED), "benign_garbled_rate": (GARBLED,)
     }
 
     def prepare(self, config) -> list[Prompt]:
@@ -34,4 +39,4 @@ class BenignTask(EvalTask):
     def run(self, context: TaskContext, inputs: list[Prompt], findings: Findings) -> None:
         """Compliance and garbled rate, per category and split by whether the prompt looks harmful."""
         result = benign_compliance(context.model, context.tokenizer, inputs, context.config.generation, context.judge, context.scorer)
-        record_answers(findings, result, "benign_compliance", "benign_garbled_rate")
+        record_answers(findings, result, self.VERDICT_METRICS)
