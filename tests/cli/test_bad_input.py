@@ -215,6 +215,7 @@ def test_a_broken_weights_file_is_one_line(tmp_path, tiny_model_dir, broken, cap
         needle = "does not start with the GGUF magic bytes"
     line = _refused(["eval", "--model", model, "--tasks", "ppl", "--out", tmp_path / "e"], capsys, tmp_path)
     assert f"could not load model '{model}' (" in line and needle in line
+    assert line.endswith("it is damaged or not a model: download or write it again, or pass another model")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a torch without CUDA")

@@ -206,10 +206,11 @@ def _load_local_or_hub(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrai
         return _load_pretrained(location.name_or_path, dtype, revision=location.revision)
     except (OSError, ValueError, SafetensorError) as error:  # a truncated weights file, a file that is not GGUF
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AaqError(
-            f"could not load model {source.name_or_path!r} ({reason}); pass a local folder, a .gguf file, a hub id, "
-            f"or one of the aliases: {_aliases_hint()}"
-        ) from error
+        if Path(source.name_or_path).exists():  # the files are there: naming the kinds of model aaq loads would not help
+            remedy = "it is damaged or not a model: download or write it again, or pass another model"
+        else:
+            remedy = f"pass a local folder, a .gguf file, a hub id, or one of the aliases: {_aliases_hint()}"
+        raise AaqError(f"could not load model {source.name_or_path!r} ({reason}); {remedy}") from error
 
 
 def _config_location(name: str, weights: bool = True) -> _Location:
