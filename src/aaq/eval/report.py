@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,9 +42,16 @@ TABLE_LEGEND = (
 _SET_ROWS = (("harmful complied", "harmful_complied_rate"), ("refusal", "refusal_rate"), ("refused, garbled", "refused_garbled_rate"), ("harmful garbled", "garbled_rate"))
 
 
+# Above this magnitude a fixed-point pattern such as "{:.2f}" would print every digit (a broken model's perplexity, 1e172).
+_FIXED_POINT_LIMIT = 1e6
+
+
 def _cell(value, pattern: str = "{}") -> str:
+    """A table cell: – for nothing, inf/nan as such, huge numbers in exponent notation, others with `pattern`."""
     if value is None:
         return "–"
+    if isinstance(value, float) and (not math.isfinite(value) or abs(value) >= _FIXED_POINT_LIMIT):
+        return f"{value:.4g}"
     return pattern.format(value) if isinstance(value, (int, float)) else str(value)
 
 
@@ -227,9 +235,10 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
 
 
 def has_safety_and_ppl(report: dict) -> bool:
-    """Whether a report can be a point of the safety-vs-perplexity plot."""
+    """Whether a report can be a point of the safety-vs-perplexity plot (a finite perplexity and a refusal rate)."""
     metrics = report.get("metrics", {})
-    return bool(metrics.get("ppl")) and metrics.get("refusal_rate") is not None
+    ppl = metrics.get("ppl")
+    return isinstance(ppl, (int, float)) and math.isfinite(ppl) and ppl > 0 and metrics.get("refusal_rate") is not None
 
 
 def write_comparison(reports: Sequence[dict], out_dir: str | Path, title: str, extra: dict | None = None) -> str:
