@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -395,15 +394,13 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     """
     if context.calibration_tokens is None:
         raise AaqError("GPTQ needs calibration tokens; pass a tokenizer or calibration token ids")
-    main = distributed.is_main_process()
-    progress = None if context.run_dir is None else context.run_dir / PROGRESS_DIR
-    if progress is not None and not context.resume and main:
-        shutil.rmtree(progress, ignore_errors=True)
+    if not context.resume:
+        context.drop_work_folder(PROGRESS_DIR)
+    progress = context.work_folder(PROGRESS_DIR)
     key = _progress_key(context, config)
     with resting_on_host(context.model, context.placement, config.onload_layers):
         _quantize_layers(context, config, progress, key)
-    if progress is not None and main:
-        shutil.rmtree(progress, ignore_errors=True)
+    context.drop_work_folder(PROGRESS_DIR)
 
 
 def _quantize_layers(context: MethodContext, config: GPTQConfig, progress: Path | None, key: str) -> None:
