@@ -8,8 +8,9 @@ Variants, each timed on the same prompts:
 - `transformers_b8`: `model.generate(do_sample=False)` on consecutive batches of 8 left-padded
   prompts, the evaluation path before issue 24 (the baseline, on the FP model and, for reference,
   on the quantized one);
-- `aaq`: `aaq.eval.generate.greedy_token_ids` at `--batch-size` (length-sorted batches, rows that
-  stop leave the batch, the KV cache transformed on write), what `aaq eval` runs;
+- `aaq_b<size>`: `aaq.eval.generate.greedy_token_ids` at each `--batch-size` (length-sorted
+  batches, rows that stop leave the batch, the KV cache transformed on write, the shared system
+  prompt computed once), what `aaq eval` runs;
 - `transformers_b1`: `model.generate` one prompt at a time: the reference answers.
 
 New tokens = answer tokens up to and including the first stop token, counted on each variant's own
@@ -24,7 +25,7 @@ bandwidth / weight bytes, with the bandwidth measured here (one thread, a stream
 Writes benchmarks/results/generation_speed.json.
 
     OMP_NUM_THREADS=1 python benchmarks/generation_speed.py [--model smollm2-135m-safe] [--max-new-tokens 48]
-        [--batch-size 64] [--benign-chunks 2] [--max-prompts N] [--weights gptq|rtn] [--no-reference]
+        [--batch-size 64[,128...]] [--benign-chunks 1] [--max-prompts N] [--weights gptq|rtn] [--no-reference]
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ def _transformers_generate(model, tokenizer, texts: list[str], batch: int, max_n
     return answers
 
 
-def _decode_steps(variant: str, answers: list[list[int]], prompt_ids: list[list[int]], batch: int) -> int:
-    """Forward passes the variant made: one per token of the longest answer of each of its batches."""
-    if variant.startswith("aaq"):
-        batches = length_sorted_batches([len(p) for p in prompt_ids], batch)
+def _decode_steps(variant: str, answers: list[list[int]], prompt_ids: list[list[int]]) -> int:
+    """Forward passes the variant (`<path>_b<batch>_<model>`) made: one per token of the longest answer of each of its batches."""
+    path, batch, _ = variant.split("_")
+    size = int(batch[1:])
+    if path == "aaq":
+        batches = length_sorted_batches([len(p) for p in prompt_ids], size)
     else:
-        size = 1 if variant.startswith("transformers_b1") else BASELINE_BATCH
         batches = [list(range(start, min(start + size, len(answers)))) for start in range(0, len(answers), size)]
     return sum(max(len(answers[i]) for i in rows) for rows in batches)
 
@@ -131,7 +133,10 @@ def _variants(models: dict, tokenizer, args, stops: set[int], reference: bool) -
         runs[f"transformers_b8_{name}"] = lambda ids, texts, m=model: _transformers_generate(
             m, tokenizer, texts, BASELINE_BATCH, args.max_new_tokens, stops
         )
-        runs[f"aaq_{name}"] = lambda ids, texts, m=model: greedy_token_ids(m, ids, args.max_new_tokens, args.batch_size, stops, tokenizer.pad_token_id)
+        for size in args.batch_size:
+            runs[f"aaq_b{size}_{name}"] = lambda ids, texts, m=model, size=size: greedy_token_ids(
+                m, ids, args.max_new_tokens, size, stops, tokenizer.pad_token_id
+            )
         if reference:
             runs[f"transformers_b1_{name}"] = lambda ids, texts, m=model: _transformers_generate(m, tokenizer, texts, 1, args.max_new_tokens, stops)
     return runs
@@ -141,8 +146,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-safe")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=64, help="aaq's generation batch (the evaluation's default)")
-    parser.add_argument("--benign-chunks", type=int, default=2)
+    parser.add_argument("--batch-size", type=lambda text: [int(size) for size in text.split(",")], default=[64],
+                        help="aaq's generation batch sizes, comma-separated (default: the evaluation's, 64)")  # fmt: skip
+    parser.add_argument("--benign-chunks", type=int, default=1)
     parser.add_argument("--max-prompts", type=int, default=None, help="evenly spaced subset of each prompt set")
     parser.add_argument("--weights", choices=("gptq", "rtn"), default="gptq", help="QuaRot's weight quantizer")
     parser.add_argument("--no-reference", action="store_true", help="skip the batch-1 reference answers")
@@ -180,7 +186,7 @@ def main() -> None:
     for name in runs:
         tokens = sum(map(len, answers[name]))
         steps = sum(
-            _decode_steps(name, answers[name][lo:hi], prompt_ids[lo:hi], args.batch_size) for lo, hi in itertools.pairwise(bounds)
+            _decode_steps(name, answers[name][lo:hi], prompt_ids[lo:hi]) for lo, hi in itertools.pairwise(bounds)
         )
         model_name = name.rsplit("_", 1)[-1]
         results[name] = {
@@ -202,7 +208,7 @@ def main() -> None:
         "quantized": f"QuaRot W4A4KV4 ({args.weights} weights), quantized in {quantize_seconds:.0f}s",
         "prompts": {"harmbench-val": len(harmful), "benign": len(benign)},
         "max_new_tokens": args.max_new_tokens,
-        "aaq_batch_size": args.batch_size,
+        "aaq_batch_sizes": args.batch_size,
         "baseline": baseline,
         "target_ratio": TARGET_RATIO,
         "chunks": [hi - lo for lo, hi in itertools.pairwise(bounds)],

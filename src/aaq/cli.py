@@ -260,7 +260,7 @@ def _add_eval_options(p: argparse.ArgumentParser, default_tasks: str) -> None:
     )
     ev.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     ev.add_argument("--max-prompts", type=int, help="evaluate an evenly spaced subset of at most N prompts per prompt set")
-    ev.add_argument("--eval-batch-size", type=int, default=8, help="prompts per generation batch")
+    ev.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch")
     ev.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")
     ev.add_argument("--ppl-samples", type=int, default=24, help="held-out sequences for perplexity")
     ev.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per held-out sequence")

@@ -63,7 +63,7 @@ class DemoConfig:
     ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
     max_new_tokens: int = 48
     max_prompts: int | None = 80
-    eval_batch_size: int = 16
+    eval_batch_size: int = 64
     save_models: bool = False
     placement: Placement = field(default_factory=Placement)
 

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from aaq.api import QuantizeConfig, quantize
 from aaq.errors import AaqError
+from aaq.eval import generate
 from aaq.eval.generate import (
     GenerationConfig,
     _decoding_cache,
@@ -102,7 +103,9 @@ def _cut_at(answer: list[int], stops: set[int]) -> list[int]:
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp", "w4a4kv4"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_generation_equals_batch1_generate_with_rows_stopping_at_different_steps(family, quantized):
+def test_fast_generation_equals_batch1_generate_with_rows_stopping_at_different_steps(family, quantized, monkeypatch):
+    # Prefill in chunks of 2 prompts, stacked into one cache with different padding per chunk.
+    monkeypatch.setattr(generate, "PREFILL_ROWS", 2)
     model = _answering_model(family, quantized)
     prompts, limit = _prompt_ids(), 10
     unstopped = greedy_token_ids(model, prompts, limit, batch_size=7, stop_ids=set())

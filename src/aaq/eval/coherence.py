@@ -321,11 +321,12 @@ class CoherenceScorer:
         shipped = shipped_thresholds().get(key)
         if shipped is not None:
             return Calibration(**{**shipped, "scorer": self.name, "shipped": True})
-        calibration = self._calibrate(generation)
+        calibration = self.calibrate(generation)
         write_json(path, calibration.to_dict())
         return calibration
 
-    def _calibrate(self, generation: GenerationConfig) -> Calibration:
+    def calibrate(self, generation: GenerationConfig) -> Calibration:
+        """Compute the threshold for answers of `generation.max_new_tokens` tokens, reading no cache and writing none."""
         start = time.perf_counter()
         prompts = calibration_prompts()
         log.info("calibrating the garbled threshold of scorer %s on %d prompts", self.name, len(prompts))

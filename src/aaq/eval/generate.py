@@ -31,10 +31,11 @@ from aaq.errors import AaqError
 
 @dataclass
 class GenerationConfig:
-    """How responses are generated: greedy decoding, `max_new_tokens` per prompt, `batch_size` prompts per call."""
+    """How responses are generated: greedy decoding, `max_new_tokens` per prompt, at most `batch_size` prompts decoded
+    together (on a CPU a decoding step of 64 rows costs about 8 of one, `benchmarks/generation_speed.py`)."""
 
     max_new_tokens: int = 64
-    batch_size: int = 8
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -82,6 +83,10 @@ def batched(items: Sequence, size: int) -> list[Sequence]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+# Prompts per prefill forward: each chunk of length-sorted prompts is padded only to its own longest prompt.
+PREFILL_ROWS = 16
+
+
 class _PreallocatedLayer(DynamicLayer):
     """A full-attention cache layer with room for `capacity` positions, written in place: a decoding step does not
     copy the whole cache into a longer tensor, as concatenation does."""
@@ -115,6 +120,30 @@ class _PreallocatedLayer(DynamicLayer):
             self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
             self.keys, self.values = self.key_room[:, :, : self.length], self.value_room[:, :, : self.length]
 
+    @classmethod
+    def stacked(cls, parts: Sequence[_PreallocatedLayer], capacity: int, shared: int) -> _PreallocatedLayer:
+        """The rows of `parts` one after the other, each part's first `shared` positions kept in place and the rest
+        moved to end where the longest part ends (the gap in between is padding the attention mask hides)."""
+        layer = cls(capacity)
+        layer.length = max(part.length for part in parts)
+        layer.device, layer.is_initialized = parts[0].device, True
+        lengths = [part.length for part in parts]
+        layer.key_room = _stacked_room([part.key_room for part in parts], lengths, capacity, shared, layer.length)
+        layer.value_room = _stacked_room([part.value_room for part in parts], lengths, capacity, shared, layer.length)
+        layer.keys, layer.values = layer.key_room[:, :, : layer.length], layer.value_room[:, :, : layer.length]
+        return layer
+
+
+def _stacked_room(rooms: Sequence[torch.Tensor], lengths: Sequence[int], capacity: int, shared: int, end: int) -> torch.Tensor:
+    stacked = rooms[0].new_zeros(sum(room.shape[0] for room in rooms), rooms[0].shape[1], capacity, rooms[0].shape[-1])
+    start = 0
+    for room, length in zip(rooms, lengths, strict=True):
+        stop, own = start + room.shape[0], length - shared
+        stacked[start:stop, :, :shared] = room[:, :, :shared]
+        stacked[start:stop, :, end - own : end] = room[:, :, shared:length]
+        start = stop
+    return stacked
+
 
 class _GenerationCache(Cache):
     """The KV cache of `greedy_token_ids`: the given layers, and keys and values stored as aaq's attention reads them
@@ -133,18 +162,22 @@ class _GenerationCache(Cache):
         return keys, values
 
 
-def _decoding_cache(model, capacity: int) -> Cache:
+def _kv_attentions(model) -> dict[int, torch.nn.Module]:
+    """The attention modules that transform keys and values (R3, the KV quantizer), by layer index."""
+    return {
+        module.layer_idx: module
+        for module in model.modules()
+        if hasattr(module, "layer_idx") and (getattr(module, QK_ROTATION, None) or getattr(module, KV_QUANTIZER, None))
+    }
+
+
+def _decoding_cache(model, capacity: int) -> _GenerationCache:
     """A cache for sequences of at most `capacity` positions: preallocated when every layer attends to all positions
     (sliding-window layers keep transformers' own), K/V transformed on write where the attention transforms them."""
     layers = DynamicCache(config=model.config).layers
     if all(type(layer) is DynamicLayer for layer in layers):
         layers = [_PreallocatedLayer(capacity) for _ in layers]
-    attentions = {
-        module.layer_idx: module
-        for module in model.modules()
-        if hasattr(module, "layer_idx") and (getattr(module, QK_ROTATION, None) or getattr(module, KV_QUANTIZER, None))
-    }
-    return _GenerationCache(layers, attentions)
+    return _GenerationCache(layers, _kv_attentions(model))
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -185,29 +218,53 @@ def _shared_prefix_length(rows: Sequence[list[int]]) -> int:
     return min(shared, min(len(row) for row in rows) - 1)
 
 
-def _prefill(model, rows: Sequence[list[int]], capacity: int, pad_id: int) -> tuple[Cache, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the prompts through the model: the filled cache, the last position's logits, the attention mask and
-    each row's next position.
-
-    The tokens all prompts start with are computed once and their keys and values copied to every row; the
-    rest of each prompt follows, left-padded: [shared | padding | own tokens].
-    """
+def _prefill_rows(
+    model, rows: Sequence[list[int]], cache: _GenerationCache, pad_id: int, shared: int, prefix: _GenerationCache | None
+) -> tuple[_GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run `rows` through the model into `cache`, after the keys and values of their first `shared` tokens (`prefix`,
+    computed once): the cache, the last position's logits, the attention mask and each row's next position."""
     device = next(model.parameters()).device
-    cache = _decoding_cache(model, capacity)
-    shared = _shared_prefix_length(rows) if len(rows) > 1 else 0
-    if shared and all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
-        prefix = _decoding_cache(model, shared)
-        model(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=prefix, use_cache=True, logits_to_keep=1)
+    if prefix is not None:
         for layer, computed in zip(cache.layers, prefix.layers, strict=True):
             # The layer's own update: the keys and values were transformed when the prefix cache stored them.
             layer.update(computed.keys.expand(len(rows), -1, -1, -1), computed.values.expand(len(rows), -1, -1, -1))
-    else:
-        shared = 0
     ids, own_mask = _left_padded([row[shared:] for row in rows], pad_id, device)
     mask = torch.cat([own_mask.new_ones(len(rows), shared), own_mask], dim=-1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
     return cache, logits, mask, positions[:, -1] + 1
+
+
+def _prefill(model, rows: Sequence[list[int]], capacity: int, pad_id: int) -> tuple[Cache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the prompts (sorted by length) through the model: the filled cache, the last position's logits, the
+    attention mask and each row's next position.
+
+    The tokens all prompts start with (a chat template's system prompt) are computed once and their keys and
+    values copied to every row; the rest goes in chunks of `PREFILL_ROWS` prompts, each padded only to its own
+    longest; the cache holds [shared | padding | own tokens] per row.
+    """
+    cache = _decoding_cache(model, capacity)
+    if len(rows) == 1 or not all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
+        return _prefill_rows(model, rows, cache, pad_id, 0, None)
+    device = next(model.parameters()).device
+    shared = _shared_prefix_length(rows)
+    prefix = None
+    if shared:
+        prefix = _decoding_cache(model, shared)
+        model(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=prefix, use_cache=True, logits_to_keep=1)
+    parts = []
+    for start in range(0, len(rows), PREFILL_ROWS):
+        chunk = rows[start : start + PREFILL_ROWS]
+        parts.append(_prefill_rows(model, chunk, _decoding_cache(model, max(map(len, chunk))), pad_id, shared, prefix))
+    width = max(mask.shape[1] for _, _, mask, _ in parts)
+    layers = [_PreallocatedLayer.stacked([part[0].layers[index] for part in parts], capacity, shared) for index in range(len(cache.layers))]
+    masks = [torch.cat([mask[:, :shared], mask.new_zeros(len(mask), width - mask.shape[1]), mask[:, shared:]], dim=-1) for _, _, mask, _ in parts]
+    return (
+        _GenerationCache(layers, cache.attentions),
+        torch.cat([logits for _, logits, _, _ in parts]),
+        torch.cat(masks),
+        torch.cat([position for *_, position in parts]),
+    )
 
 
 def _greedy_batch(model, rows: Sequence[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int) -> list[list[int]]:
@@ -290,6 +347,6 @@ def next_token_logprobs(
             batch = _encode(tokenizer, chunk, templated, device)
             # Left padding shifts positions; give every row positions 0..len-1 over its real tokens.
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**batch, position_ids=positions, use_cache=False).logits[:, -1, :]
+            logits = model(**batch, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1, :]
             rows.append(torch.log_softmax(logits.float(), dim=-1)[:, ids].cpu())
     return torch.cat(rows) if rows else torch.empty(0, len(ids))
