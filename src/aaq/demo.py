@@ -71,7 +71,7 @@ class DemoConfig:
         self.out = Path(self.out)
         QuantScheme.from_string(self.bits)
 
-    def paper_sized(self) -> "DemoConfig":
+    def paper_sized(self) -> DemoConfig:
         """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4, lambda 0.1) and full
         evaluation budgets."""
         return replace(
