@@ -1,6 +1,6 @@
 """Time every stage of `aaq demo` with its default settings and write JSON.
 
-Runs `aaq.demo.run_demo(DemoConfig(out=...))` in this process, as `aaq demo` does, and records for
+Runs `aaq.workflows.demo.run_demo(DemoConfig(out=...))` in this process, as `aaq demo` does, and records for
 each stage (loading and preparing; the FP model's evaluation; each method's quantization and
 evaluation) its wall-clock and CPU seconds, and within it the seconds of each part (threshold
 calibration, perplexity, refusal, benign, SafetyBench; load, calibration data, quantization, GPTQ,
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results" / "demo_time.json"
-# The demo announces each stage as "[k/n] ..." (aaq.demo).
+# The demo announces each stage as "[k/n] ..." (aaq.workflows.demo).
 STAGE = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
 
 
@@ -49,7 +49,7 @@ class _StageClock(logging.Handler):
 
 def _fresh_cache(root: Path) -> Path:
     """An empty aaq cache whose `models/` is the user's (the demo's model files), as on a fresh clone after the download."""
-    from aaq.loading import cache_root
+    from aaq.models.loading import cache_root
 
     root.mkdir(parents=True)
     (root / "models").symlink_to(cache_root() / "models", target_is_directory=True)
@@ -78,12 +78,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="aaq_demo_time_"))
     if not args.keep_cache:
         os.environ["AAQ_CACHE_DIR"] = str(_fresh_cache(work / "cache"))
-    from aaq.demo import DemoConfig, run_demo
-    from aaq.runs import provenance, write_json
+    from aaq.runs.records import provenance, write_json
+    from aaq.workflows.demo import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     clock = _StageClock()
-    logging.getLogger("aaq.demo").addHandler(clock)
+    logging.getLogger("aaq.workflows.demo").addHandler(clock)
     config = DemoConfig(out=work / "demo")
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -42,11 +42,10 @@ import torch
 
 from aaq.api import QuantizeConfig, quantize
 from aaq.eval.generate import chat_texts, greedy_token_ids, left_padding, length_sorted_batches, prompt_token_ids, stop_token_ids
-from aaq.eval.prompts import benign_records, harmful_records
-from aaq.eval.suite import evenly_spaced
-from aaq.loading import load_model
+from aaq.eval.prompts import benign_records, evenly_spaced, harmful_records
 from aaq.methods import QuaRotConfig
-from aaq.runs import provenance, write_json
+from aaq.models.loading import load_model
+from aaq.runs.records import provenance, write_json
 
 RESULTS = Path(__file__).parent / "results" / "generation_speed.json"
 TARGET_RATIO = 3.0
@@ -100,7 +99,7 @@ def _differences(model, prompt_ids: list[list[int]], answers: list[list[int]], r
     for index, (answer, expected) in enumerate(zip(answers, reference, strict=True)):
         if answer == expected:
             continue
-        at = next((i for i, (a, b) in enumerate(zip(answer, expected)) if a != b), min(len(answer), len(expected)))
+        at = next((i for i, (a, b) in enumerate(zip(answer, expected, strict=False)) if a != b), min(len(answer), len(expected)))
         rows.append({"prompt": index, "first_differing_token": at, "reference_margin": _margin_at(model, prompt_ids[index], expected[:at])})
     return {"identical": len(answers) - len(rows), "differing": len(rows), "rows": rows}
 
@@ -155,10 +154,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    origin = provenance()  # taken before the run: the code that ran
     fp_model, tokenizer = load_model(args.model)
     quantized = copy.deepcopy(fp_model)
     start = time.perf_counter()
-    quantize(quantized, QuantizeConfig(method=QuaRotConfig(weight_quantizer=args.weights), bits="w4a4kv4", seed=0))
+    quantize(quantized, QuantizeConfig(method=QuaRotConfig(weight_quantizer=args.weights), bits="w4a4kv4", seed=0), tokenizer=tokenizer)
     quantize_seconds = time.perf_counter() - start
     models = {"fp": fp_model.eval(), "w4a4kv4": quantized.eval()}
     harmful = [p.text for p in evenly_spaced(harmful_records("harmbench-val"), args.max_prompts)]
@@ -215,7 +215,7 @@ def main() -> None:
         "read_bandwidth_gb_per_s": bandwidth / 1e9,
         "decode_weight_bytes": weight_bytes,
         "variants": results,
-        **provenance(),
+        **origin,
     }
     write_json(args.out, record)
     summary = {n: {k: r[k] for k in ("new_tokens_per_s", "ratio_to_baseline", "weight_bound_new_tokens_per_s")} for n, r in results.items()}

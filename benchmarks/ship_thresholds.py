@@ -20,7 +20,7 @@ from pathlib import Path
 from aaq.eval.coherence import SHIPPED_THRESHOLDS, CoherenceConfig, CoherenceScorer, write_shipped_thresholds
 from aaq.eval.generate import GenerationConfig
 from aaq.eval.suite import EvalConfig
-from aaq.loading import load_model
+from aaq.models.loading import load_model
 
 SCORERS = ("smollm2-135m-safe", "smollm2-135m-safe-unanchored", "smollm2-135m-instruct")
 ANSWER_LENGTHS = (32, 48, 64)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from aaq.attention import KV_QUANTIZER, QK_ROTATION, kv_as_cached, mark_as_cached
 from aaq.errors import AaqError
+from aaq.models.attention import KV_QUANTIZER, QK_ROTATION, kv_as_cached, mark_as_cached
 
 
 @dataclass
@@ -58,8 +58,14 @@ def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def left_padding(tokenizer) -> Iterator[None]:
-    """Temporarily pad on the left (with EOS as pad token if none is set); restores the tokenizer on exit."""
+    """Temporarily pad on the left (with EOS as pad token if none is set); restores the tokenizer on exit.
+
+    A fast tokenizer's backend keeps the padding it last used, and `save_pretrained` writes it into
+    `tokenizer.json`: it is restored too, so a caller's tokenizer saved after an evaluation is unchanged.
+    """
     side, pad = tokenizer.padding_side, tokenizer.pad_token
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend_padding = None if backend is None else backend.padding
     tokenizer.padding_side = "left"
     if pad is None:
         if tokenizer.eos_token is None:
@@ -70,6 +76,10 @@ def left_padding(tokenizer) -> Iterator[None]:
     finally:
         tokenizer.padding_side = side
         tokenizer.pad_token = pad
+        if backend is not None and backend_padding is None:
+            backend.no_padding()
+        elif backend is not None:
+            backend.enable_padding(**backend_padding)
 
 
 def _encode(tokenizer, texts: Sequence[str], templated: bool, device: torch.device) -> dict[str, torch.Tensor]:
