@@ -13,6 +13,7 @@ from aaq.eval.generate import (
     chat_texts,
     generate_responses,
     greedy_token_ids,
+    last_position_logits,
     length_sorted_batches,
     next_token_logprobs,
     stop_token_ids,
@@ -155,3 +156,13 @@ def test_stop_tokens_come_from_the_generation_config_else_the_tokenizer(tiny_lla
     assert stop_token_ids(tiny_llama, tiny_tokenizer) == {5, 7}
     tiny_llama.generation_config.eos_token_id = None
     assert stop_token_ids(tiny_llama, tiny_tokenizer) == {tiny_tokenizer.eos_token_id}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_last_position_logits_with_the_shared_prefix_computed_once_equal_each_rows_own_forward(family):
+    model = _answering_model(family, quantized=True)
+    rows = _prompt_ids()
+    got = last_position_logits(model, rows, keep=4)
+    with torch.no_grad():
+        expected = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -4:] for row in rows])
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4

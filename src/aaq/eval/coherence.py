@@ -75,12 +75,11 @@ from pathlib import Path
 import torch
 
 from aaq.errors import AaqError
-from aaq.eval.generate import GenerationConfig, batched, chat_texts, generate_responses, left_padding
+from aaq.eval.generate import GenerationConfig, batched, chat_texts, generate_responses, last_position_logits
 from aaq.eval.prompts import benign_train_records, harmbench_tuning_records
 from aaq.eval.refusal import is_refusal
 from aaq.models.loading import cache_root
 from aaq.runs.records import provenance, write_json
-from aaq.runtime.devices import model_device
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +168,16 @@ def _token_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]) ->
 @torch.no_grad()
 def _batch_nlls(model, tokenizer, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
     """Mean NLL of each pair's answer tokens given its context tokens, for one batch of non-empty answers."""
-    device = model_device(model)
-    with left_padding(tokenizer):
-        batch = tokenizer.pad({"input_ids": [context + answer for context, answer in pairs]}, return_tensors="pt")
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     longest = max(len(answer) for _, answer in pairs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # Left padding puts every answer at the end: only the last `longest + 1` positions need logits.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=longest + 1).logits
+    logits = last_position_logits(model, [context + answer for context, answer in pairs], longest + 1, pad_id)
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = ids[:, -longest:]
-    token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return [token_nll[row, longest - len(answer) :].mean().item() for row, (_, answer) in enumerate(pairs)]
+    nlls = []
+    for row, (_, answer) in enumerate(pairs):
+        targets = torch.tensor(answer, device=log_probs.device)
+        nlls.append(-log_probs[row, longest - len(answer) :].gather(-1, targets.unsqueeze(-1)).mean().item())
+    return nlls
 
 
 def answer_nlls(

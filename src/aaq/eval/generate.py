@@ -218,21 +218,35 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
-def _shared_prefix_length(rows: Sequence[list[int]]) -> int:
-    """How many leading tokens all rows share (a chat template's system prompt), leaving every row one of its own."""
+def _shared_prefix_length(rows: Sequence[list[int]], own: int = 1) -> int:
+    """How many leading tokens all rows share (a chat template's system prompt), leaving every row `own` of its own."""
     shared = 0
     for tokens in zip(*rows, strict=False):
         if any(token != tokens[0] for token in tokens):
             break
         shared += 1
-    return min(shared, min(len(row) for row in rows) - 1)
+    return max(0, min(shared, min(len(row) for row in rows) - own))
+
+
+def _shared_prefix(model, rows: Sequence[list[int]], own: int = 1) -> tuple[int, _GenerationCache | None]:
+    """The number of leading tokens all rows share (each keeping `own` of its own) and their keys and values,
+    computed once at batch 1; (0, None) for a single row or a model whose cache cannot take them (sliding windows)."""
+    shared = _shared_prefix_length(rows, own) if len(rows) > 1 else 0
+    if not shared:
+        return 0, None
+    prefix = _decoding_cache(model, shared)
+    if not all(isinstance(layer, _PreallocatedLayer) for layer in prefix.layers):
+        return 0, None
+    device = next(model.parameters()).device
+    model(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=prefix, use_cache=True, logits_to_keep=1)
+    return shared, prefix
 
 
 def _prefill_rows(
-    model, rows: Sequence[list[int]], cache: _GenerationCache, pad_id: int, shared: int, prefix: _GenerationCache | None
+    model, rows: Sequence[list[int]], cache: _GenerationCache, pad_id: int, shared: int, prefix: _GenerationCache | None, keep: int = 1
 ) -> tuple[_GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run `rows` through the model into `cache`, after the keys and values of their first `shared` tokens (`prefix`,
-    computed once): the cache, the last position's logits, the attention mask and each row's next position."""
+    computed once): the cache, the logits of the last `keep` positions, the attention mask and each row's next position."""
     device = next(model.parameters()).device
     if prefix is not None:
         for layer, computed in zip(cache.layers, prefix.layers, strict=True):
@@ -241,7 +255,7 @@ def _prefill_rows(
     ids, own_mask = _left_padded([row[shared:] for row in rows], pad_id, device)
     mask = torch.cat([own_mask.new_ones(len(rows), shared), own_mask], dim=-1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep).logits
     return cache, logits, mask, positions[:, -1] + 1
 
 
@@ -256,12 +270,7 @@ def _prefill(model, rows: Sequence[list[int]], capacity: int, pad_id: int) -> tu
     cache = _decoding_cache(model, capacity)
     if len(rows) == 1 or not all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
         return _prefill_rows(model, rows, cache, pad_id, 0, None)
-    device = next(model.parameters()).device
-    shared = _shared_prefix_length(rows)
-    prefix = None
-    if shared:
-        prefix = _decoding_cache(model, shared)
-        model(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=prefix, use_cache=True, logits_to_keep=1)
+    shared, prefix = _shared_prefix(model, rows)
     parts = []
     for start in range(0, len(rows), PREFILL_ROWS):
         chunk = rows[start : start + PREFILL_ROWS]
@@ -316,6 +325,15 @@ def greedy_token_ids(
         for index, answer in zip(batch, _greedy_batch(model, [prompts[i] for i in batch], max_new_tokens, stop_ids, pad_id), strict=True):
             answers[index] = answer
     return answers
+
+
+@torch.no_grad()
+def last_position_logits(model, rows: Sequence[list[int]], keep: int, pad_id: int = 0) -> torch.Tensor:
+    """Return the logits of the last `keep` positions of each token row (each at least `keep` long), a
+    `[len(rows), keep, vocab]` tensor; the tokens all rows start with are computed once."""
+    shared, prefix = _shared_prefix(model, rows, own=keep)
+    cache = _decoding_cache(model, max(map(len, rows)))
+    return _prefill_rows(model, rows, cache, pad_id, shared, prefix, keep)[1]
 
 
 def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
