@@ -267,9 +267,12 @@ def shipped_thresholds() -> dict[str, dict]:
     return json.loads(text)["thresholds"]
 
 
-def write_shipped_thresholds(path: Path, calibrations: Sequence[Calibration], config: CoherenceConfig) -> None:
-    """Write `calibrations` (computed, not read from a cache) as a shipped-thresholds file keyed by `calibration_key`."""
-    thresholds = {}
+def write_shipped_thresholds(
+    path: Path, calibrations: Sequence[Calibration], config: CoherenceConfig, kept: dict[str, dict] | None = None
+) -> None:
+    """Write `calibrations` (computed, not read from a cache) as a shipped-thresholds file keyed by `calibration_key`,
+    beside the `kept` entries of an earlier file (thresholds of other scorers or lengths)."""
+    thresholds = dict(kept or {})
     for calibration in calibrations:
         if calibration.cached or calibration.shipped:
             raise AaqError(f"threshold of {calibration.scorer} at {calibration.max_new_tokens} tokens was read, not computed; clear the cache first")
