@@ -1,9 +1,14 @@
 """The garbled check: answer NLLs under a scorer, the calibrated threshold and the four verdicts."""
 
+import copy
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
 from aaq.errors import AaqError
+from aaq.eval import coherence
 from aaq.eval.coherence import (
     COMPLIED,
     GARBLED,
@@ -13,8 +18,12 @@ from aaq.eval.coherence import (
     CoherenceConfig,
     CoherenceScorer,
     answer_nlls,
+    calibration_key,
     distinct_ngram_share,
+    model_fingerprint,
+    shipped_thresholds,
     verdict,
+    write_shipped_thresholds,
 )
 from aaq.eval.generate import GenerationConfig, chat_texts, generate_responses
 from tests.helpers import TINY_CORPUS
@@ -94,3 +103,49 @@ def test_bad_coherence_settings_are_errors():
         CoherenceConfig(quantile=1.5)
     with pytest.raises(AaqError, match="margin"):
         CoherenceConfig(margin=-1)
+
+
+def test_shipped_threshold_is_used_only_for_its_scorer_and_settings(fluent_tiny_llama, tiny_llama, tiny_tokenizer, monkeypatch, tmp_path):
+    generation = GenerationConfig(max_new_tokens=6, batch_size=32)
+    computed = CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent").calibration(generation)
+    shipped_file = tmp_path / "shipped.json"
+    write_shipped_thresholds(shipped_file, [replace(computed, threshold=123.0)], CoherenceConfig())
+    monkeypatch.setattr(coherence, "shipped_thresholds", lambda: json.loads(shipped_file.read_text())["thresholds"])
+    # A fresh machine: nothing computed yet (the fixture points the cache at a per-test folder).
+    monkeypatch.setattr(coherence, "threshold_cache_dir", lambda: tmp_path / "fresh_cache")
+    used = CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "renamed").calibration(generation)
+    assert used.shipped and not used.cached and used.threshold == 123.0 and used.scorer == "renamed"
+    # Another scorer, answer length or margin computes its own threshold.
+    assert not CoherenceScorer(tiny_llama, tiny_tokenizer, "random").calibration(generation).shipped
+    assert not CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent").calibration(GenerationConfig(5, 32)).shipped
+    assert not CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent", CoherenceConfig(margin=2.0)).calibration(generation).shipped
+    with pytest.raises(AaqError, match="read, not computed"):
+        write_shipped_thresholds(shipped_file, [used], CoherenceConfig())
+
+
+def test_fingerprint_ignores_where_the_model_was_loaded_from_but_not_its_weights(fluent_tiny_llama, tiny_tokenizer):
+    model = copy.deepcopy(fluent_tiny_llama)
+    before = model_fingerprint(model, tiny_tokenizer)
+    model.config._name_or_path, model.config.transformers_version = "/elsewhere/model", "0.0.1"
+    assert model_fingerprint(model, tiny_tokenizer) == before
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3
+    assert model_fingerprint(model, tiny_tokenizer) != before
+
+
+def test_shipped_thresholds_are_keyed_by_their_own_settings():
+    thresholds = shipped_thresholds()
+    for key, record in thresholds.items():
+        settings = CoherenceConfig(quantile=record["quantile"], margin=record["margin"])
+        assert key == calibration_key(record["fingerprint"], record["max_new_tokens"], settings)
+        assert record["threshold"] == pytest.approx(record["nll_quantile"] + record["margin"])
+
+
+@pytest.mark.slow
+def test_the_demo_scorer_finds_its_shipped_thresholds():
+    from aaq.models.loading import load_model
+
+    model, tokenizer = load_model("smollm2-135m-safe")
+    fingerprint = model_fingerprint(model, tokenizer)
+    lengths = {record["max_new_tokens"] for record in shipped_thresholds().values() if record["fingerprint"] == fingerprint}
+    assert {48, 64} <= lengths

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from aaq.errors import AaqError
-from aaq.quant.quantizers import ActivationQuantizer, QuantScheme, QuantSpec, fake_quantize, fake_quantize_for_training, quant_params, round_ste
+from aaq.quant.quantizers import (
+    ActivationQuantizer,
+    QuantScheme,
+    QuantSpec,
+    fake_quantize,
+    fake_quantize_for_training,
+    fake_quantize_inference,
+    quant_params,
+    round_ste,
+)
 from tests.helpers import rtn_weight
 
 
@@ -45,6 +54,25 @@ def test_zero_rows_and_exact_zeros_survive():
     assert torch.equal(fake_quantize(x, spec), x)
     y = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     assert fake_quantize(y, spec)[0, 0] == 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, symmetric=False),
+        QuantSpec(bits=4, symmetric=True),
+        QuantSpec(bits=8, symmetric=False, group_size=16, clip_ratio=0.9),
+        QuantSpec(bits=4, symmetric=True, half_range_scale=True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_quantizer_equals_the_ste_one_bit_for_bit(spec, dtype):
+    generator = torch.Generator().manual_seed(3)
+    # Large, tiny and exactly representable-level values, ties at .5 included (x = 0.5 * scale * k).
+    x = torch.cat([torch.randn(40, 64, generator=generator) * 10 ** torch.randint(-6, 4, (40, 1), generator=generator),
+                   torch.arange(64.0).expand(2, 64) / 2, torch.zeros(1, 64)]).to(dtype)  # fmt: skip
+    assert torch.equal(fake_quantize_inference(x, spec), fake_quantize(x, spec))
+    assert torch.equal(ActivationQuantizer(spec)(x), fake_quantize(x, spec))
 
 
 def test_clip_search_reduces_weight_error():

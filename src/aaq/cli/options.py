@@ -70,7 +70,7 @@ def add_evaluation(p: argparse.ArgumentParser, default_tasks: str) -> None:
     g.add_argument("--scorer", help="full-precision model whose per-token NLL decides whether an answer is garbled, or none (default: a run's source model; an unquantized model scores itself)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     g.add_argument("--max-prompts", type=int, help="evaluate an evenly spaced subset of at most N prompts per prompt set")
-    g.add_argument("--eval-batch-size", type=int, default=8, help="prompts per generation batch")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch")
     g.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")
     g.add_argument("--ppl-samples", type=int, default=24, help="held-out sequences for perplexity")
     g.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per held-out sequence")

@@ -55,7 +55,10 @@ to one scorer and answer length, and scorers of different sizes are not comparab
 
 The threshold is computed once per scorer and settings and cached as JSON in `threshold_cache_dir()`
 (key: `CALIBRATION_VERSION`, the scorer's `model_fingerprint`, max_new_tokens, quantile, margin);
-every report records it (report.json `coherence`).
+every report records it (report.json `coherence`). aaq ships the thresholds of the demo's models
+(`SHIPPED_THRESHOLDS`, written by `benchmarks/ship_thresholds.py`), under the same key: a scorer
+whose digest or settings differ in anything (another model, dtype, chat template, answer length)
+computes its own.
 """
 
 from __future__ import annotations
@@ -66,17 +69,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from aaq.errors import AaqError
-from aaq.eval.generate import GenerationConfig, batched, chat_texts, generate_responses, left_padding
+from aaq.eval.generate import GenerationConfig, batched, chat_texts, generate_responses, last_position_logits
 from aaq.eval.prompts import benign_train_records, harmbench_tuning_records
 from aaq.eval.refusal import is_refusal
 from aaq.models.loading import cache_root
-from aaq.runs.records import write_json
-from aaq.runtime.devices import model_device
+from aaq.runs.records import provenance, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,9 @@ VERDICTS = (REFUSED, REFUSED_GARBLED, COMPLIED, GARBLED)
 # Bump when the calibration procedure changes, so cached thresholds from an older rule are not reused.
 CALIBRATION_VERSION = 1
 CACHE_FOLDER = "coherence"
+SHIPPED_THRESHOLDS = "coherence_thresholds.json"
+# Config entries that say where and with which library version a model was loaded, not what it computes.
+_UNFINGERPRINTED_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash")
 LOOP_NGRAM = 4
 LOOP_DISTINCT_MIN = 0.5
 MIN_CALIBRATION_ANSWERS = 10
@@ -133,6 +139,7 @@ class Calibration:
     fingerprint: str
     seconds: float
     cached: bool = False
+    shipped: bool = False
 
     def to_dict(self) -> dict:
         """Return the calibration as a JSON-ready dict."""
@@ -161,18 +168,16 @@ def _token_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]) ->
 @torch.no_grad()
 def _batch_nlls(model, tokenizer, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
     """Mean NLL of each pair's answer tokens given its context tokens, for one batch of non-empty answers."""
-    device = model_device(model)
-    with left_padding(tokenizer):
-        batch = tokenizer.pad({"input_ids": [context + answer for context, answer in pairs]}, return_tensors="pt")
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     longest = max(len(answer) for _, answer in pairs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # Left padding puts every answer at the end: only the last `longest + 1` positions need logits.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=longest + 1).logits
+    logits = last_position_logits(model, [context + answer for context, answer in pairs], longest + 1, pad_id)
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = ids[:, -longest:]
-    token_nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return [token_nll[row, longest - len(answer) :].mean().item() for row, (_, answer) in enumerate(pairs)]
+    nlls = []
+    for row, (_, answer) in enumerate(pairs):
+        targets = torch.tensor(answer, device=log_probs.device)
+        nlls.append(-log_probs[row, longest - len(answer) :].gather(-1, targets.unsqueeze(-1)).mean().item())
+    return nlls
 
 
 def answer_nlls(
@@ -228,8 +233,13 @@ def verdict(refused: bool, score: AnswerScore | None, threshold: float | None) -
 
 
 def model_fingerprint(model, tokenizer) -> str:
-    """Return a short digest of the model's config, weights (per-tensor sums) and chat template: the cache key of a scorer."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """Return a short digest of the model's config, weights (per-tensor sums) and chat template: the cache key of a scorer.
+
+    The config's load path and transformers version are left out, so the same model loaded from another
+    folder or cache has the same digest.
+    """
+    config = {key: value for key, value in model.config.to_dict().items() if key not in _UNFINGERPRINTED_CONFIG}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
     digest.update(str(len(tokenizer)).encode())
     with torch.no_grad():
@@ -242,6 +252,32 @@ def model_fingerprint(model, tokenizer) -> str:
 def threshold_cache_dir() -> Path:
     """Return the folder of cached thresholds (one JSON file per scorer and settings) under the aaq cache."""
     return cache_root() / CACHE_FOLDER
+
+
+def calibration_key(fingerprint: str, max_new_tokens: int, config: CoherenceConfig) -> str:
+    """Return the key of a threshold: a digest of the calibration version, the scorer's fingerprint and the settings."""
+    settings = {"version": CALIBRATION_VERSION, "fingerprint": fingerprint, "max_new_tokens": max_new_tokens,
+                "quantile": config.quantile, "margin": config.margin}  # fmt: skip
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shipped_thresholds() -> dict[str, dict]:
+    """Return the thresholds aaq ships (the demo's scorers), by `calibration_key`."""
+    text = resources.files("aaq").joinpath("resources", SHIPPED_THRESHOLDS).read_text(encoding="utf-8")
+    return json.loads(text)["thresholds"]
+
+
+def write_shipped_thresholds(
+    path: Path, calibrations: Sequence[Calibration], config: CoherenceConfig, kept: dict[str, dict] | None = None
+) -> None:
+    """Write `calibrations` (computed, not read from a cache) as a shipped-thresholds file keyed by `calibration_key`,
+    beside the `kept` entries of an earlier file (thresholds of other scorers or lengths)."""
+    thresholds = dict(kept or {})
+    for calibration in calibrations:
+        if calibration.cached or calibration.shipped:
+            raise AaqError(f"threshold of {calibration.scorer} at {calibration.max_new_tokens} tokens was read, not computed; clear the cache first")
+        thresholds[calibration_key(calibration.fingerprint, calibration.max_new_tokens, config)] = calibration.to_dict()
+    write_json(path, {"calibration_version": CALIBRATION_VERSION, "thresholds": thresholds, **provenance()})
 
 
 class CoherenceScorer:
@@ -279,25 +315,24 @@ class CoherenceScorer:
             self._calibrations[tokens] = self._cached_or_new_calibration(generation)
         return self._calibrations[tokens]
 
-    def _cache_file(self, max_new_tokens: int) -> Path:
-        settings = {"version": CALIBRATION_VERSION, "fingerprint": self.fingerprint, "max_new_tokens": max_new_tokens,
-                    "quantile": self.config.quantile, "margin": self.config.margin}  # fmt: skip
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        return threshold_cache_dir() / f"{key}.json"
-
     def _cached_or_new_calibration(self, generation: GenerationConfig) -> Calibration:
-        path = self._cache_file(generation.max_new_tokens)
+        key = calibration_key(self.fingerprint, generation.max_new_tokens, self.config)
+        path = threshold_cache_dir() / f"{key}.json"
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 return Calibration(**{**data, "scorer": self.name, "cached": True})
             except (json.JSONDecodeError, TypeError) as error:
                 log.warning("ignoring unreadable threshold cache %s (%s)", path, error)
-        calibration = self._calibrate(generation)
+        shipped = shipped_thresholds().get(key)
+        if shipped is not None:
+            return Calibration(**{**shipped, "scorer": self.name, "shipped": True})
+        calibration = self.calibrate(generation)
         write_json(path, calibration.to_dict())
         return calibration
 
-    def _calibrate(self, generation: GenerationConfig) -> Calibration:
+    def calibrate(self, generation: GenerationConfig) -> Calibration:
+        """Compute the threshold for answers of `generation.max_new_tokens` tokens, reading no cache and writing none."""
         start = time.perf_counter()
         prompts = calibration_prompts()
         log.info("calibrating the garbled threshold of scorer %s on %d prompts", self.name, len(prompts))

@@ -68,7 +68,7 @@ class EvalConfig:
     safetybench: str | None = None
     safetybench_shots: int = 5
     max_new_tokens: int = 64
-    batch_size: int = 8
+    batch_size: int = 64
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     judge: str | None = None
     seed: int = 0

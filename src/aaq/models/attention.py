@@ -2,9 +2,12 @@
 
 transformers calls attention through its `AttentionInterface`; aaq's function wraps the SDPA one
 and applies, on each attention module that has them, the online query/key rotation (R3, set by
-`aaq.transforms.online`) and then the KV-cache quantizer (set by `aaq.quant.fake_quant`). No modeling code is
-forked. The cache stores keys and values as computed; both operations act on one (token, head)
-row at a time when the values are read, which equals applying them on write.
+`aaq.transforms.online`) and then the KV-cache quantizer (set by `aaq.quant.fake_quant`). No modeling
+code is forked. Both operations act on one (token, head) row at a time, so applying them when the
+cache is written equals applying them when it is read: the default cache stores keys and values as
+computed and they are transformed on every read; a cache that stores them transformed
+(`kv_as_cached`, as aaq's generation does) marks what it returns (`mark_as_cached`) and saves
+re-transforming the whole cache at every decoding step.
 """
 
 from __future__ import annotations
@@ -17,15 +20,32 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION_IMPLEMENTATION = "aaq_sdpa"
 QK_ROTATION = "qk_rotation"
 KV_QUANTIZER = "kv_quantizer"
+# Set on key tensors that a cache returns already rotated and quantized (see `mark_as_cached`).
+_TRANSFORMED_ON_WRITE = "_aaq_kv_transformed"
+
+
+def kv_as_cached(module: nn.Module, key, value):
+    """Return `key` and `value` as the module's attention reads them: key rotated (R3), both through the KV quantizer."""
+    rotation = getattr(module, QK_ROTATION, None)
+    if rotation is not None:
+        key = rotation(key)
+    quantizer = getattr(module, KV_QUANTIZER, None)
+    if quantizer is not None:
+        key, value = quantizer(key), quantizer(value)
+    return key, value
+
+
+def mark_as_cached(key) -> None:
+    """Tell aaq's attention that `key` and the value passed beside it went through `kv_as_cached` already."""
+    setattr(key, _TRANSFORMED_ON_WRITE, True)
 
 
 def _attention(module: nn.Module, query, key, value, *args, **kwargs):
     rotation = getattr(module, QK_ROTATION, None)
     if rotation is not None:
-        query, key = rotation(query), rotation(key)
-    quantizer = getattr(module, KV_QUANTIZER, None)
-    if quantizer is not None:
-        key, value = quantizer(key), quantizer(value)
+        query = rotation(query)
+    if not getattr(key, _TRANSFORMED_ON_WRITE, False):
+        key, value = kv_as_cached(module, key, value)
     return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
 
 

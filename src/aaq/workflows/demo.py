@@ -35,11 +35,11 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
-    Defaults are sized for <= 15 minutes on a 2-core CPU (10.4 min measured): 16 x 128 calibration
+    Defaults are sized for about 15 minutes on a 2-core CPU (16.6 min measured, benchmarks/demo_time.py): 16 x 128 calibration
     tokens, `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ at learning rates `rotation_lr`/`scale_lr`,
     perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
     the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
-    first 200 characters) in batches of 16. `paper_sized()` gives the paper's settings (`aaq demo --full`).
+    first 200 characters) in batches of 64. `paper_sized()` gives the paper's settings (`aaq demo --full`).
     `save_models`: also save every quantized variant's weights in its run folder, so that `aaq export`
     can ship it. `placement`: device, dtype and memory budgets of every stage.
     """
@@ -63,7 +63,7 @@ class DemoConfig:
     ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
     max_new_tokens: int = 48
     max_prompts: int | None = 80
-    eval_batch_size: int = 16
+    eval_batch_size: int = 64
     save_models: bool = False
     placement: Placement = field(default_factory=Placement)
 
