@@ -190,6 +190,25 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     learn.add_argument(
         "--teacher-batch", type=int, default=None, help="sequences per teacher forward (default: sized to the free device memory)"
     )
+    learn.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=None,
+        help="calibration sequences set aside to measure the loss on windows not trained on (default: 0, none)",
+    )
+    learn.add_argument("--heldout-every", type=int, default=None, help="measure the held-out loss every N steps (default: 10)")
+    learn.add_argument(
+        "--restore-best",
+        action="store_true",
+        default=None,
+        help="end with the transforms of the step with the lowest held-out loss (needs --heldout-windows)",
+    )
+    learn.add_argument(
+        "--heldout-patience",
+        type=int,
+        default=None,
+        help="stop after N held-out measurements in a row without a new best (needs --heldout-windows)",
+    )
     _add_optimizer_options(p)
     _add_push_options(p)
 
