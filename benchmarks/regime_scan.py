@@ -55,17 +55,14 @@ import argparse
 import json
 import logging
 import math
-import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts
 
 log = logging.getLogger("regime_scan")
 
@@ -105,15 +102,6 @@ SETTINGS = (
 STUDY_FALLBACK = "W4A4KV4"
 
 
-def eval_flags() -> list[str]:
-    """The evaluation flags of every run: tuning data only (see the module docstring)."""
-    benign = resources.files("aaq") / "resources" / "benign_train_prompts.jsonl"
-    return [
-        "--tasks", "ppl,refusal,benign", "--harmful-prompts", "harmbench-tuning", "--benign-prompts", str(benign),
-        "--max-prompts", str(BENIGN_PROMPTS), "--max-new-tokens", "32", "--ppl-samples", "8", "--eval-batch-size", "64",
-    ]  # fmt: skip
-
-
 # --- runs ------------------------------------------------------------------------------------------
 
 
@@ -122,12 +110,12 @@ def run_key(setting: Setting | None, seed: int | None) -> str:
 
 
 def command(setting: Setting | None, seed: int | None, out: Path) -> list[str]:
-    """The aaq command line of one run."""
+    """The aaq arguments of one run."""
     if setting is None:
-        return [sys.executable, "-m", "aaq", "eval", "--model", MODEL, *eval_flags(), "--out", str(out)]
+        return ["eval", "--model", MODEL, *tuning_eval_flags(BENIGN_PROMPTS), "--out", str(out)]
     return [
-        sys.executable, "-m", "aaq", "quantize", "--model", MODEL, "--method", "quarot", "--bits", setting.bits, *setting.flags,
-        "--seed", str(seed), *eval_flags(), "--out", str(out),
+        "quantize", "--model", MODEL, "--method", "quarot", "--bits", setting.bits, *setting.flags,
+        "--seed", str(seed), *tuning_eval_flags(BENIGN_PROMPTS), "--out", str(out),
     ]  # fmt: skip
 
 
@@ -140,31 +128,14 @@ def record_path(work: Path, key: str) -> Path:
     return work / "records" / f"{key}.json"
 
 
-def verdicts(generations: Path, task: str) -> dict[str, str]:
-    """Prompt -> verdict of one task's answers in an evaluation's generations.jsonl."""
-    rows = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]
-    return {row["prompt"]: row["verdict"] for row in rows if row["task"] == task}
-
-
-def shares(by_prompt: dict[str, str]) -> dict[str, float]:
-    n = len(by_prompt)
-    return {v: sum(x == v for x in by_prompt.values()) / n for v in ("refused", "complied", "garbled")}
-
-
 def execute(work: Path, setting: Setting | None, seed: int | None, records_copy: Path | None) -> None:
     """Run one aaq command into WORK/runs/KEY (redone from scratch when a partial folder is there) and write its record."""
     key = run_key(setting, seed)
     folder = work / "runs" / key
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
     argv = command(setting, seed, folder)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cpu0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    with open(work / "logs" / f"{key}.log", "w") as logfile:
-        rc = subprocess.run(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False).returncode
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    rc, cpu_s, wall_s = run_aaq(argv, work / "logs" / f"{key}.log")
     if rc != 0:
         log.warning("%s failed (exit %d); see %s", key, rc, work / "logs" / f"{key}.log")
         return
@@ -174,11 +145,11 @@ def execute(work: Path, setting: Setting | None, seed: int | None, records_copy:
     h, b = shares(harmful), shares(benign)
     record = {
         "key": key, "setting": None if setting is None else setting.label, "bits": "fp" if setting is None else setting.bits,
-        "flags": [] if setting is None else list(setting.flags), "seed": seed, "command": " ".join(argv[1:]),
+        "flags": [] if setting is None else list(setting.flags), "seed": seed, "command": "aaq " + " ".join(argv),
         "ppl": report["metrics"]["ppl"], "refusal": h["refused"], "harmful_complied": h["complied"], "harmful_garbled": h["garbled"],
         "benign_compliance": b["complied"], "benign_refused": b["refused"], "benign_garbled": b["garbled"],
         "n_harmful": len(harmful), "n_benign": len(benign), "harmful_verdicts": harmful, "benign_verdicts": benign,
-        "coherence": report.get("coherence"), "cpu_s": cpu_s, "wall_s": time.perf_counter() - wall0,
+        "coherence": report.get("coherence"), "cpu_s": cpu_s, "wall_s": wall_s,
         "git_commit": run.get("git_commit", report.get("git_commit")), "versions": run.get("versions", report.get("versions")),
         "torch_threads": run.get("torch_threads", report.get("torch_threads")),
     }  # fmt: skip
