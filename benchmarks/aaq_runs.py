@@ -47,5 +47,5 @@ def verdicts(generations: Path, task: str) -> dict[str, str]:
 
 def shares(by_prompt: dict[str, str]) -> dict[str, float]:
     """The share of each verdict (refused, complied, garbled) among the answers."""
-    n = len(by_prompt)
+    n = len(by_prompt) or 1
     return {v: sum(x == v for x in by_prompt.values()) / n for v in ("refused", "complied", "garbled")}

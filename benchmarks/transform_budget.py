@@ -142,8 +142,8 @@ def execute(work: Path, key: str, args: list[str], cell: Cell | None, seed: int 
         "torch_threads": run.get("torch_threads", report.get("torch_threads")),
     }  # fmt: skip
     generations = folder / "generations.jsonl"
-    if generations.is_file():
-        harmful, benign = verdicts(generations, "refusal"), verdicts(generations, "benign")
+    harmful, benign = (verdicts(generations, "refusal"), verdicts(generations, "benign")) if generations.is_file() else ({}, {})
+    if harmful and benign:
         h, b = shares(harmful), shares(benign)
         record |= {"refusal": h["refused"], "harmful_complied": h["complied"], "harmful_garbled": h["garbled"]}
         record |= {"benign_compliance": b["complied"], "benign_garbled": b["garbled"], "garbled_all": _garbled_all(harmful, benign)}
@@ -157,7 +157,7 @@ def execute(work: Path, key: str, args: list[str], cell: Cell | None, seed: int 
     if records_copy is not None:
         records_copy.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, records_copy / path.name)
-        if generations.is_file():
+        if harmful:
             shutil.copy(generations, records_copy / f"{key}.generations.jsonl")
     log.info("%s: PPL %.2f, garbled %s (%.0f CPU-s)", key, record["ppl"], record.get("garbled_all"), cpu_s)
 
