@@ -105,6 +105,14 @@ CELLS: dict[str, Cell] = {
         replace(ISSUE15, name="ost0-32x128-w16a4kv4", steps=0, bits="w16a4kv4"),
         replace(ISSUE15, name="ost-issue15-w16a4kv4", bits="w16a4kv4"),
         replace(ISSUE15, name="ost-issue15-adam-w16a4kv4", optimizer="riemannian_adam", bits="w16a4kv4"),
+        replace(
+            ISSUE15,
+            name="ost-issue15-lowlr-w16a4kv4",
+            rotation_lr=0.0017,
+            scale_lr=0.00018,
+            bits="w16a4kv4",
+            note="Cayley SGD at a tenth of the rates",
+        ),
     )
 }
 
