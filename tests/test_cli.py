@@ -685,3 +685,8 @@ def test_heldout_flags_and_recipe_keys_reach_the_config_and_the_curve_reaches_ru
     assert [entry["step"] for entry in metrics["heldout_curve"]] == [0, 1, 2] and metrics["restored_best"]
     best = min(metrics["heldout_curve"], key=lambda entry: entry["heldout_loss"])
     assert metrics["heldout_best_step"] == best["step"]
+
+    start_only = ["--steps", "0", "--heldout-windows", "1", "--no-eval"]  # OSTQuant's start: one held-out measurement, no training loss
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "ostquant", "--out", str(tmp_path / "start"), *start_only, *TINY_RUN]) == 0
+    metrics = json.loads((tmp_path / "start" / "run.json").read_text())["method_metrics"]
+    assert [entry["step"] for entry in metrics["heldout_curve"]] == [0] and "loss_first" not in metrics

@@ -272,9 +272,9 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
         metrics = {"calibration_steps": result.steps, "transform_movement": movement.to_dict()}
         if result.history:
             metrics |= {"loss_first": result.history[0], "loss_last": result.history[-1]}
+            logger.info("calibration: loss %.4f -> %.4f in %d steps", result.history[0]["loss"], result.history[-1]["loss"], result.steps)
         if result.heldout:
             metrics |= {"heldout_curve": result.heldout, "heldout_best_step": result.best_step, "restored_best": result.restored_best}
-            logger.info("calibration: loss %.4f -> %.4f in %d steps", result.history[0]["loss"], result.history[-1]["loss"], result.steps)
         logger.info(
             "transforms moved from their start: R1 %.4f, R2 %.4f (mean; max %.4f) relative, scales %.4f (rms)",
             movement.r1, movement.r2_mean, movement.r2_max, movement.scale_rms,
