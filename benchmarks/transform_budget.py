@@ -97,10 +97,24 @@ ISSUE15 = Cell(
 CELLS: dict[str, Cell] = {
     c.name: c
     for c in (
-        quarot(32, 128),
-        replace(ISSUE15, name="ost0-32x128", steps=0, note="OSTQuant's start alone"),
+        quarot(32, 128, generate=True),
+        replace(ISSUE15, name="ost0-32x128", steps=0, generate=True, note="OSTQuant's start alone, then GPTQ"),
+        replace(
+            ISSUE15, name="ost-issue15-adam", optimizer="riemannian_adam", generate=True, note="issue-15 budget, Riemannian Adam at the paper's rates"
+        ),
+        quarot(64, 256, generate=True),
+        Cell(
+            "ost-16k-adam",
+            "ostquant",
+            64,
+            256,
+            steps=16,
+            batch=4,
+            optimizer="riemannian_adam",
+            generate=True,
+            note="8x the issue-15 tokens: 16 steps of 4 x 256",
+        ),
         ISSUE15,
-        replace(ISSUE15, name="ost-issue15-adam", optimizer="riemannian_adam", note="issue-15 budget, Riemannian Adam at the paper's rates"),
         quarot(32, 128, "w16a4kv4"),
         replace(ISSUE15, name="ost0-32x128-w16a4kv4", steps=0, bits="w16a4kv4"),
         replace(ISSUE15, name="ost-issue15-w16a4kv4", bits="w16a4kv4"),
