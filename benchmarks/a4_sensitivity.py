@@ -31,6 +31,7 @@ import torch
 
 import aaq
 from aaq import quantizers
+from aaq import transforms as aaq_transforms
 from aaq.calibrate import student_loss
 from aaq.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from aaq.losses import LossConfig, teacher_targets
@@ -102,9 +103,12 @@ def _detached_scale(x: torch.Tensor, spec) -> torch.Tensor:
 def gradient_study(bits: str, detach_scale: bool, n: int = 8) -> dict:
     model, _, transforms, tokens, z_a = student(bits, n)
     loss = LossConfig(name="kl_top")
-    saved = quantizers.fake_quantize_for_training
+    # The activation form's quantizers call the function through aaq.transforms, the others through aaq.quantizers.
+    modules = (quantizers, aaq_transforms)
+    saved = [module.fake_quantize_for_training for module in modules]
     if detach_scale:
-        quantizers.fake_quantize_for_training = _detached_scale
+        for module in modules:
+            module.fake_quantize_for_training = _detached_scale
     try:
 
         def direction(i: int) -> torch.Tensor:
@@ -120,7 +124,8 @@ def gradient_study(bits: str, detach_scale: bool, n: int = 8) -> dict:
             with nudged(transforms.r1, seed):
                 same.append(direction(0))
     finally:
-        quantizers.fake_quantize_for_training = saved
+        for module, function in zip(modules, saved, strict=True):
+            module.fake_quantize_for_training = function
 
     def cos(x: torch.Tensor, y: torch.Tensor) -> float:
         return float(x @ y / x.norm() / y.norm())
