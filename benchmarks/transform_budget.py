@@ -94,6 +94,7 @@ def quarot(windows: int, seq_len: int, bits: str = "w4a4kv4", generate: bool = F
 ISSUE15 = Cell(
     "ost-issue15", "ostquant", 32, 128, steps=16, batch=1, note="the issue-15 study's setting: 16 steps of one 128-token window, Cayley SGD"
 )
+ADAM_W16 = replace(ISSUE15, optimizer="riemannian_adam", bits="w16a4kv4")
 CELLS: dict[str, Cell] = {
     c.name: c
     for c in (
@@ -119,6 +120,13 @@ CELLS: dict[str, Cell] = {
         replace(ISSUE15, name="ost0-32x128-w16a4kv4", steps=0, bits="w16a4kv4"),
         replace(ISSUE15, name="ost-issue15-w16a4kv4", bits="w16a4kv4"),
         replace(ISSUE15, name="ost-issue15-adam-w16a4kv4", optimizer="riemannian_adam", bits="w16a4kv4"),
+        replace(ADAM_W16, name="ost-issue15-adam-noscales-w16a4kv4", flags=("--no-smoothing",), note="Adam, rotations only (no smoothing scales)"),
+        replace(
+            ADAM_W16,
+            name="ost-issue15-adam-scalesonly-w16a4kv4",
+            rotation_lr=1e-9,
+            note="Adam, smoothing scales only (rotations frozen by a rate of 1e-9)",
+        ),
         replace(
             ISSUE15,
             name="ost-issue15-lowlr-w16a4kv4",
