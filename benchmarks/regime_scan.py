@@ -352,6 +352,9 @@ def plot(body: dict, path: Path) -> None:
             label=f"named by the rule: {decision['named']}",
         )
     ax.set_xscale("log")
+    ticks = [1.0, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0]
+    ax.set_xticks([t for t in ticks if t <= 1.05 * max(xs)], [f"{t:g}" for t in ticks if t <= 1.05 * max(xs)])
+    ax.minorticks_off()
     ax.set_ylim(-3, 103)
     ax.set_xlabel("held-out PPL / FP PPL (QuaRot, mean over seeds; FP at 1)")
     ax.set_ylabel("% of prompts (40 harmful tuning / 128 benign training)")
