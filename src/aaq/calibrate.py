@@ -354,7 +354,7 @@ def calibrate(
     train, heldout = heldout_split(tokens.shape[0], settings.heldout_windows, seed)
 
     def measure(since: list[LossTerms]) -> None:
-        scalars = _heldout_scalars(model, tokens, heldout, teacher, settings, device)
+        scalars = _heldout_scalars(model, tokens, heldout, teacher, settings, device, state.step)
         _record_heldout(state, scalars, [terms.scalars()["loss"] for terms in since])
 
     history: list[dict[str, float]] = []
@@ -409,11 +409,13 @@ def calibrate(
     )
 
 
-def _heldout_scalars(model: PreTrainedModel, tokens: Tensor, heldout: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device) -> dict[str, float]:
+def _heldout_scalars(
+    model: PreTrainedModel, tokens: Tensor, heldout: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device, step: int
+) -> dict[str, float]:
     """The student's loss terms on the held-out windows (their mean; in batches of the step size; no gradients), summed over the processes."""
     count = 3 if settings.loss.needs_reference else 2
     totals = torch.zeros(count, device=device)
-    with torch.no_grad():
+    with distributed.agreed(f"the held-out loss at step {step}"), torch.no_grad():
         for chunk in heldout.split(settings.batch_size):
             share = distributed.share(chunk)
             if len(share):
