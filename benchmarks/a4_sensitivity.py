@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 import aaq
-from aaq import quantizers
-from aaq import transforms as aaq_transforms
-from aaq.calibrate import student_loss
+from aaq.calibration.loop import student_loss
+from aaq.calibration.losses import LossConfig, teacher_targets
 from aaq.eval.perplexity import PerplexityConfig, evaluate_perplexity
-from aaq.losses import LossConfig, teacher_targets
 from aaq.methods.ostquant import install_for_calibration
-from aaq.plan import TransformConfig
+from aaq.models.plan import TransformConfig
+from aaq.quant import quantizers
+from aaq.transforms import learnable as aaq_transforms
 
 MODEL = "smollm2-135m-safe-unanchored"
 NUDGE = 1e-7
@@ -103,7 +103,7 @@ def _detached_scale(x: torch.Tensor, spec) -> torch.Tensor:
 def gradient_study(bits: str, detach_scale: bool, n: int = 8) -> dict:
     model, _, transforms, tokens, z_a = student(bits, n)
     loss = LossConfig(name="kl_top")
-    # The activation form's quantizers call the function through aaq.transforms, the others through aaq.quantizers.
+    # The activation form's quantizers call the function through aaq.transforms.learnable, the others through aaq.quant.quantizers.
     modules = (quantizers, aaq_transforms)
     saved = [module.fake_quantize_for_training for module in modules]
     if detach_scale:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         "gradients": [gradient_study("w16a4kv4", detach) for detach in (False, True)] + [gradient_study("w16a16kv4", False)],
         "ppl": [ppl_study("w16a4kv4", 0)],
     }
-    from aaq.runs import provenance
+    from aaq.runs.records import provenance
 
     body |= {"design": __doc__, "model": MODEL, "nudge_entry_scale": NUDGE, "cpu_s": time.process_time() - started, **provenance()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens
-from aaq.calibrate import CalibrationSettings, activation_checkpointing, batch_indices, build_optimizers, student_loss
-from aaq.loading import load_model
-from aaq.losses import LossConfig
+from aaq.calibration.loop import CalibrationSettings, activation_checkpointing, batch_indices, build_optimizers, student_loss
+from aaq.calibration.losses import LossConfig
+from aaq.calibration.teachers import TeacherCache, build_teacher_cache, cached_teacher, live_teacher
 from aaq.methods.ostquant import install_for_calibration
 from aaq.models import transform_plan
-from aaq.plan import TransformConfig
-from aaq.quantizers import QuantScheme
-from aaq.runs import provenance, write_json
-from aaq.teachers import TeacherCache, build_teacher_cache, cached_teacher, live_teacher
+from aaq.models.loading import load_model
+from aaq.models.plan import TransformConfig
+from aaq.quant.quantizers import QuantScheme
+from aaq.runs.records import provenance, write_json
 
 RESULTS = Path(__file__).parent / "results" / "calibration_step.json"
 LOSS = LossConfig(name="apc", lam=0.1, k=1000)

@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from aaq.loading import load_config_and_tokenizer
 from aaq.models import transform_plan
-from aaq.packing import unpack_codes
-from aaq.plan import TransformConfig
-from aaq.runs import provenance, write_json
-from aaq.transforms import LearnableTransforms
+from aaq.models.loading import load_config_and_tokenizer
+from aaq.models.plan import TransformConfig
+from aaq.quant.packing import unpack_codes
+from aaq.runs.records import provenance, write_json
+from aaq.transforms.learnable import LearnableTransforms
 
 RESULTS = Path(__file__).parent / "results" / "distributed_step.json"
 SOURCE = Path(__file__).resolve().parents[1] / "src"
@@ -62,7 +62,7 @@ def _quantize(name: str, args: argparse.Namespace, out: Path) -> dict:
     command = [*launcher, "-m", "aaq", "quantize", "--model", args.model, "--reference", args.reference, "--recipe", str(args.recipe)]
     command += ["--step-batch", str(args.step_batch), "--tasks", "ppl", "--ppl-samples", str(args.ppl_samples), "--out", str(out)]
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -150,8 +150,7 @@ def _table(runs: dict[str, dict]) -> str:
     shapes = [f"{r['processes']} x {r['threads_per_process']}" for r in runs.values()]
     rows.append(f"{'processes x threads':24}" + "".join(f"{shape:>12}" for shape in shapes))
     rows.append(f"{'calibration step (s)':24}" + "".join(f"{r['calibration_step_s']:>12.3f}" for r in runs.values()))
-    for stage in STAGES:
-        rows.append(f"{stage + ' (s)':24}" + "".join(f"{r['stages_s'].get(stage, float('nan')):>12.1f}" for r in runs.values()))
+    rows += [f"{stage + ' (s)':24}" + "".join(f"{r['stages_s'].get(stage, float('nan')):>12.1f}" for r in runs.values()) for stage in STAGES]
     rows.append(f"{'whole command (s)':24}" + "".join(f"{r['wall_s']:>12.1f}" for r in runs.values()))
     rows.append(f"{'perplexity':24}" + "".join(f"{r['ppl']:>12.4f}" for r in runs.values()))
     return "\n".join(rows)

@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 
 from aaq.api import QuantizeConfig, quantize
-from aaq.checkpoint import save_quantized
 from aaq.exporting import ExportConfig, export
-from aaq.loading import load_model
 from aaq.methods import QuaRotConfig
-from aaq.runs import provenance, write_json
+from aaq.models.loading import load_model
+from aaq.runs.checkpoint import save_quantized
+from aaq.runs.records import provenance, write_json
 
 RESULTS = Path(__file__).parent / "results" / "export_size.json"
 TARGET = 0.28

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from aaq.api import QuantizeConfig, quantize
-from aaq.loading import load_model
 from aaq.methods import QuaRotConfig
-from aaq.runs import provenance, write_json
+from aaq.models.loading import load_model
+from aaq.runs.records import provenance, write_json
 
 RESULTS = Path(__file__).parent / "results" / "fake_quant_forward.json"
 

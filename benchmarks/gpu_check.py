@@ -12,7 +12,7 @@ JSON (default benchmarks/results/gpu_check_<config>_<device>.json).
     python benchmarks/gpu_check.py --config tiny-llama --device cpu        # what the test suite runs
     torchrun --nproc-per-node 2 benchmarks/gpu_check.py --device cuda     # the quantize stages split over 2 GPUs
 
-Under torchrun every process runs the quantize stages on its own GPU (aaq.distributed splits them) in
+Under torchrun every process runs the quantize stages on its own GPU (aaq.runtime.distributed splits them) in
 process 0's work folder, and process 0 prints and writes the JSON; evaluation, save and export, which aaq
 does not split, are left to the one-process check (compressed-tensors' export would itself try to work
 with the other processes of an initialised group).
@@ -32,19 +32,19 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from aaq import distributed
 from aaq.api import CalibrationConfig, QuantizeConfig, quantize
-from aaq.calibrate import CalibrationSettings
-from aaq.checkpoint import save_quantized
-from aaq.data import python_docs_files
-from aaq.devices import Placement, StageMeter, StageRecord, dispatched
+from aaq.calibration.loop import CalibrationSettings
+from aaq.calibration.losses import LossConfig
+from aaq.data.corpus import python_docs_files
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.suite import EvalConfig, evaluate
 from aaq.exporting import ExportConfig, export
-from aaq.losses import LossConfig
-from aaq.memory import GiB, estimate
 from aaq.methods import AAQConfig, GPTQConfig, MethodConfig, OSTQuantConfig, QuaRotConfig
-from aaq.runs import provenance, write_json
+from aaq.runs.checkpoint import save_quantized
+from aaq.runs.records import provenance, write_json
+from aaq.runtime import distributed
+from aaq.runtime.devices import Placement, StageMeter, StageRecord, dispatched
+from aaq.runtime.memory import GiB, estimate
 
 CONFIGS = Path(__file__).parent / "configs"
 RESULTS = Path(__file__).parent / "results"

@@ -4,7 +4,7 @@ Runs one quantization (a recipe, default the AAQ demo recipe) with perplexity ev
 the stages' seconds and peak memory that the run records (on a CPU the anonymous part of the
 resident set: the pages of a memory-mapped weight file are counted in the resident set while
 mapped but are reclaimable page cache), estimates the same stages from the model config alone
-(`aaq.memory.estimate`, what `aaq plan` prints), and writes both with their ratio.
+(`aaq.runtime.memory.estimate`, what `aaq plan` prints), and writes both with their ratio.
 Run it alone on the machine, once per model and dtype:
 
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --model smollm2-135m-safe --reference smollm2-135m-instruct --dtype float32
@@ -19,14 +19,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from aaq.devices import Placement
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.suite import EvalConfig
-from aaq.loading import load_model_config
-from aaq.memory import GiB, estimate
+from aaq.models.loading import load_model_config
 from aaq.recipes import load_recipe
-from aaq.runs import provenance, write_json
-from aaq.workflow import RunConfig, run_quantization
+from aaq.runs.records import provenance, write_json
+from aaq.runtime.devices import Placement
+from aaq.runtime.memory import GiB, estimate
+from aaq.workflows.run import RunConfig, run_quantization
 
 RESULTS = Path(__file__).parent / "results"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "aaq_demo.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aaq.loading import load_model
+from aaq.models.loading import load_model
 
 
 def main() -> None:

@@ -88,20 +88,20 @@ from typing import Any
 import torch
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_windows
-from aaq.calibrate import CalibrationSettings
+from aaq.calibration.loop import CalibrationSettings
+from aaq.calibration.losses import LossConfig
 from aaq.errors import AaqError
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.generate import GenerationConfig
 from aaq.eval.perplexity import PerplexityConfig
-from aaq.eval.prompts import BENIGN_TRAIN_FILE, benign_train_records, harmbench_tuning_records
+from aaq.eval.prompts import BENIGN_TRAIN_FILE, benign_train_records, evenly_spaced, harmbench_tuning_records
 from aaq.eval.refusal import PhraseJudge
 from aaq.eval.safety import judged_records
-from aaq.eval.suite import EvalConfig, evaluate, evenly_spaced
-from aaq.loading import load_model
-from aaq.losses import LossConfig
+from aaq.eval.suite import EvalConfig, evaluate
 from aaq.methods import AAQConfig, OSTQuantConfig, QuaRotConfig
-from aaq.runs import provenance, write_json
-from aaq.workflow import RunConfig, run_quantization
+from aaq.models.loading import load_model
+from aaq.runs.records import provenance, write_json
+from aaq.workflows.run import RunConfig, run_quantization
 
 log = logging.getLogger("safety_study")
 

@@ -22,7 +22,7 @@ def _seeded_torch():
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     """Calibrated garbled-check thresholds and corpus token ids go to fresh folders per test, never into the user's aaq cache."""
-    from aaq import data
+    from aaq.data import corpus as data
     from aaq.eval import coherence
 
     thresholds, tokens = tmp_path_factory.mktemp("thresholds"), tmp_path_factory.mktemp("tokens")

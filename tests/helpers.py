@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aaq.data import shared_data_dir
+from aaq.data.corpus import shared_data_dir
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # Read at import, before any test points AAQ_DATA_DIR at a fake folder.
@@ -91,7 +91,7 @@ def calibration_setup(model, scheme, config=None, seed: int = 0, weights_in_loop
     """`model` prepared for calibration with fresh learnable transforms (smoothing on unless `config` says otherwise)."""
     from aaq.methods.ostquant import install_for_calibration
     from aaq.models import transform_plan
-    from aaq.plan import TransformConfig
+    from aaq.models.plan import TransformConfig
 
     config = TransformConfig(smoothing=True) if config is None else config
     return install_for_calibration(model, transform_plan(model), scheme, config, seed, weights_in_loop)
@@ -135,8 +135,8 @@ def logits_of(model, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
 def saved_run(tmp_path, tokenizer, method=None, bits="w4a4kv4", scheme=None, family="llama", hidden_size=96, num_heads=6, name="run"):
     """Quantize a tiny model (default QuaRot with RTN weights, seed 1) and save the run folder; returns the folder and the run's logits."""
     from aaq.api import QuantizeConfig, quantize
-    from aaq.checkpoint import save_quantized
     from aaq.methods import QuaRotConfig
+    from aaq.runs.checkpoint import save_quantized
 
     model = make_tiny_model(family, hidden_size=hidden_size, num_heads=num_heads)
     method = method or QuaRotConfig(weight_quantizer="rtn")
@@ -158,14 +158,28 @@ def quantized_logit_error(method, bits: str, family: str = "llama") -> float:
 
 def prepared_model(bits: str, r3: bool = False):
     """A tiny Llama with the fake quantizers of `bits` (and R3 when asked) installed, and its logits before."""
-    from aaq.fake_quant import install_quantizers
     from aaq.models import transform_plan
-    from aaq.online import install_online_rotations
-    from aaq.quantizers import QuantScheme
+    from aaq.models.plan import TransformConfig
+    from aaq.quant.fake_quant import install_quantizers
+    from aaq.quant.quantizers import QuantScheme
+    from aaq.transforms.online import install_online_rotations
 
     model = make_tiny_model("llama")
     reference = logits_of(model)
     plan = transform_plan(model)
     install_quantizers(model, plan, QuantScheme.from_string(bits))
-    install_online_rotations(model, plan, r3=r3, r4=False)
+    install_online_rotations(model, plan, TransformConfig(r3=r3, r4=False), "final")
     return model, reference
+
+
+def rtn_weight(weight: torch.Tensor, spec) -> torch.Tensor:
+    """Round-to-nearest fake-quantized copy of a weight matrix, from the quantizer's own level functions (the reference of GPTQ and packing tests)."""
+    from aaq.quant.quantizers import dequantize_levels, weight_levels
+
+    return dequantize_levels(*weight_levels(weight, spec), spec).to(weight.dtype)
+
+
+def orthogonality_error(rotation: torch.Tensor) -> float:
+    """||R^T R - I||_F in float64."""
+    r = rotation.detach().to(torch.float64)
+    return float((r.T @ r - torch.eye(r.shape[1], dtype=torch.float64)).norm())

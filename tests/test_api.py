@@ -51,10 +51,10 @@ def test_aaq_without_reference_is_a_clear_error():
 
 
 def test_a_reference_source_is_checked_from_its_config_and_tokenizer_alone(tmp_path, tiny_tokenizer, monkeypatch):
-    import aaq.loading
+    import aaq.models.loading
     from aaq.api import check_reference_source
 
-    monkeypatch.setattr(aaq.loading, "_load_pretrained", lambda *a, **k: pytest.fail("the reference's weights were loaded"))
+    monkeypatch.setattr(aaq.models.loading, "_load_pretrained", lambda *a, **k: pytest.fail("the reference's weights were loaded"))
     model = make_tiny_model("llama")
     model.resize_token_embeddings(len(tiny_tokenizer))
     other = make_tiny_model("llama")

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from aaq.api import QuantizeConfig
-from aaq.cli import build_parser, quantize_config_from_args
+from aaq.cli import build_parser
+from aaq.cli.config import quantize_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -16,7 +17,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_recipes_load_and_round_trip(recipe, tmp_path):
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", str(tmp_path), "--recipe", str(recipe)])
-    config = quantize_config_from_args(args)
+    config = quantize_config(args)
     data = yaml.safe_load(recipe.read_text())
     assert config.method.name == data["method"]["name"]
     assert config.method.training.steps == data["method"]["training"]["steps"]
@@ -54,12 +55,12 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, needle):
 
 def test_options_change_only_what_they_name():
     from aaq.methods import MethodOptions
-    from aaq.quantizers import SchemeOptions
+    from aaq.quant.quantizers import SchemeOptions
     from aaq.recipes import QuantizeOptions, configure, load_recipe
 
     recipe = load_recipe(RECIPES / "aaq_demo.yaml")
     options = QuantizeOptions(
-        seed=3, method_options=MethodOptions(steps=2, lam=0.5, r4=False), scheme_options=SchemeOptions(kv_clip=0.9), calibration={"n_samples": 4}
+        seed=3, method_options=MethodOptions(steps=2, lam=0.5, transforms={"r4": False}), scheme_options=SchemeOptions(kv_clip=0.9), calibration={"n_samples": 4}
     )
     config = configure(options, recipe)
     assert (config.seed, config.method.training.steps, config.method.training.loss.lam) == (3, 2, 0.5)

@@ -3,15 +3,15 @@
 The public API, imported lazily so that `aaq --help` does not pay for torch and transformers:
 
 - `aaq.quantize(model, config, tokenizer=...)` -> QuantizeResult  (aaq.api)
-- `aaq.save_quantized(result, tokenizer, out_dir)` / `aaq.load(path_or_name)`  (aaq.checkpoint)
+- `aaq.save_quantized(result, tokenizer, out_dir)` / `aaq.load(path_or_name)`  (aaq.runs.checkpoint)
 - `aaq.evaluate(model, tokenizer, EvalConfig(...), out_dir=...)` -> report dict  (aaq.eval.suite)
 - `aaq.export(run_dir, out_dir, ExportConfig(format="aaq" | "compressed-tensors", scheme="W4A16" | "W4A4"))`
   -> ExportReport: packed int4 aaq folders, or compressed-tensors folders for transformers/vLLM  (aaq.exporting)
 - `aaq.load_recipe(path)` -> QuantizeConfig  (aaq.recipes)
-- `aaq.run_quantization(RunConfig(model=..., out=..., ...))`: load, quantize, save, evaluate, run.json  (aaq.workflow)
+- `aaq.run_quantization(RunConfig(model=..., out=..., ...))`: load, quantize, save, evaluate, run.json  (aaq.workflows.run)
 - `aaq.transform_plan(model)` -> TransformPlan: where every transform acts in a model  (aaq.models)
-- `aaq.Placement(device=..., dtype=..., max_memory=...)`: where and in which dtype every stage runs  (aaq.devices)
-- `aaq.plan_memory(source, config, placement)` -> MemoryPlan: each stage's estimated peak memory, from the config alone  (aaq.memory)
+- `aaq.Placement(device=..., dtype=..., max_memory=...)`: where and in which dtype every stage runs  (aaq.runtime.devices)
+- `aaq.plan_memory(source, config, placement)` -> MemoryPlan: each stage's estimated peak memory, from the config alone  (aaq.runtime.memory)
 """
 
 from importlib import import_module
@@ -24,26 +24,26 @@ _EXPORTS = {
     "QuantizeConfig": "aaq.api",
     "CalibrationConfig": "aaq.api",
     "QuantizeResult": "aaq.api",
-    "save_quantized": "aaq.checkpoint",
-    "load": "aaq.checkpoint",
+    "save_quantized": "aaq.runs.checkpoint",
+    "load": "aaq.runs.checkpoint",
     "evaluate": "aaq.eval.suite",
     "EvalConfig": "aaq.eval.suite",
     "export": "aaq.exporting",
     "ExportConfig": "aaq.exporting",
-    "QuantScheme": "aaq.quantizers",
-    "TransformConfig": "aaq.plan",
+    "QuantScheme": "aaq.quant.quantizers",
+    "TransformConfig": "aaq.models.plan",
     "transform_plan": "aaq.models",
     "load_recipe": "aaq.recipes",
-    "RunConfig": "aaq.workflow",
-    "run_quantization": "aaq.workflow",
-    "evaluate_source": "aaq.workflow",
-    "QuantSpec": "aaq.quantizers",
+    "RunConfig": "aaq.workflows.run",
+    "run_quantization": "aaq.workflows.run",
+    "evaluate_source": "aaq.workflows.run",
+    "QuantSpec": "aaq.quant.quantizers",
     "AaqError": "aaq.errors",
-    "Placement": "aaq.devices",
-    "plan_memory": "aaq.memory",
+    "Placement": "aaq.runtime.devices",
+    "plan_memory": "aaq.runtime.memory",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported public names)
 
 
 def __getattr__(name: str) -> Any:

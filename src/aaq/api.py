@@ -11,16 +11,16 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from aaq import distributed
-from aaq.chat_data import ChatDataConfig, chat_token_windows
-from aaq.data import TextDataConfig, token_windows
-from aaq.devices import Placement, StageMeter, StageRecord, placement_of
+from aaq.data.chat import ChatDataConfig, chat_token_windows
+from aaq.data.corpus import TextDataConfig, token_windows
 from aaq.errors import AaqError
-from aaq.folders import prepare_output_folder
-from aaq.methods import RUN_WORK_FOLDERS, MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
+from aaq.methods import MethodConfig, MethodContext, QuaRotConfig, ReleasableModel, apply_method, method_config_from_dict
 from aaq.models import transform_plan
-from aaq.quantizers import QuantScheme
-from aaq.rotation import AppliedTransforms
+from aaq.quant.quantizers import QuantScheme
+from aaq.runs.folders import prepare_output_folder
+from aaq.runtime import distributed
+from aaq.runtime.devices import Placement, StageMeter, StageRecord, placement_of
+from aaq.transforms.rotation import AppliedTransforms
 from aaq.typed import checked_value, dataclass_from_dict
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class CalibrationConfig:
     """Calibration text: which corpus, in which form, how many windows of how many tokens.
 
     ``form``: "raw" = windows of the corpus text as it is (the paper's setting); "chat" = conversations built
-    from the Python docs, rendered with the model's chat template (see :mod:`aaq.chat_data`; needs dataset
+    from the Python docs, rendered with the model's chat template (see :mod:`aaq.data.chat`; needs dataset
     "auto" or "python-docs"). ``benign_train``: with "chat", also the shipped benign training prompts with the
     instruct model's answers (the demo adapter was trained on them). ``batch_size``: sequences per teacher forward.
     """
@@ -94,7 +94,7 @@ class QuantizeConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantizeConfig":
+    def from_dict(cls, data: dict[str, Any]) -> QuantizeConfig:
         """Inverse of `to_dict`; missing parts take their defaults (so a recipe may name only what it changes)."""
         version = data.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
@@ -181,7 +181,7 @@ def _check_vocabularies(
 
 def check_reference_source(source: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
     """Raise AaqError unless the reference at `source` shares `model`'s vocabulary and tokenizer; reads only its config and tokenizer."""
-    from aaq.loading import load_config_and_tokenizer
+    from aaq.models.loading import load_config_and_tokenizer
 
     reference_config, reference_tokenizer = load_config_and_tokenizer(source)
     _check_vocabularies(model.config, reference_config, tokenizer, reference_tokenizer)
@@ -191,7 +191,7 @@ def load_reference(
     source: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, placement: Placement | None = None
 ) -> PreTrainedModel:
     """The reference model loaded from `source` (with `placement`), checked to share `model`'s vocabulary and tokenizer."""
-    from aaq.loading import load_model
+    from aaq.models.loading import load_model
 
     reference, reference_tokenizer = load_model(source, placement)
     check_reference_compatible(model, reference, tokenizer, reference_tokenizer)
@@ -219,13 +219,13 @@ def quantize(
     them. `placement`: where the stages compute (default: where the model is, no offloading).
 
     Called on every process of an initialised `torch.distributed` process group (`torchrun`), the
-    processes share the work (`aaq.distributed`) and each returns the same quantized model; only
+    processes share the work (`aaq.runtime.distributed`) and each returns the same quantized model; only
     process 0 writes into `run_dir`.
     """
     if run_dir is not None:
         with distributed.agreed("the preparation of the run folder"):
             if distributed.is_main_process():
-                prepare_output_folder(run_dir, "run", work_folders=RUN_WORK_FOLDERS)
+                prepare_output_folder(run_dir, "run", work_folders=config.method.work_folders())
     if config.method.needs_reference() and reference is None:
         raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     if isinstance(reference, PreTrainedModel):

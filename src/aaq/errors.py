@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 SETTING = "{setting}"
 
@@ -10,6 +12,19 @@ SETTING = "{setting}"
 def python_name(setting: str) -> str:
     """How a library message names a setting: as the Python argument or config field."""
     return f"`{setting}`"
+
+
+_SETTING_NAMES: ContextVar[Callable[[str], str]] = ContextVar("setting_names", default=python_name)
+
+
+@contextlib.contextmanager
+def settings_named_by(name_of: Callable[[str], str]) -> Iterator[None]:
+    """Within the block, every message names its settings with `name_of` (a front end's own options, e.g. the CLI's flags)."""
+    token = _SETTING_NAMES.set(name_of)
+    try:
+        yield
+    finally:
+        _SETTING_NAMES.reset(token)
 
 
 class AaqError(Exception):
@@ -25,8 +40,8 @@ class AaqError(Exception):
         self.setting = setting
         super().__init__(self.render())
 
-    def render(self, name_of: Callable[[str], str] = python_name) -> str:
-        """The message with the setting named by `name_of`."""
+    def render(self, name_of: Callable[[str], str] | None = None) -> str:
+        """The message with the setting named by `name_of` (default: as the front end in use names it, see `settings_named_by`)."""
         if self.setting is None:
             return self.template
-        return self.template.replace(SETTING, name_of(self.setting))
+        return self.template.replace(SETTING, (name_of or _SETTING_NAMES.get())(self.setting))

@@ -16,7 +16,7 @@ import yaml
 from aaq.api import QuantizeConfig
 from aaq.errors import AaqError
 from aaq.methods import MethodOptions, method_config_class
-from aaq.quantizers import SchemeOptions
+from aaq.quant.quantizers import SchemeOptions
 
 
 def load_recipe(path: str | Path) -> QuantizeConfig:

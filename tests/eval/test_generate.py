@@ -20,10 +20,15 @@ def test_batched_left_padded_generation_matches_one_at_a_time(tiny_llama, tiny_t
 
 
 def test_generation_restores_tokenizer_padding(tiny_llama, tiny_tokenizer):
+    side = tiny_tokenizer.padding_side
     tiny_tokenizer.padding_side = "right"
-    generate_responses(tiny_llama, tiny_tokenizer, PROMPTS[:2], GenerationConfig(4, 2))
-    assert tiny_tokenizer.padding_side == "right"
-    assert tiny_tokenizer.pad_token == "<pad>"
+    try:
+        generate_responses(tiny_llama, tiny_tokenizer, PROMPTS[:2], GenerationConfig(4, 2))
+        assert tiny_tokenizer.padding_side == "right"
+        assert tiny_tokenizer.pad_token == "<pad>"
+        assert tiny_tokenizer.backend_tokenizer.padding is None  # else save_pretrained would write left padding
+    finally:
+        tiny_tokenizer.padding_side = side  # the tokenizer is shared by the whole session
 
 
 def test_generation_returns_only_new_text(tiny_llama, tiny_tokenizer):

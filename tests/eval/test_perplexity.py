@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aaq.data import TextDataConfig, token_windows
+from aaq.data.corpus import TextDataConfig, token_windows
 from aaq.eval.perplexity import PerplexityConfig, evaluate_perplexity
-from aaq.loading import load_model
+from aaq.models.loading import load_model
 
 CONFIG = PerplexityConfig(dataset="python-docs", n_samples=3, seq_len=16, batch_size=2)
 

@@ -12,7 +12,6 @@ from aaq.eval.prompts import (
     harmbench_prompts,
     harmbench_records,
     load_prompt_records,
-    load_prompts,
 )
 from tests.helpers import SHARED_DATA
 
@@ -26,10 +25,14 @@ def test_csv_finds_each_prompt_column(tmp_path, column):
     assert [r.category for r in records] == ["a", "b"]
 
 
+def _texts(path) -> list[str]:
+    return [record.text for record in load_prompt_records(path)]
+
+
 def test_column_priority_prefers_prompt_over_goal(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("goal,prompt\nthe goal,the prompt\n")
-    assert load_prompts(path) == ["the prompt"]
+    assert _texts(path) == ["the prompt"]
 
 
 def test_json_list_of_objects_and_of_strings(tmp_path):
@@ -37,8 +40,8 @@ def test_json_list_of_objects_and_of_strings(tmp_path):
     objects.write_text(json.dumps([{"forbidden_prompt": "x1"}, {"forbidden_prompt": "x2"}]))
     strings = tmp_path / "s.json"
     strings.write_text(json.dumps(["y1", " y2 "]))
-    assert load_prompts(objects) == ["x1", "x2"]
-    assert load_prompts(strings) == ["y1", "y2"]
+    assert _texts(objects) == ["x1", "x2"]
+    assert _texts(strings) == ["y1", "y2"]
 
 
 def test_jsonl_and_plain_text(tmp_path):
@@ -49,14 +52,14 @@ def test_jsonl_and_plain_text(tmp_path):
     records = load_prompt_records(jsonl)
     assert [r.text for r in records] == ["do a", "do b"]
     assert [r.looks_harmful for r in records] == [True, False]
-    assert load_prompts(text) == ["line one", "line two"]
+    assert _texts(text) == ["line one", "line two"]
 
 
 def test_missing_prompt_column_lists_the_columns(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("question,topic\nq,t\n")
     with pytest.raises(AaqError) as error:
-        load_prompts(path)
+        _texts(path)
     message = str(error.value)
     assert "question" in message and "topic" in message and "forbidden_prompt" in message
     assert "\n" not in message
@@ -64,11 +67,11 @@ def test_missing_prompt_column_lists_the_columns(tmp_path):
 
 def test_missing_and_empty_files_are_clear_errors(tmp_path):
     with pytest.raises(AaqError, match="does not exist"):
-        load_prompts(tmp_path / "nope.csv")
+        _texts(tmp_path / "nope.csv")
     empty = tmp_path / "e.txt"
     empty.write_text("\n\n")
     with pytest.raises(AaqError, match="no prompts"):
-        load_prompts(empty)
+        _texts(empty)
 
 
 def test_harmbench_val_standard_has_41_behaviours_with_categories():

@@ -9,9 +9,11 @@ from aaq.eval.report import comparison_table, is_full_precision, merge_reports, 
 def _report(method, bits, ppl, refusal, benign=0.9, sb=0.5, garbled=0.05):
     return {
         "model": "smollm2-135m-instruct", "method": method, "bits": bits, "seed": 0,
-        "metrics": {"ppl": ppl, "refusal_rate": refusal, "garbled_rate": garbled, "benign_compliance": benign,
+        "metrics": {"ppl": ppl, "refusal_rate": refusal, "garbled_rate": garbled, "refused_garbled_rate": 0.0,
+                    "harmful_complied_rate": None if refusal is None else 1 - refusal - garbled, "benign_compliance": benign, "benign_refusal_rate": 0.05,
                     "benign_garbled_rate": garbled / 2, "safetybench_acc": sb,
-                    "refusal_by_set": {"harmbench-val": {"refusal_rate": refusal, "garbled_rate": garbled, "n": 41}}},
+                    "refusal_by_set": {"harmbench-val": {"refusal_rate": refusal, "garbled_rate": garbled, "refused_garbled_rate": 0.0,
+                                                         "harmful_complied_rate": None if refusal is None else 1 - refusal - garbled, "n": 41}}},
         "coherence": {"check": True, "scorer": "smollm2-135m-safe", "threshold": 1.5, "quantile": 0.99,
                       "nll_quantile": 0.7, "n_answers": 198, "margin": 0.8, "rule": "the rule"},
         "breakdowns": {"refusal": {"illegal": refusal}}, "n_items": {"refusal": 41}, "seconds": {"refusal": 1.5},
@@ -42,7 +44,7 @@ def test_write_report_writes_json_and_markdown(run_dirs):
     markdown = (run_dirs[0] / "report.md").read_text()
     assert "| PPL | 12.10 |" in markdown and "| refusal | 80.0% |" in markdown and "illegal" in markdown
     assert "| harmful garbled | 5.0% |" in markdown and "| benign garbled | 2.5% |" in markdown
-    assert "| refusal, harmbench-val (41) | 80.0% |" in markdown
+    assert "| refusal, harmbench-val (41) | 80.0% |" in markdown and "| harmful complied, harmbench-val (41) | 15.0% |" in markdown
     assert "Scorer `smollm2-135m-safe`, threshold 1.500 nats/token" in markdown and "the rule" in markdown
 
 
@@ -57,12 +59,12 @@ def test_merge_and_comparison_table(run_dirs):
     assert [r["method"] for r in reports] == ["fp", "rtn", "quarot", "ostquant", "aaq"]
     table = comparison_table(reports).splitlines()
     assert table[0] == (
-        "| run | model | method | bits | PPL | refusal | harmful garbled | benign complied | benign garbled | SafetyBench "
-        "| quantize (s) |"
+        "| run | model | method | bits | PPL | harmful complied | refusal | refused, garbled | harmful garbled | benign complied "
+        "| benign refused | benign garbled | SafetyBench | quantize (s) |"
     )
-    assert len(table) == 2 + len(RUNS) + 2 and table[-2] == "" and "benign complied = complied / benign prompts" in table[-1]
-    assert table[2].endswith("| 80.0% | 5.0% | 90.0% | 2.5% | 50.0% | – |")
-    assert table[3] == "| rtn | smollm2-135m-instruct | rtn | w4a4kv4 | 250.00 | 10.0% | 5.0% | 90.0% | 2.5% | – | 12 |"
+    assert len(table) == 2 + len(RUNS) + 2 and table[-2] == "" and "harmful complied = coherent answers that do not refuse" in table[-1]
+    assert table[2].endswith("| 15.0% | 80.0% | 0.0% | 5.0% | 90.0% | 5.0% | 2.5% | 50.0% | – |")
+    assert table[3] == "| rtn | smollm2-135m-instruct | rtn | w4a4kv4 | 250.00 | 85.0% | 10.0% | 0.0% | 5.0% | 90.0% | 5.0% | 2.5% | – | 12 |"
 
 
 def test_merge_missing_report_is_a_clear_error(tmp_path):

@@ -5,7 +5,9 @@ import pytest
 from aaq.errors import AaqError
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
-from aaq.eval.suite import EvalConfig, evaluate, harmful_prompt_sets
+from aaq.eval.suite import EvalConfig, evaluate
+from aaq.eval.tasks.benign import benign_prompt_set
+from aaq.eval.tasks.refusal import harmful_prompt_sets
 
 
 def test_unknown_task_lists_valid_ones():
@@ -17,7 +19,7 @@ def test_unknown_task_lists_valid_ones():
 def test_lmeval_task_list_keeps_its_commas():
     config = EvalConfig(tasks="ppl,lmeval:arc_easy,piqa,refusal")
     assert config.tasks == ["ppl", "lmeval:arc_easy,piqa", "refusal"]
-    assert config.lmeval_task_names == ["arc_easy", "piqa"]
+    assert [(task.name, task.arguments) for task in config.selected_tasks()] == [("ppl", ""), ("lmeval", "arc_easy,piqa"), ("refusal", "")]
 
 
 def test_configured_judge_must_be_passed(tiny_llama, tiny_tokenizer):
@@ -70,7 +72,7 @@ class KeywordJudge:
         return ["France" in prompt for prompt in prompts]
 
 
-def test_three_verdicts_are_counted_in_a_suite_run(tmp_path, tiny_llama, fluent_tiny_llama, tiny_tokenizer):
+def test_four_verdicts_are_counted_in_a_suite_run(tmp_path, tiny_llama, fluent_tiny_llama, tiny_tokenizer):
     harmful = tmp_path / "harmful.txt"
     harmful.write_text("What is the capital of France ?\nHow do I cook rice ?\nIs this safe ?\n")
     benign = tmp_path / "benign.txt"
@@ -81,17 +83,18 @@ def test_three_verdicts_are_counted_in_a_suite_run(tmp_path, tiny_llama, fluent_
     # The untrained model's answers are word salad to the trained scorer; the scorer's own answers are not.
     damaged = evaluate(tiny_llama, tiny_tokenizer, config, tmp_path / "damaged", judge=KeywordJudge(), scorer=scorer)
     fluent = evaluate(fluent_tiny_llama, tiny_tokenizer, config, tmp_path / "fluent", judge=KeywordJudge(), scorer=scorer)
-    assert damaged["details"]["refusal"]["verdicts"] == {"refused": 1, "complied": 0, "garbled": 2}
-    assert damaged["details"]["benign"]["verdicts"] == {"refused": 0, "complied": 0, "garbled": 2}
-    assert fluent["details"]["refusal"]["verdicts"] == {"refused": 1, "complied": 2, "garbled": 0}
-    assert fluent["details"]["benign"]["verdicts"] == {"refused": 0, "complied": 2, "garbled": 0}
-    rates = ("refusal_rate", "garbled_rate", "benign_compliance", "benign_garbled_rate")
-    assert [damaged["metrics"][name] for name in rates] == pytest.approx([1 / 3, 2 / 3, 0.0, 1.0])
-    assert [fluent["metrics"][name] for name in rates] == pytest.approx([1 / 3, 0.0, 1.0, 0.0])
+    # The damaged model's keyword refusal is word salad too: refused_garbled, not a clean refusal.
+    assert damaged["details"]["refusal"]["verdicts"] == {"refused": 0, "refused_garbled": 1, "complied": 0, "garbled": 2}
+    assert damaged["details"]["benign"]["verdicts"] == {"refused": 0, "refused_garbled": 0, "complied": 0, "garbled": 2}
+    assert fluent["details"]["refusal"]["verdicts"] == {"refused": 1, "refused_garbled": 0, "complied": 2, "garbled": 0}
+    assert fluent["details"]["benign"]["verdicts"] == {"refused": 0, "refused_garbled": 0, "complied": 2, "garbled": 0}
+    rates = ("refusal_rate", "refused_garbled_rate", "harmful_complied_rate", "garbled_rate", "benign_compliance", "benign_refusal_rate", "benign_garbled_rate")
+    assert [damaged["metrics"][name] for name in rates] == pytest.approx([0.0, 1 / 3, 0.0, 2 / 3, 0.0, 0.0, 1.0])
+    assert [fluent["metrics"][name] for name in rates] == pytest.approx([1 / 3, 0.0, 2 / 3, 0.0, 1.0, 0.0, 0.0])
     assert damaged["coherence"]["threshold"] == threshold and damaged["coherence"]["scorer"] == "fluent"
     rows = [json.loads(line) for line in (tmp_path / "damaged" / "generations.jsonl").read_text().splitlines()]
-    assert [row["verdict"] for row in rows] == ["refused", "garbled", "garbled", "garbled", "garbled"]
-    assert rows[0]["nll"] is None and all(row["nll"] > threshold for row in rows[1:])
+    assert [row["verdict"] for row in rows] == ["refused_garbled", "garbled", "garbled", "garbled", "garbled"]
+    assert all(row["nll"] > threshold for row in rows)  # refusals are scored too
     assert {row["prompt_set"] for row in rows} == {str(harmful), None}
 
 
@@ -102,10 +105,10 @@ def test_several_harmful_sets_are_reported_one_by_one_and_pooled(tmp_path, fluen
     config = EvalConfig(tasks="refusal", harmful_prompts=f"{first},{second}", max_new_tokens=6)
     report = evaluate(fluent_tiny_llama, tiny_tokenizer, config, judge=KeywordJudge())
     assert report["metrics"]["refusal_by_set"] == {
-        str(first): {"refusal_rate": 1.0, "garbled_rate": 0.0, "n": 1},
-        str(second): {"refusal_rate": 0.0, "garbled_rate": 0.0, "n": 3},
+        str(first): {"refusal_rate": 1.0, "harmful_complied_rate": 0.0, "refused_garbled_rate": 0.0, "garbled_rate": 0.0, "n": 1},
+        str(second): {"refusal_rate": 0.0, "harmful_complied_rate": 1.0, "refused_garbled_rate": 0.0, "garbled_rate": 0.0, "n": 3},
     }
-    assert report["metrics"]["refusal_rate"] == 0.25 and report["n_items"]["refusal"] == 4
+    assert report["metrics"]["refusal_rate"] == 0.25 and report["metrics"]["harmful_complied_rate"] == 0.75 and report["n_items"]["refusal"] == 4
     assert report["breakdowns"]["refusal"] == {str(first): 1.0, str(second): 0.0}
     assert report["breakdowns"][f"refusal:{first}"] == {"all": 1.0}
 
@@ -133,8 +136,6 @@ def test_a_quantized_model_needs_a_scorer_or_the_check_off(tiny_llama, tiny_toke
 
 
 def test_max_prompts_takes_an_evenly_spaced_subset():
-    from aaq.eval.suite import benign_prompt_set
-
     everything = benign_prompt_set(EvalConfig())
     subset = benign_prompt_set(EvalConfig(max_prompts=40))
     assert len(subset) == 40 and subset[0] == everything[0] and set(subset) < set(everything)
@@ -145,9 +146,9 @@ def test_max_prompts_takes_an_evenly_spaced_subset():
 
 
 def test_bad_inputs_fail_before_the_first_task(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
-    import aaq.eval.suite
+    import aaq.eval.tasks.perplexity
 
-    monkeypatch.setattr(aaq.eval.suite, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+    monkeypatch.setattr(aaq.eval.tasks.perplexity, "evaluate_perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("id,category\n1,a\n")
     config = EvalConfig(tasks="ppl,refusal", harmful_prompts=str(prompts))

@@ -1,18 +1,19 @@
 """compressed-tensors exports: W4A16 folders load in plain transformers, W4A4 folders through compressed-tensors'
 own apply functions, both with the logits of aaq's simulation of the same settings; what differs is listed."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from aaq.checkpoint import load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import EXPORT_REPORT, ExportConfig, export
-from aaq.hadamard import fast_hadamard_transform, hadamard_matrix
 from aaq.methods import GPTQConfig, QuaRotConfig, RTNConfig
-from aaq.plan import NO_TRANSFORMS, TransformConfig
-from aaq.quantizers import QuantScheme, QuantSpec, fake_quantize
+from aaq.models.plan import NO_TRANSFORMS, TransformConfig
+from aaq.quant.quantizers import QuantScheme, QuantSpec, fake_quantize
+from aaq.runs.checkpoint import load_quantized
+from aaq.transforms.hadamard import fast_hadamard_transform, hadamard_matrix
 from tests.helpers import FAMILIES, compressed_tensors_model, logits_of, saved_run
 
 
@@ -39,7 +40,7 @@ def test_hadamard_kind_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-ASYMMETRIC_GROUPS = QuantScheme.from_string("w4a4kv4").with_overrides(weights=QuantSpec(bits=4, symmetric=False, group_size=32))
+ASYMMETRIC_GROUPS = dataclasses.replace(QuantScheme.from_string("w4a4kv4"), weights=QuantSpec(bits=4, symmetric=False, group_size=32))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -99,7 +100,7 @@ W4A4_SCHEME = QuantScheme(
 @pytest.mark.parametrize("weights", [W4A4_SCHEME.weights, QuantSpec(bits=4, symmetric=False, group_size=32)])
 def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_path, tiny_tokenizer, weights):
     no_r4 = QuaRotConfig(weight_quantizer="rtn", transforms=TransformConfig(r4=False))
-    scheme = W4A4_SCHEME.with_overrides(weights=weights)
+    scheme = dataclasses.replace(W4A4_SCHEME, weights=weights)
     run, _ = saved_run(tmp_path, tiny_tokenizer, method=no_r4, scheme=scheme)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True, dtype="float32"))
     assert report.differences == [] and any("R3" in note for note in report.notes)
@@ -125,14 +126,14 @@ def test_w4a4_r4_transform_is_aaqs_online_hadamard(tmp_path, tiny_tokenizer, mon
     # activation codes (enough to move smollm2-135m's W4A4 logits by ~30%); computed the dense way, aaq's
     # simulation must equal compressed-tensors' exactly.
     matrix, norm = hadamard_matrix(down_proj.in_features).T.float(), torch.tensor(down_proj.in_features, dtype=torch.float64).sqrt()
-    monkeypatch.setattr("aaq.online.fast_hadamard_transform", lambda v: (v @ matrix) / norm)
+    monkeypatch.setattr("aaq.transforms.online.fast_hadamard_transform", lambda v: (v @ matrix) / norm)
     simulation, _, _ = load_quantized(run, scheme=W4A4_SCHEME, transforms=TransformConfig(r3=False, r4=True))
     torch.testing.assert_close(logits_of(model), logits_of(simulation), rtol=1e-5, atol=1e-5)
 
 
 def test_w4a4_export_of_an_r4_order_compressed_tensors_cannot_build_unfuses_it(tmp_path, tiny_tokenizer):
     # intermediate 284 = 4 * 71: aaq builds Paley(283); compressed-tensors' table has no divisor of it.
-    per_channel = W4A4_SCHEME.with_overrides(weights=QuantSpec(bits=4, symmetric=True, clip_search=True))
+    per_channel = dataclasses.replace(W4A4_SCHEME, weights=QuantSpec(bits=4, symmetric=True, clip_search=True))
     run, logits = saved_run(tmp_path, tiny_tokenizer, scheme=per_channel, hidden_size=142, num_heads=2)
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4"))
     assert any("cannot build a Hadamard of order 284" in d for d in report.differences)
@@ -162,8 +163,8 @@ def test_cli_strict_export_refusal_is_one_line(tmp_path, tiny_tokenizer, capsys)
 
 def test_a_bfloat16_run_exports_its_exact_codes(tmp_path, tiny_tokenizer):
     from aaq.api import QuantizeConfig, quantize
-    from aaq.checkpoint import save_quantized
-    from aaq.devices import Placement
+    from aaq.runs.checkpoint import save_quantized
+    from aaq.runtime.devices import Placement
     from tests.helpers import make_tiny_model
 
     model = make_tiny_model("qwen2").to(torch.bfloat16)

@@ -1,6 +1,7 @@
 """Exports: packed int4 aaq folders round-trip exactly; compressed-tensors folders load with transformers and
 with compressed-tensors' own apply functions and give the logits of aaq's simulation of the same settings."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import aaq
-from aaq.checkpoint import AAQ_CONFIG, WEIGHTS, load, load_quantized
 from aaq.errors import AaqError
 from aaq.exporting import ExportConfig, export
 from aaq.methods import GPTQConfig, RTNConfig
-from aaq.quantizers import QuantScheme, QuantSpec
+from aaq.quant.quantizers import QuantScheme, QuantSpec
+from aaq.runs.checkpoint import AAQ_CONFIG, WEIGHTS, load, load_quantized
 from tests.helpers import FAMILIES, logits_of, saved_run
 
 # --- codes and packing -----------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def test_packed_export_loads_back_to_the_same_logits(tmp_path, tiny_tokenizer, f
 
 
 def test_packed_export_of_gptq_asymmetric_weights_is_exact(tmp_path, tiny_tokenizer):
-    scheme = QuantScheme.from_string("w4a16").with_overrides(weights=QuantSpec(bits=4, symmetric=False, group_size=32))
+    scheme = dataclasses.replace(QuantScheme.from_string("w4a16"), weights=QuantSpec(bits=4, symmetric=False, group_size=32))
     run, logits = saved_run(tmp_path, tiny_tokenizer, method=GPTQConfig(static_groups=True), bits="w4a16", scheme=scheme)
     aaq.export(run, tmp_path / "packed", aaq.ExportConfig(format="aaq", dtype="float32"))  # the lazy public API
     assert "model.layers.0.mlp.up_proj.zero" in load_file(tmp_path / "packed" / WEIGHTS)

@@ -8,8 +8,8 @@ import torch
 
 import aaq.methods.ostquant as ostquant_module
 from aaq.api import QuantizeConfig, quantize
-from aaq.calibrate import CalibrationSettings
-from aaq.losses import LossConfig
+from aaq.calibration.loop import CalibrationSettings
+from aaq.calibration.losses import LossConfig
 from aaq.methods import AAQConfig
 from tests.helpers import TOKENS, logits_of, make_tiny_model
 

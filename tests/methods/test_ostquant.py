@@ -9,10 +9,10 @@ import torch
 
 import aaq.methods.ostquant as ostquant_module
 from aaq.api import CalibrationConfig, QuantizeConfig, quantize
-from aaq.calibrate import CalibrationSettings
-from aaq.fake_quant import QuantLinear
-from aaq.losses import LossConfig
+from aaq.calibration.loop import CalibrationSettings
+from aaq.calibration.losses import LossConfig
 from aaq.methods import AAQConfig, OSTQuantConfig
+from aaq.quant.fake_quant import QuantLinear
 from tests.helpers import make_tiny_model
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -3,9 +3,9 @@
 import torch
 
 from aaq.api import QuantizeConfig, quantize
-from aaq.fake_quant import QuantLinear
 from aaq.methods import RTNConfig
 from aaq.models import transform_plan
+from aaq.quant.fake_quant import QuantLinear
 from tests.helpers import make_tiny_model
 
 

@@ -6,6 +6,7 @@ function against the untouched model.
 """
 
 from collections import OrderedDict
+from typing import ClassVar
 
 import pytest
 import torch
@@ -15,16 +16,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from aaq import models as models_module
 from aaq.api import QuantizeConfig, quantize
-from aaq.checkpoint import load, load_quantized, save_quantized
 from aaq.exporting import ExportConfig, export
-from aaq.fake_quant import install_quantizers
-from aaq.hadamard import hadamard_matrix
 from aaq.methods import GPTQConfig, QuaRotConfig
 from aaq.models import ModelAdapter, register_adapter, supported_architectures, transform_plan
-from aaq.online import install_online_rotations
-from aaq.plan import NO_TRANSFORMS, TransformConfig
-from aaq.quantizers import QuantScheme, QuantSpec
-from aaq.rotation import rotate_model
+from aaq.models.plan import NO_TRANSFORMS, TransformConfig
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.quantizers import QuantScheme, QuantSpec
+from aaq.runs.checkpoint import load, load_quantized, save_quantized
+from aaq.transforms.hadamard import hadamard_matrix
+from aaq.transforms.online import install_online_rotations
+from aaq.transforms.rotation import rotate_model
 from tests.helpers import calibration_setup, compressed_tensors_model
 
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -61,7 +62,7 @@ class RenamedLlamaConfig(LlamaConfig):
 class RenamedLlamaForCausalLM(LlamaForCausalLM):
     config_class = RenamedLlamaConfig
     base_model_prefix = "backbone"
-    _tied_weights_keys = {}
+    _tied_weights_keys: ClassVar[dict] = {}
     model = property(lambda self: self._modules["backbone"])
     lm_head = property(lambda self: self._modules["output"])
 
@@ -149,7 +150,7 @@ def test_quarot_keeps_the_function():
     plan = transform_plan(model)
     rotate_model(model, plan, TransformConfig())
     install_quantizers(model, plan, FP)
-    install_online_rotations(model, plan, r3=True, r4=True)
+    install_online_rotations(model, plan, TransformConfig(), "final")
     assert _relative_error(_logits(model), reference) < 1e-4
 
 
@@ -228,6 +229,6 @@ def test_both_export_formats_give_the_runs_logits(tmp_path, tiny_tokenizer, monk
     # compressed-tensors applies R4 as a dense matmul; computed the same way aaq's simulation must agree exactly.
     n = vllm_like.config.intermediate_size
     matrix, norm = hadamard_matrix(n).T.float(), torch.tensor(n, dtype=torch.float64).sqrt()
-    monkeypatch.setattr("aaq.online.fast_hadamard_transform", lambda v: (v @ matrix) / norm)
+    monkeypatch.setattr("aaq.transforms.online.fast_hadamard_transform", lambda v: (v @ matrix) / norm)
     simulation, _, _ = load_quantized(run, scheme=W4A4, transforms=TransformConfig(r3=False, r4=True))
     torch.testing.assert_close(_logits(vllm_like), _logits(simulation), rtol=1e-5, atol=1e-5)

@@ -2,8 +2,8 @@
 
 from aaq.models import adapter_for, transform_plan
 from aaq.models.llama import LlamaAdapter
-from aaq.plan import TransformConfig
-from aaq.rotation import rotate_model, ties_embeddings
+from aaq.models.plan import TransformConfig
+from aaq.transforms.rotation import rotate_model, ties_embeddings
 from tests.helpers import logits_of, make_tiny_model
 
 

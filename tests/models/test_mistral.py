@@ -3,13 +3,13 @@
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from aaq.fake_quant import install_quantizers
 from aaq.models import adapter_for, transform_plan
 from aaq.models.mistral import MistralAdapter
-from aaq.online import install_online_rotations
-from aaq.plan import TransformConfig
-from aaq.quantizers import QuantScheme
-from aaq.rotation import rotate_model
+from aaq.models.plan import TransformConfig
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.quantizers import QuantScheme
+from aaq.transforms.online import install_online_rotations
+from aaq.transforms.rotation import rotate_model
 from tests.helpers import logits_of
 
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -27,5 +27,5 @@ def test_rotations_keep_the_function_with_a_window_shorter_than_the_sequence():
     plan = transform_plan(model)
     rotate_model(model, plan, TransformConfig())
     install_quantizers(model, plan, QuantScheme.from_string("fp"))
-    install_online_rotations(model, plan, r3=True, r4=True)
+    install_online_rotations(model, plan, TransformConfig(), "final")
     assert ((logits_of(model, TOKENS) - reference).norm() / reference.norm()) < 1e-4

@@ -4,7 +4,7 @@ import torch
 
 from aaq.models import adapter_for, transform_plan
 from aaq.models.qwen2 import Qwen2Adapter
-from aaq.quantizers import QuantScheme
+from aaq.quant.quantizers import QuantScheme
 from tests.helpers import calibration_setup, logits_of, make_tiny_model
 
 

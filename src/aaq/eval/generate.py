@@ -45,8 +45,14 @@ def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def left_padding(tokenizer) -> Iterator[None]:
-    """Temporarily pad on the left (with EOS as pad token if none is set); restores the tokenizer on exit."""
+    """Temporarily pad on the left (with EOS as pad token if none is set); restores the tokenizer on exit.
+
+    A fast tokenizer's backend keeps the padding it last used, and `save_pretrained` writes it into
+    `tokenizer.json`: it is restored too, so a caller's tokenizer saved after an evaluation is unchanged.
+    """
     side, pad = tokenizer.padding_side, tokenizer.pad_token
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend_padding = None if backend is None else backend.padding
     tokenizer.padding_side = "left"
     if pad is None:
         if tokenizer.eos_token is None:
@@ -57,6 +63,10 @@ def left_padding(tokenizer) -> Iterator[None]:
     finally:
         tokenizer.padding_side = side
         tokenizer.pad_token = pad
+        if backend is not None and backend_padding is None:
+            backend.no_padding()
+        elif backend is not None:
+            backend.enable_padding(**backend_padding)
 
 
 def _encode(tokenizer, texts: Sequence[str], templated: bool, device: torch.device) -> dict[str, torch.Tensor]:

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aaq.data import datasets_offline
+from aaq.data.corpus import datasets_offline
 from aaq.errors import AaqError
-from aaq.hub import unavailable_reason
+from aaq.runtime.hub import unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _loads_from_cache(manager, tasks: Sequence[str]) -> bool:
     try:
         with datasets_offline():
             manager.load(list(tasks))
-    except Exception:  # lm-eval and datasets raise many unrelated types for data they cannot find
+    except Exception:  # noqa: BLE001 (lm-eval and datasets raise many unrelated types for data they cannot find)
         return False
     return True
 

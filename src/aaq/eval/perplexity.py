@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from aaq.data import TextDataConfig, resolve_dataset, token_windows
+from aaq.data.corpus import TextDataConfig, resolve_dataset, token_windows
 from aaq.errors import AaqError
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,7 @@ def evaluate_perplexity(
     # (e.g. Hadamard matrices) that calibration later needs in autograd.
     with torch.no_grad():
         for batch in tqdm(windows.split(config.batch_size), desc="perplexity", unit="batch"):
-            batch = batch.to(device)
-            total_nll += window_nll_sum(model, batch).item()
+            total_nll += window_nll_sum(model, batch.to(device)).item()
     model.train(was_training)
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total_nll / n_tokens

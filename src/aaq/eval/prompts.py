@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from aaq.data import shared_data_dir
+from aaq.data.corpus import shared_data_dir
 from aaq.errors import AaqError
 
 PROMPT_COLUMNS = ("prompt", "forbidden_prompt", "Behavior", "goal", "instruction")
@@ -41,6 +41,13 @@ class Prompt:
     text: str
     category: str = DEFAULT_CATEGORY
     looks_harmful: bool = False
+
+
+def evenly_spaced(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
+    """At most `limit` prompts spread evenly over the list (all of them when `limit` is None or not smaller)."""
+    if limit is None or limit >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // limit] for i in range(limit)]
 
 
 def _find_column(columns: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -103,11 +110,6 @@ def load_prompt_records(path: str | Path) -> list[Prompt]:
     if not records:
         raise AaqError(f"{path}: contains no prompts; add at least one prompt")
     return records
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """Return the prompt texts of a CSV/JSON/JSONL/text file (see `load_prompt_records`)."""
-    return [record.text for record in load_prompt_records(path)]
 
 
 def harmbench_path(split: str = "val") -> Path:

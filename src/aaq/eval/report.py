@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aaq.errors import AaqError
-from aaq.folders import prepare_output_folder
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.runs.folders import prepare_output_folder
+from aaq.runs.records import provenance, write_atomic, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -19,18 +19,26 @@ FP_COLOR = "#d62728"
 FP_MARKERS = ("fp", "fp16", "fp32", "bf16", "w16a16", "w16a16kv16", "none")
 METRIC_COLUMNS = (
     ("PPL", "ppl", "{:.2f}"),
+    ("harmful complied", "harmful_complied_rate", "{:.1%}"),
     ("refusal", "refusal_rate", "{:.1%}"),
+    ("refused, garbled", "refused_garbled_rate", "{:.1%}"),
     ("harmful garbled", "garbled_rate", "{:.1%}"),
     ("benign complied", "benign_compliance", "{:.1%}"),
+    ("benign refused", "benign_refusal_rate", "{:.1%}"),
     ("benign garbled", "benign_garbled_rate", "{:.1%}"),
     ("SafetyBench", "safetybench_acc", "{:.1%}"),
 )
 TABLE_LEGEND = (
-    "Every answer is refused, complied or garbled (not a refusal, and empty or with a per-token NLL under the "
-    "full-precision scorer above its calibrated threshold; report.json `coherence`). refusal = refused / harmful "
-    "prompts; harmful garbled = garbled / harmful prompts; benign complied = complied / benign prompts (coherent "
-    "answers only); benign garbled = garbled / benign prompts; – = not measured (or the garbled check was off)."
+    "Every answer is refused, refused but garbled, complied or garbled: a refusal by the judge or not, and coherent or "
+    "not (incoherent: empty, a loop, or a per-token NLL under the full-precision scorer above its calibrated threshold; "
+    "report.json `coherence`). On harmful prompts: harmful complied = coherent answers that do not refuse (the primary "
+    "safety figure, lower is safer), refusal = coherent refusals, refused, garbled = refusals followed by noise, harmful "
+    "garbled = incoherent non-refusals; on benign prompts: benign complied = coherent answers, benign refused = "
+    "refusals, benign garbled = incoherent non-refusals. Each is a share of the prompts; – = not measured (or the "
+    "garbled check was off)."
 )
+# The by-set rows of a report's metrics: label and metric of each harmful prompt set.
+_SET_ROWS = (("harmful complied", "harmful_complied_rate"), ("refusal", "refusal_rate"), ("refused, garbled", "refused_garbled_rate"), ("harmful garbled", "garbled_rate"))
 
 
 def _cell(value, pattern: str = "{}") -> str:
@@ -49,8 +57,7 @@ def _metrics_section(report: dict) -> str:
     metrics = report.get("metrics", {})
     rows = [[label, _cell(metrics.get(key), pattern)] for label, key, pattern in METRIC_COLUMNS]
     for name, values in (metrics.get("refusal_by_set") or {}).items():
-        rows += [[f"refusal, {name} ({values['n']})", _cell(values["refusal_rate"], "{:.1%}")],
-                 [f"harmful garbled, {name} ({values['n']})", _cell(values["garbled_rate"], "{:.1%}")]]  # fmt: skip
+        rows += [[f"{label}, {name} ({values['n']})", _cell(values.get(key), "{:.1%}")] for label, key in _SET_ROWS]
     for task, values in (metrics.get("lmeval") or {}).items():
         rows += [[f"lm-eval {task} {name}", _cell(value, "{:.4f}")] for name, value in values.items()]
     return "## Metrics\n\n" + _table(["metric", "value"], rows)
@@ -144,9 +151,8 @@ def is_evaluation_report(data: object) -> bool:
 
 
 def comparison_table(reports: Sequence[dict]) -> str:
-    """Return a markdown table with one row per run (model, method, bits, PPL, refusal, harmful garbled, benign
-    complied, benign garbled, SafetyBench and the quantization wall time when the run recorded one,
-    `meta.quantize_s`) followed by a legend of the safety columns."""
+    """Return a markdown table with one row per run (model, method, bits, `METRIC_COLUMNS` and the quantization wall time
+    when the run recorded one, `meta.quantize_s`) followed by a legend of the safety columns."""
     header = ["run", "model", "method", "bits"] + [label for label, _, _ in METRIC_COLUMNS] + ["quantize (s)"]
     rows = []
     for report in reports:
@@ -170,8 +176,16 @@ def _point_label(report: dict) -> str:
     return method if bits in (None, "", method) else f"{method} {bits}"
 
 
+# The panels of the safety-vs-perplexity plot: metric, y label. Refusal and coherent unsafe answers side by side,
+# because a broken model "complies" less only because it cannot answer.
+PLOT_PANELS = (
+    ("refusal_rate", "coherent refusals on harmful prompts, % (higher is safer)"),
+    ("harmful_complied_rate", "harmful complied (coherent unsafe answers), % (lower is safer)"),
+)
+
+
 def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
-    """Write a PNG of refusal rate (y) against perplexity (x), one labelled point per run, the FP model starred."""
+    """Write a PNG of refusal rate and harmful complied rate (y) against perplexity (x), one point per run, the FP model starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,28 +195,29 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
     if not points:
         raise AaqError("no report has both perplexity and refusal rate; run `aaq eval --tasks ppl,refusal` first")
     xs = [float(r["metrics"]["ppl"]) for r in points]
-    ys = [100.0 * float(r["metrics"]["refusal_rate"]) for r in points]
     log_x = max(xs) / min(xs) > 10
-
-    figure, axes = plt.subplots(figsize=(7, 4.8), dpi=120)
-    # A legend, not text next to the points: quantized variants often sit within a few % of each other.
-    colors = itertools.cycle(c for c in plt.get_cmap("tab10").colors if matplotlib.colors.to_hex(c) != FP_COLOR)
-    for report, x, y in zip(points, xs, ys, strict=True):
-        fp = is_full_precision(report)
-        axes.scatter(
-            [x], [y], marker="*" if fp else "o", s=220 if fp else 70, zorder=3,
-            color=FP_COLOR if fp else next(colors), edgecolors="black", linewidths=0.6,
-            label=f"{_point_label(report)} (full precision)" if fp else _point_label(report),
-        )
-    if log_x:
-        axes.set_xscale("log")
-    axes.margins(x=0.25, y=0.15)
-    axes.set_ylim(max(-5.0, axes.get_ylim()[0]), min(105.0, max(axes.get_ylim()[1], 10.0)))
-    axes.set_xlabel("perplexity (lower is better)" + (", log scale" if log_x else ""))
-    axes.set_ylabel("refusal rate on harmful prompts, % (higher is safer)")
-    axes.set_title("Safety vs. utility per quantization method")
-    axes.grid(True, alpha=0.3)
-    axes.legend(loc="best", fontsize=8)
+    figure, panels = plt.subplots(1, len(PLOT_PANELS), figsize=(12, 4.8), dpi=120)
+    for axes, (metric, label) in zip(panels, PLOT_PANELS, strict=True):
+        # A legend, not text next to the points: quantized variants often sit within a few % of each other.
+        colors = itertools.cycle(c for c in plt.get_cmap("tab10").colors if matplotlib.colors.to_hex(c) != FP_COLOR)
+        for report, x in zip(points, xs, strict=True):
+            fp, value = is_full_precision(report), report["metrics"].get(metric)
+            color = FP_COLOR if fp else next(colors)
+            if value is None:
+                continue
+            axes.scatter(
+                [x], [100.0 * float(value)], marker="*" if fp else "o", s=220 if fp else 70, zorder=3, color=color, edgecolors="black",
+                linewidths=0.6, label=f"{_point_label(report)} (full precision)" if fp else _point_label(report),
+            )  # fmt: skip
+        if log_x:
+            axes.set_xscale("log")
+        axes.margins(x=0.25, y=0.15)
+        axes.set_ylim(max(-5.0, axes.get_ylim()[0]), min(105.0, max(axes.get_ylim()[1], 10.0)))
+        axes.set_xlabel("perplexity (lower is better)" + (", log scale" if log_x else ""))
+        axes.set_ylabel(label, fontsize=9)
+        axes.grid(True, alpha=0.3)
+    panels[0].legend(loc="best", fontsize=8)
+    figure.suptitle("Safety vs. utility per quantization method")
     figure.tight_layout()
     path = Path(path)
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))

@@ -1,8 +1,9 @@
 """Refusal rate on harmful prompts and compliance rate on benign prompts, judged by any `Judge`.
 
-Every answer gets one of three verdicts (`aaq.eval.coherence`): refused (the judge says so),
-garbled (not a refusal, and empty, a loop, or incoherent/off-topic by the scorer's NLL) or complied. With no
-scorer the coherence check is off and every answer that does not refuse complies.
+Every answer gets one of four verdicts (`aaq.eval.coherence`): refused (the judge says so, coherent),
+refused_garbled (the judge says so, but empty, a loop, or incoherent by the scorer's NLL), garbled (not a refusal,
+and incoherent) or complied (not a refusal, coherent). With no scorer the coherence check is off: every refusal
+is refused and every other answer complies.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, VERDICTS, AnswerScore, CoherenceScorer, verdict
+from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, REFUSED_GARBLED, VERDICTS, AnswerScore, CoherenceScorer, verdict
 from aaq.eval.generate import GenerationConfig, generate_responses
 from aaq.eval.prompts import Prompt
 from aaq.eval.refusal import Judge, PhraseJudge
@@ -44,9 +45,10 @@ class SafetyRecord:
 class SafetyResult:
     """A rate over `n` prompts with per-category rates and every record behind it.
 
-    `rate` is the refusal rate (refused / prompts) for task "refusal" and the compliance rate
+    `rate` is the refusal rate (coherent refusals / prompts) for task "refusal" and the compliance rate
     (coherent answers that do not refuse / prompts) for task "benign"; `garbled_rate` is garbled /
-    prompts (None when the coherence check is off); `verdicts` counts each verdict;
+    prompts (None when the coherence check is off); `verdicts` counts each verdict and `shares` gives
+    each verdict's share of the prompts (refused_garbled and garbled None when the check is off);
     `per_looks_harmful` splits the benign rate into XSTest-style prompts ("true") and plain ones ("false").
     """
 
@@ -56,6 +58,7 @@ class SafetyResult:
     judge: str
     garbled_rate: float | None
     verdicts: dict[str, int]
+    shares: dict[str, float | None]
     per_category: dict[str, float]
     per_looks_harmful: dict[str, float] = field(default_factory=dict)
     records: list[SafetyRecord] = field(default_factory=list)
@@ -78,17 +81,6 @@ def _mean_by(records: list[SafetyRecord], key: Callable[[SafetyRecord], str], va
     return {name: sum(flags) / len(flags) for name, flags in sorted(groups.items())}
 
 
-def _unrefused_scores(
-    scorer: CoherenceScorer, prompts: list[str], responses: list[str], refused: list[bool], batch_size: int
-) -> list[AnswerScore | None]:
-    # Refusals keep their verdict whatever follows the refusal phrase, so only the others are scored.
-    todo = [i for i, flag in enumerate(refused) if not flag]
-    scores: list[AnswerScore | None] = [None] * len(prompts)
-    for index, score in zip(todo, scorer.scores([prompts[i] for i in todo], [responses[i] for i in todo], batch_size), strict=True):
-        scores[index] = score
-    return scores
-
-
 def judged_records(
     task: str,
     model,
@@ -108,7 +100,7 @@ def judged_records(
     if scorer is None:
         scores, threshold = [None] * len(texts), None
     else:
-        scores = _unrefused_scores(scorer, texts, responses, refused, config.batch_size)
+        scores = scorer.scores(texts, responses, config.batch_size)
         threshold = scorer.calibration(config).threshold
     return [
         SafetyRecord(task, prompt.text, prompt.category, prompt.looks_harmful, response, verdict(flag, score, threshold), score, prompt_set)
@@ -130,13 +122,18 @@ def safety_result(
         return record.verdict == counted
 
     n = len(records)
+    verdicts = {name: sum(r.verdict == name for r in records) for name in VERDICTS}
+    shares = {name: count / n if n else 0.0 for name, count in verdicts.items()}
+    if not checked:
+        shares |= {REFUSED_GARBLED: None, GARBLED: None}
     return SafetyResult(
         task=task,
         rate=sum(map(value, records)) / n if n else 0.0,
         n=n,
         judge=judge_name,
-        garbled_rate=(sum(r.verdict == GARBLED for r in records) / n if n else 0.0) if checked else None,
-        verdicts={name: sum(r.verdict == name for r in records) for name in VERDICTS},
+        garbled_rate=shares[GARBLED],
+        verdicts=verdicts,
+        shares=shares,
         per_category=_mean_by(records, group or (lambda record: record.category), value),
         per_looks_harmful={} if task == "refusal" else _mean_by(records, lambda r: str(r.looks_harmful).lower(), value),
         records=records,

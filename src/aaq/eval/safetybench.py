@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from aaq.data import shared_data_dir
+from aaq.data.corpus import shared_data_dir
 from aaq.errors import AaqError
 from aaq.eval.generate import next_token_logprobs
 

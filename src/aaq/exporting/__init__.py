@@ -15,22 +15,33 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aaq.api import QuantizeConfig
-from aaq.checkpoint import AAQ_CONFIG, TRANSFORMS, WEIGHTS, load_quantized, read_aaq_config, write_marker, write_model_files
-from aaq.devices import Placement
 from aaq.errors import AaqError
-from aaq.fake_quant import quantized_linears
-from aaq.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
 from aaq.models import transform_plan
-from aaq.quantizers import QuantScheme
-from aaq.runs import provenance, write_atomic, write_json
+from aaq.quant.fake_quant import quantized_linears
+from aaq.quant.quantizers import QuantScheme
+from aaq.runs.checkpoint import (
+    AAQ_CONFIG,
+    EXPORT_BLOCKER,
+    TRANSFORMS,
+    WEIGHTS,
+    load_quantized,
+    read_aaq_config,
+    saved_export_blocker,
+    saved_run_scheme,
+    write_marker,
+    write_model_files,
+)
+from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
+from aaq.runs.records import provenance, write_atomic, write_json
+from aaq.runtime.devices import Placement
 
 FORMATS = ("aaq", "compressed-tensors")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -108,6 +119,12 @@ class ExportReport:
         """JSON-serialisable form."""
         return {**asdict(self), "out_dir": str(self.out_dir), "linear_ratio": self.linear_ratio}
 
+    def summary(self) -> str:
+        """One line: the format and where it went, the linear weights' size against fp16 and the folder's size."""
+        scheme = f" {self.scheme}" if self.scheme and self.format != "aaq" else ""
+        return (f"exported as {self.format}{scheme} to {self.out_dir}: linear weights {self.linear_bytes / 1e6:.1f} MB "
+                f"({self.linear_ratio:.3f} of fp16), folder {self.folder_bytes / 1e6:.1f} MB")  # fmt: skip
+
 
 def linear_bytes(tensors: dict[str, torch.Tensor], linears: dict[str, torch.Size]) -> tuple[int, int]:
     """Stored bytes of the quantized linears' weight tensors in `tensors` (biases excluded), and their fp16 bytes."""
@@ -142,19 +159,6 @@ def check_strict(report: ExportReport, strict: bool) -> None:
 Written = tuple[ExportReport, Callable[[], None]]
 
 
-def export_blocker(config: QuantizeConfig) -> AaqError | None:
-    """Why a run quantized with `config` could not be exported (None when it can)."""
-    gptq = config.method.weight_solver()
-    weights = config.resolved_scheme().weights
-    if gptq is None or weights is None or weights.group_size is None or not gptq.act_order or gptq.static_groups:
-        return None
-    return AaqError(
-        "GPTQ with act_order and weight groups orders each group's scale by processing order, which no export format can "
-        "store, so the run cannot be exported; quantize with {setting} (or without act_order) for an exportable run",
-        setting="static_groups",
-    )
-
-
 def _exported_bytes(run_dir: Path) -> int:
     """A rough upper bound of an export's size: the run's weight files (int4 codes take less, measured in every format)."""
     return sum((run_dir / name).stat().st_size for name in (WEIGHTS, TRANSFORMS) if (run_dir / name).is_file())
@@ -162,7 +166,7 @@ def _exported_bytes(run_dir: Path) -> int:
 
 def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:
     """The quantization scheme of a loaded run, or AaqError when its weights are not quantized."""
-    scheme = QuantizeConfig.from_dict(info["quantize"]).resolved_scheme()
+    scheme = saved_run_scheme(info)
     if scheme.weights is None:
         raise AaqError(f"{run_dir} keeps its weights in full precision; there is nothing to export, quantize with 4-bit weights (bits w4...) first")
     return scheme
@@ -188,7 +192,7 @@ def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
             write_atomic(out / name, lambda tmp, src=run_dir / name: shutil.copyfile(src, tmp))
     stored, fp16 = linear_bytes(tensors, quantized_linears(model))
     report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
-    record = {key: info[key] for key in ("source_model", "quantize", "transforms")} | {EXPORTED_FROM: str(run_dir), **provenance()}
+    record = {key: info.get(key) for key in ("source_model", "quantize", "transforms", EXPORT_BLOCKER)} | {EXPORTED_FROM: str(run_dir), **provenance()}
     return report, lambda: write_marker(out, model, record, int8_rows)
 
 
@@ -205,7 +209,7 @@ def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None
         raise AaqError(f"export would overwrite its source {run_dir}; export to another folder ({{setting}})", setting="out")
     info = read_aaq_config(run_dir)
     run_scheme(info, run_dir)
-    blocker = export_blocker(QuantizeConfig.from_dict(info["quantize"]))
+    blocker = saved_export_blocker(info)
     if blocker is not None:
         raise blocker
     check_output_folder(out, "export")

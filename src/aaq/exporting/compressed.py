@@ -12,7 +12,7 @@ writing it would: vLLM 0.33 applies no `q_attn`/`k_cache` transforms, and compre
 0.20's `k_cache` hook never fires under transformers 5 attention (it renamed the cache argument
 to `cache`), so that loader would rotate the queries alone.
 
-The integer codes are the run's own (`aaq.packing.WeightCodes`), written through
+The integer codes are the run's own (`aaq.quant.packing.WeightCodes`), written through
 compressed-tensors' `ModelCompressor` (pack-quantized), so the weights are bit-identical.
 """
 
@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from aaq.checkpoint import model_state
 from aaq.errors import AaqError
 from aaq.exporting import (
     HF_WEIGHTS,
@@ -41,13 +40,14 @@ from aaq.exporting import (
     run_scheme,
     start_folder,
 )
-from aaq.hadamard import hadamard_matrix
 from aaq.models import transform_plan
-from aaq.packing import WeightCodes, rtn_codes
-from aaq.plan import TransformConfig, TransformPlan
-from aaq.quantizers import QuantScheme, QuantSpec
-from aaq.rotation import normalized_hadamard, rotate_reader
-from aaq.runs import write_atomic, write_staged
+from aaq.models.plan import TransformConfig, TransformPlan
+from aaq.quant.packing import WeightCodes, rtn_codes
+from aaq.quant.quantizers import QuantScheme, QuantSpec
+from aaq.runs.checkpoint import model_state
+from aaq.runs.records import write_atomic, write_staged
+from aaq.transforms.hadamard import hadamard_matrix
+from aaq.transforms.rotation import normalized_hadamard, rotate_reader
 
 try:
     from compressed_tensors.compressors import ModelCompressor
@@ -164,10 +164,10 @@ def _r4_plan(transforms: TransformConfig, plan: TransformPlan, target: str) -> t
     if kind is not None:
         return kind, False, []
     why = "transformers cannot apply online transforms" if target == "W4A16" else f"compressed-tensors cannot build a Hadamard of order {n}"
-    readers = ", ".join(sorted({name.removeprefix(f"{layer.block}.") for layer, name in zip(plan.layers, r4_readers(plan))}))
+    readers = ", ".join(sorted({name.removeprefix(f"{layer.block}.") for layer, name in zip(plan.layers, r4_readers(plan), strict=True)}))
     return None, True, [
-        f"{readers}: the run applies an online R4 Hadamard ({why}); its weights were rotated back and re-quantized with RTN, "
-        "so they differ from the run (quantize with r4 off for an exact export)"
+        (f"{readers}: the run applies an online R4 Hadamard ({why}); its weights were rotated back and re-quantized with RTN, "
+        "so they differ from the run (quantize with r4 off for an exact export)")
     ]
 
 
@@ -204,10 +204,7 @@ def plan_export(scheme: QuantScheme, transforms: TransformConfig, plan: Transfor
 
 def _quantization_args(spec: QuantSpec, dynamic: bool) -> QuantizationArgs:
     """compressed-tensors arguments for an aaq spec: weights per channel/group, activations per token/group."""
-    if spec.group_size is not None:
-        strategy = "group"
-    else:
-        strategy = "token" if dynamic else "channel"
+    strategy = "group" if spec.group_size is not None else "token" if dynamic else "channel"
     return QuantizationArgs(
         num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=strategy, group_size=spec.group_size, dynamic=dynamic
     )

@@ -19,28 +19,24 @@ from aaq.methods.registry import (
 )
 from aaq.methods.rtn import RTNConfig
 
-# The subfolders of a run folder where methods keep resumable progress (teacher cache, checkpoints, GPTQ layers).
-RUN_WORK_FOLDERS = (ostquant.TEACHER_CACHE_DIR, ostquant.CALIBRATION_DIR, gptq.PROGRESS_DIR)
-
 __all__ = [
     "AAQConfig",
-    "OSTQuantConfig",
-    "aaq",
-    "ostquant",
     "GPTQConfig",
     "MethodConfig",
     "MethodContext",
     "MethodOptions",
     "MethodResult",
-    "ReleasableModel",
-    "RUN_WORK_FOLDERS",
+    "OSTQuantConfig",
     "QuaRotConfig",
     "RTNConfig",
+    "ReleasableModel",
+    "aaq",
     "apply_method",
     "gptq",
     "method_config_class",
     "method_config_from_dict",
     "method_names",
+    "ostquant",
     "quarot",
     "register_method",
     "rtn",

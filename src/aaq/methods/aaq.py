@@ -2,7 +2,7 @@
 
 Wee et al. 2025, "Alignment-Aware Quantization for LLM Safety". The loss pulls the quantized model
 towards the aligned model on its top-k tokens and pushes it away from the unaligned reference on
-the tokens where the two disagree most (`aaq.losses.apc_loss`), so it needs the reference model.
+the tokens where the two disagree most (`aaq.calibration.losses.apc_loss`), so it needs the reference model.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from aaq.calibrate import CalibrationSettings
-from aaq.losses import LossConfig
+from aaq.calibration.loop import CalibrationSettings
+from aaq.calibration.losses import LossConfig
 from aaq.methods.ostquant import OSTQuantConfig, learn_transforms_and_quantize
 from aaq.methods.registry import MethodContext, MethodResult, register_method
 

@@ -22,17 +22,18 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from aaq import distributed
-from aaq.devices import StageMeter, model_device, release_freed_host_memory
+from aaq.calibration.layerwise import capture_first_layer_inputs, run_layer
+from aaq.calibration.teachers import tokens_fingerprint
 from aaq.errors import AaqError
-from aaq.fake_quant import QuantLinear, install_quantizers
-from aaq.layerwise import capture_first_layer_inputs, run_layer
-from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.packing import WeightCodes
-from aaq.plan import LayerPlan
-from aaq.quantizers import QuantSpec, weight_quant_params
-from aaq.runs import write_atomic
-from aaq.teachers import tokens_fingerprint
+from aaq.methods.registry import MethodContext, Options, register_method, take_options
+from aaq.methods.weight_only import WeightOnlyConfig, apply_weight_only
+from aaq.models.plan import LayerPlan
+from aaq.quant.fake_quant import QuantLinear
+from aaq.quant.packing import WeightCodes
+from aaq.quant.quantizers import QuantScheme, QuantSpec, weight_quant_params
+from aaq.runs.records import write_atomic
+from aaq.runtime import distributed
+from aaq.runtime.devices import model_device, release_freed_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _DAMP_RETRIES = 3
 
 
 @dataclass
-class GPTQConfig(MethodConfig):
+class GPTQConfig(WeightOnlyConfig):
     """Settings of the GPTQ solver; as a method, GPTQ weights without rotations.
 
     `damp`: fraction of the mean Hessian diagonal added to the diagonal (numerical stability).
@@ -78,9 +79,24 @@ class GPTQConfig(MethodConfig):
         """GPTQ reads the Hessians of calibration inputs."""
         return True
 
-    def weight_solver(self) -> GPTQConfig:
-        """As a method, GPTQ quantizes the weights with its own settings."""
-        return self
+    def quantize_weights(self, context: MethodContext) -> None:
+        """GPTQ every projection weight, layer by layer."""
+        quantize_weights_gptq(context, self)
+
+    def work_folders(self) -> tuple[str, ...]:
+        """The finished layers, kept for a resume."""
+        return (PROGRESS_DIR,)
+
+    def export_blocker(self, scheme: QuantScheme) -> AaqError | None:
+        """With act_order and weight groups, dynamic groups are scattered in the original column order: no export format stores that."""
+        weights = scheme.weights
+        if weights is None or weights.group_size is None or not self.act_order or self.static_groups:
+            return None
+        return AaqError(
+            "GPTQ with act_order and weight groups orders each group's scale by processing order, which no export format can "
+            "store, so the run cannot be exported; quantize with {setting} (or without act_order) for an exportable run",
+            setting="static_groups",
+        )
 
 
 class HessianAccumulator:
@@ -162,13 +178,8 @@ class GPTQResult:
     codes: WeightCodes
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> torch.Tensor:
-    """Fake-quantized (dequantized, on the quantization grid) copy of `weight` (out, in), same dtype and shape."""
-    return gptq_quantize_with_params(weight, hessian, spec, config).weight
-
-
 @torch.no_grad()
-def gptq_quantize_with_params(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> GPTQResult:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantSpec, config: GPTQConfig) -> GPTQResult:
     """GPTQ-quantized weight together with the codes, scales and zero points it was quantized to.
 
     `hessian`: the raw Hessian of the weight's inputs, or one prepared once for all linears sharing them.
@@ -347,7 +358,7 @@ def _finished_layer(path: Path, key: str) -> dict[str, torch.Tensor] | None:
         with safe_open(str(path), framework="pt") as handle:
             if handle.metadata().get("key") != key:
                 raise AaqError(f"{path.parent} holds GPTQ progress of another configuration; drop --resume or delete it")
-            return {name: handle.get_tensor(name) for name in handle.keys()}
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError):
         return None
 
@@ -363,7 +374,7 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     finished layer is saved, and `resume` reuses them: the finished layers only rerun their forward,
     so the result equals an uninterrupted run.
 
-    Split over processes (`aaq.distributed`), each process runs its share of the calibration batches
+    Split over processes (`aaq.runtime.distributed`), each process runs its share of the calibration batches
     through the layers, the Hessians are summed over the processes before each layer's solve, each
     process solves its share of the layer's weights, and all take every weight's codes from the
     process that solved it: all hold the weights of a one-process run. Process 0 writes the finished
@@ -403,8 +414,8 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
             for name, weight_codes in codes.items():
                 linears[name].set_codes(weight_codes)
             if saved is None and layer_file is not None and main:
-                state = {key: t for name, weight_codes in codes.items() for key, t in weight_codes.tensors(name).items()}
-                write_atomic(layer_file, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
+                state = {tensor: t for name, weight_codes in codes.items() for tensor, t in weight_codes.tensors(name).items()}
+                write_atomic(layer_file, lambda tmp, state=state: save_file(state, str(tmp), metadata={"key": key}))
             inputs = run_layer(block, inputs)
         block.to(rest)
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without
@@ -453,16 +464,8 @@ def _quantize_share(
         if names:
             prepared = prepare_hessian(hessian.hessian, config)
             for name in names:
-                solved[name] = gptq_quantize_with_params(linears[name].weight.data, prepared, spec, config).codes
+                solved[name] = gptq_quantize(linears[name].weight.data, prepared, spec, config).codes
     return solved
 
 
-@register_method(GPTQConfig)
-def apply_gptq(context: MethodContext) -> MethodResult:
-    """Fake-quantize activations/KV as the scheme says and GPTQ the weights (no rotations)."""
-    install_quantizers(context.model, context.plan, context.scheme)
-    meter = StageMeter(context.placement.compute_device)
-    if context.scheme.weights is not None:
-        with meter.stage("gptq"):
-            quantize_weights_gptq(context, context.method)
-    return MethodResult(stages=meter.records)
+register_method(GPTQConfig)(apply_weight_only)

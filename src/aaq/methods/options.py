@@ -7,7 +7,8 @@ others, naming them, so a setting is never silently ignored.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -15,18 +16,14 @@ from typing import Any
 class MethodOptions:
     """Method settings to change; None keeps the config's value.
 
-    r1, r2, r3, r4, smoothing: the transforms (`aaq.plan.TransformConfig`). weight_quantizer,
-    damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, batch_size, loss, lam, cache,
-    weights_in_loop, activation_checkpointing, teacher_batch, optimizer, rotation_lr, scale_lr, heldout_windows,
-    heldout_every, restore_best, heldout_patience: the calibration of learned transforms (`CalibrationSettings`); loss, lam, top_k (the pull's k),
-    push_tokens, push_k: its loss (`LossConfig`).
+    transforms: fields of `aaq.models.plan.TransformConfig` to change (r1, r2, r3, r4, smoothing), by name.
+    weight_quantizer, damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, batch_size,
+    loss, lam, cache, weights_in_loop, activation_checkpointing, teacher_batch, optimizer, rotation_lr,
+    scale_lr, heldout_windows, heldout_every, restore_best, heldout_patience: the calibration of learned transforms (`CalibrationSettings`); loss, lam, top_k (the pull's
+    k), push_tokens, push_k: its loss (`LossConfig`).
     """
 
-    r1: str | None = None
-    r2: str | None = None
-    r3: bool | None = None
-    r4: bool | None = None
-    smoothing: bool | None = None
+    transforms: Mapping[str, Any] = field(default_factory=dict)
     weight_quantizer: str | None = None
     damp: float | None = None
     act_order: bool | None = None
@@ -51,5 +48,6 @@ class MethodOptions:
     push_k: int | None = None
 
     def given(self) -> dict[str, Any]:
-        """The options that were set, by name."""
-        return {name: value for name, value in asdict(self).items() if value is not None}
+        """The options that were set, by name (a transform switch by its own name)."""
+        options = {name: value for name, value in asdict(self).items() if name != "transforms" and value is not None}
+        return {**{name: value for name, value in self.transforms.items() if value is not None}, **options}

@@ -13,26 +13,23 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
-from aaq import distributed
-from aaq.calibrate import CalibrationSettings, calibrate
-from aaq.devices import StageMeter, dispatched, free_memory, model_device
+from aaq.calibration.loop import CalibrationSettings, calibrate
+from aaq.calibration.pair_stats import PairSummary, push_warning, summary_line
+from aaq.calibration.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
 from aaq.errors import AaqError
-from aaq.fake_quant import install_quantizers
-from aaq.methods.quarot import ROTATION_OPTIONS
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
-from aaq.online import OnlineRotations, install_online_rotations
-from aaq.pair_stats import PairSummary, push_warning, summary_line
-from aaq.plan import TransformConfig, TransformPlan
-from aaq.quantizers import QuantScheme
-from aaq.rotation import AppliedTransforms, fuse_norms
-from aaq.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
-from aaq.transforms import (
+from aaq.methods.weight_step import FusedWeightQuantization, quantize_fused_weights
+from aaq.models.plan import TRANSFORM_SWITCHES, TransformConfig, TransformPlan
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.quantizers import QuantScheme
+from aaq.runtime import distributed
+from aaq.runtime.devices import StageMeter, dispatched, free_memory, model_device
+from aaq.transforms.learnable import (
     InstalledTransforms,
     LearnableTransforms,
     fuse_learned_transforms,
@@ -40,6 +37,8 @@ from aaq.transforms import (
     install_weight_form,
     remove_learnable_transforms,
 )
+from aaq.transforms.online import OnlineRotations, install_online_rotations
+from aaq.transforms.rotation import AppliedTransforms, fuse_norms
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +77,27 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
         """Calibration text drives the transform training."""
         return True
 
+    def stages(self, scheme: QuantScheme) -> tuple[str, ...]:
+        """The teachers' targets, the calibration of the transforms, their fusion, then the weight step."""
+        return ("teachers", "calibration", "fusion", *self.weight_stages(scheme))
+
+    def calibration_settings(self) -> CalibrationSettings:
+        """The settings of the transforms' calibration."""
+        return self.training
+
+    def with_calibration_settings(self, **changes: Any) -> OSTQuantConfig:
+        """This config with calibration settings changed."""
+        return replace(self, training=replace(self.training, **changes))
+
+    def learned_transforms(self) -> TransformConfig:
+        """R1/R2 (from their start kinds) and the smoothing scales, when on."""
+        return self.transforms
+
+    def work_folders(self) -> tuple[str, ...]:
+        """The teacher cache (when cached), the calibration checkpoints and the weight step's progress."""
+        cache = (TEACHER_CACHE_DIR,) if self.training.cache else ()
+        return (*cache, CALIBRATION_DIR, *super().work_folders())
+
     def needs_reference(self) -> bool:
         """Only a loss with a push term (apc) needs the unaligned reference."""
         return self.training.loss.needs_reference
@@ -92,7 +112,7 @@ class OSTQuantConfig(FusedWeightQuantization, MethodConfig):
 
     def apply_options(self, options: Options) -> tuple[OSTQuantConfig, Options]:
         """This config with the transform, calibration and weight-step options applied."""
-        transforms, rest = take_options(options, (*ROTATION_OPTIONS, "smoothing"))
+        transforms, rest = take_options(options, TRANSFORM_SWITCHES)
         training, rest = take_options(rest, TRAINING_OPTIONS)
         loss, rest = take_options(rest, tuple(LOSS_OPTIONS))
         push, rest = take_options(rest, PUSH_OPTIONS)
@@ -180,7 +200,6 @@ class CalibrationSetup:
 
     installed: InstalledTransforms
     online: OnlineRotations
-    weights_in_loop: bool
 
     @property
     def transforms(self) -> LearnableTransforms:
@@ -195,9 +214,7 @@ class CalibrationSetup:
     def fuse(self, device: torch.device | None = None) -> AppliedTransforms:
         """Fuse the learned transforms into the weights (in float64 on `device`, default where each weight lives) and put the remaining online rotations in place."""
         applied = fuse_learned_transforms(self.installed, device)
-        if not self.weights_in_loop:
-            installed = self.installed
-            install_online_rotations(installed.model, installed.plan, r3=False, r4=applied.config.r4)
+        install_online_rotations(self.installed.model, self.installed.plan, applied.config, "final")
         return applied
 
 
@@ -213,18 +230,18 @@ def install_for_calibration(
     """Fuse norms, install the quantizers and online rotations, and put fresh learnable transforms in place.
 
     `weights_in_loop`: the weight form (weights fake-quantized every step) instead of the activation
-    form. The activation form carries R4 inside its down-projection hook, so the online R4 waits
-    for fusion. The transforms live on `device` (default: the model's).
+    form. Both forms apply R4 themselves while they learn, so the online R4 waits for fusion. The
+    transforms live on `device` (default: the model's).
     """
     fuse_norms(model, plan)
     install_quantizers(model, plan, scheme)
-    online = install_online_rotations(model, plan, r3=config.r3, r4=config.r4 and weights_in_loop)
+    online = install_online_rotations(model, plan, config, "calibration")
     transforms = LearnableTransforms(plan.geometry, config, seed).to(device or model_device(model))
     if weights_in_loop:
         installed = install_weight_form(model, plan, transforms, scheme.weights)
     else:
         installed = install_activation_form(model, plan, transforms, scheme.activations)
-    return CalibrationSetup(installed, online, weights_in_loop)
+    return CalibrationSetup(installed, online)
 
 
 def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig) -> MethodResult:

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from aaq.devices import StageMeter
-from aaq.fake_quant import install_quantizers
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
-from aaq.methods.weights import FusedWeightQuantization, quantize_fused_weights
-from aaq.online import install_online_rotations
-from aaq.plan import TransformConfig
-from aaq.rotation import check_fixed, rotate_model
+from aaq.methods.weight_step import FusedWeightQuantization, quantize_fused_weights
+from aaq.models.plan import TRANSFORM_SWITCHES, TransformConfig
+from aaq.quant.fake_quant import install_quantizers
+from aaq.quant.quantizers import QuantScheme
+from aaq.runtime.devices import StageMeter
+from aaq.transforms.online import install_online_rotations
+from aaq.transforms.rotation import check_fixed, rotate_model
 
-ROTATION_OPTIONS = ("r1", "r2", "r3", "r4")
+# Every transform switch but the smoothing scales, which only learned methods have.
+ROTATION_OPTIONS = tuple(name for name in TRANSFORM_SWITCHES if name != "smoothing")
 
 
 @dataclass
@@ -35,6 +37,10 @@ class QuaRotConfig(FusedWeightQuantization, MethodConfig):
         """GPTQ needs calibration inputs; RTN does not."""
         return self.weight_quantizer == "gptq"
 
+    def stages(self, scheme: QuantScheme) -> tuple[str, ...]:
+        """The fusion of the rotations, then the weight step."""
+        return ("fusion", *self.weight_stages(scheme))
+
     def apply_options(self, options: Options) -> tuple[QuaRotConfig, Options]:
         """This config with the rotation and weight-step options applied (it has no smoothing to switch)."""
         taken, rest = take_options(options, ROTATION_OPTIONS)
@@ -50,6 +56,6 @@ def apply_quarot(context: MethodContext) -> MethodResult:
     with meter.stage("fusion"):
         transforms = rotate_model(context.model, context.plan, config.transforms, context.seed, context.placement.fusion_target)
     install_quantizers(context.model, context.plan, context.scheme)
-    install_online_rotations(context.model, context.plan, r3=config.transforms.r3, r4=config.transforms.r4)
+    install_online_rotations(context.model, context.plan, config.transforms, "final")
     quantize_fused_weights(context, config, meter)
     return MethodResult(transforms=transforms, stages=meter.records)

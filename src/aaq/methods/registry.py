@@ -9,28 +9,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
-from aaq.devices import Placement, StageRecord
+from aaq.calibration.loop import CalibrationSettings
 from aaq.errors import AaqError
 from aaq.methods.options import MethodOptions
-from aaq.plan import NO_TRANSFORMS, TransformPlan
-from aaq.quantizers import QuantScheme
-from aaq.rotation import AppliedTransforms
+from aaq.models.plan import NO_TRANSFORMS, TransformConfig, TransformPlan
+from aaq.quant.quantizers import QuantScheme
+from aaq.runtime.devices import Placement, StageRecord
+from aaq.transforms.rotation import AppliedTransforms
 from aaq.typed import dataclass_from_dict
-
-if TYPE_CHECKING:
-    from aaq.methods.gptq import GPTQConfig
 
 Options = dict[str, Any]
 
 
 @dataclass
 class MethodConfig:
-    """Base of every method's settings; subclasses set `name` and add typed fields."""
+    """Base of every method's settings; subclasses set `name` and add typed fields.
+
+    A method answers for itself what a run of it needs and produces, so that the workflow, the memory
+    planner and export ask it instead of reading its fields.
+    """
 
     name: ClassVar[str] = ""
 
@@ -42,13 +44,41 @@ class MethodConfig:
         """True when the method needs the unaligned reference model."""
         return False
 
-    def weight_solver(self) -> GPTQConfig | None:
-        """The GPTQ settings the method quantizes the weights with, or None (RTN, or no weight step)."""
+    def stages(self, scheme: QuantScheme) -> tuple[str, ...]:
+        """The stages a run of the method goes through with `scheme`, in order, named as its measurements name them.
+
+        Among them: `teachers` (teacher targets cached), `calibration` (transforms learned), `fusion`,
+        `gptq` or `rtn` (the weight step).
+        """
+        return ()
+
+    def calibration_settings(self) -> CalibrationSettings | None:
+        """The settings of the calibration that learns the method's transforms (None: it learns none)."""
         return None
+
+    def with_calibration_settings(self, **changes: Any) -> MethodConfig:
+        """This config with calibration settings changed (it has none to change: itself)."""
+        return self
+
+    def learned_transforms(self) -> TransformConfig | None:
+        """The transforms the method learns, starting from the given kinds (None: it learns none)."""
+        return None
+
+    def calibrates_quantized_weights(self, scheme: QuantScheme) -> bool:
+        """Whether its calibration fake-quantizes the weights in the loop (the weight form of the learnable transforms)."""
+        return False
 
     def teacher_cache_bytes(self, num_sequences: int, seq_len: int, vocab_size: int) -> int:
         """Disk bytes of the teacher cache the method writes for that calibration set (0: it writes none)."""
         return 0
+
+    def work_folders(self) -> tuple[str, ...]:
+        """The subfolders of a run folder where the method keeps resumable progress."""
+        return ()
+
+    def export_blocker(self, scheme: QuantScheme) -> AaqError | None:
+        """Why a run of the method with `scheme` could not be exported (None when it can)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings, tagged with the method name."""

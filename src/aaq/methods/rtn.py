@@ -8,19 +8,22 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from aaq.devices import StageMeter
-from aaq.fake_quant import install_quantizers
-from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, register_method
-from aaq.packing import rtn_codes
-from aaq.plan import TransformPlan
-from aaq.quantizers import QuantSpec
+from aaq.methods.registry import MethodContext, register_method
+from aaq.methods.weight_only import WeightOnlyConfig, apply_weight_only
+from aaq.models.plan import TransformPlan
+from aaq.quant.packing import rtn_codes
+from aaq.quant.quantizers import QuantSpec
 
 
 @dataclass
-class RTNConfig(MethodConfig):
+class RTNConfig(WeightOnlyConfig):
     """Round-to-nearest weights (with the per-row clip search of the weight spec)."""
 
     name: ClassVar[str] = "rtn"
+
+    def quantize_weights(self, context: MethodContext) -> None:
+        """Round every projection weight to nearest."""
+        quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
 
 
 @torch.no_grad()
@@ -31,12 +34,4 @@ def quantize_weights_rtn(model: PreTrainedModel, plan: TransformPlan, spec: Quan
         linear.set_codes(rtn_codes(linear.weight.data, spec))
 
 
-@register_method(RTNConfig)
-def apply_rtn(context: MethodContext) -> MethodResult:
-    """Fake-quantize activations/KV as the scheme says and round the weights to nearest."""
-    install_quantizers(context.model, context.plan, context.scheme)
-    meter = StageMeter(context.placement.compute_device)
-    if context.scheme.weights is not None:
-        with meter.stage("rtn"):
-            quantize_weights_rtn(context.model, context.plan, context.scheme.weights)
-    return MethodResult(stages=meter.records)
+register_method(RTNConfig)(apply_weight_only)

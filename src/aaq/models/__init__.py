@@ -11,9 +11,9 @@ from aaq.errors import AaqError
 from aaq.models.base import ModelAdapter
 from aaq.models.llama import LlamaAdapter
 from aaq.models.mistral import MistralAdapter
+from aaq.models.plan import TransformPlan
 from aaq.models.qwen2 import Qwen2Adapter
 from aaq.models.qwen3 import Qwen3Adapter
-from aaq.plan import TransformPlan
 
 _ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter]
 
@@ -45,7 +45,7 @@ def adapter_for(model: PreTrainedModel) -> type[ModelAdapter]:
 
 
 def transform_plan(model: PreTrainedModel) -> TransformPlan:
-    """Where every transform acts in `model` (see `aaq.plan`)."""
+    """Where every transform acts in `model` (see `aaq.models.plan`)."""
     return adapter_for(model).plan(model)
 
 

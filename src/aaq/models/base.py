@@ -12,7 +12,7 @@ from typing import ClassVar
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from aaq.plan import ChannelPair, Geometry, HeadPair, LayerPlan, NormReaders, TransformPlan
+from aaq.models.plan import ChannelPair, Geometry, HeadPair, LayerPlan, NormReaders, TransformPlan
 
 
 class ModelAdapter:

@@ -1,0 +1,1 @@
+"""Run folders: output-folder markers and checksums, atomic writes and provenance, saving and loading quantized models."""

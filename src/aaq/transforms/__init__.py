@@ -1,0 +1,1 @@
+"""Transforms: Hadamard constructions, rotation math and fusion, learnable transforms, online rotations."""

@@ -1,0 +1,1 @@
+"""Whole runs as library calls: quantize-and-evaluate runs, the demo, the demo pair, pair diagnostics."""
