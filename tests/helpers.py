@@ -1,7 +1,6 @@
 """Tiny random models of every supported family, shared by the tests."""
 
 import torch
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aaq.data.corpus import shared_data_dir
@@ -95,30 +94,6 @@ def calibration_setup(model, scheme, config=None, seed: int = 0, weights_in_loop
 
     config = TransformConfig(smoothing=True) if config is None else config
     return install_for_calibration(model, transform_plan(model), scheme, config, seed, weights_in_loop)
-
-
-def compressed_tensors_model(folder):
-    """The exported folder loaded with compressed-tensors' own apply functions (quantization and transforms, simulated)."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-    from compressed_tensors.transform import TransformConfig, apply_transform_config
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    compressor = ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(config.quantization_config))
-    transforms = config.quantization_config["transform_config"]
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    if transforms:
-        apply_transform_config(model, TransformConfig.model_validate(transforms))
-    apply_quantization_config(model, compressor.quantization_config)
-    compressor.compress_model(model)
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-    # R3 is a Sylvester Hadamard every loader builds itself: it is not stored.
-    assert not unexpected and all(".R3_" in name for name in missing), (missing, unexpected)
-    compressor.decompress_model(model)
-    return model
 
 
 TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

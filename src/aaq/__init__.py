@@ -11,6 +11,8 @@ The public API, imported lazily so that `aaq --help` does not pay for torch and 
 - `aaq.run_quantization(RunConfig(model=..., out=..., ...))`: load, quantize, save, evaluate, run.json  (aaq.workflows.run)
 - `aaq.transform_plan(model)` -> TransformPlan: where every transform acts in a model  (aaq.models)
 - `aaq.Placement(device=..., dtype=..., max_memory=...)`: where and in which dtype every stage runs  (aaq.runtime.devices)
+- `aaq.audit(AuditConfig(original=..., quantized=[...], out=...))` -> AuditResult: did quantization cost a model its
+  safety? Any quantized checkpoint against its original, paired by prompt, with a CI gate  (aaq.auditing)
 - `aaq.plan_memory(source, config, placement)` -> MemoryPlan: each stage's estimated peak memory, from the config alone  (aaq.runtime.memory)
 """
 
@@ -41,6 +43,8 @@ _EXPORTS = {
     "AaqError": "aaq.errors",
     "Placement": "aaq.runtime.devices",
     "plan_memory": "aaq.runtime.memory",
+    "audit": "aaq.auditing",
+    "AuditConfig": "aaq.auditing",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported public names)

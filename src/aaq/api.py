@@ -225,13 +225,14 @@ def quantize(
     if run_dir is not None:
         with distributed.agreed("the preparation of the run folder"):
             if distributed.is_main_process():
-                prepare_output_folder(run_dir, "run", work_folders=config.method.work_folders())
+                prepare_output_folder(run_dir, "run")
     if config.method.needs_reference() and reference is None:
         raise AaqError(f"method {config.method.name} needs the unaligned reference model; pass one ({{setting}})", setting="reference")
     if isinstance(reference, PreTrainedModel):
         check_reference_compatible(model, reference)
     plan = transform_plan(model)
     placement = placement or placement_of(model)
+    placement.check_available()
     meter = StageMeter(placement.compute_device)
     if config.method.needs_calibration() and calibration is None:
         if tokenizer is None:

@@ -26,6 +26,12 @@ def load_recipe(path: str | Path) -> QuantizeConfig:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise AaqError(f"recipe {path} does not exist; pass an existing YAML file") from None
+    except IsADirectoryError:
+        raise AaqError(f"recipe {path} is a folder; pass a YAML file") from None
+    except UnicodeDecodeError:
+        raise AaqError(f"recipe {path} is not a text file (not UTF-8); pass a YAML file") from None
+    except OSError as err:
+        raise AaqError(f"recipe {path} cannot be read ({err.strerror}); pass a readable YAML file") from None
     except yaml.YAMLError as err:
         raise AaqError(f"recipe {path} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from aaq.auditing.sources import simulated_compressed_model
 from aaq.errors import AaqError
 from aaq.exporting import EXPORT_REPORT, ExportConfig, export
 from aaq.methods import GPTQConfig, QuaRotConfig, RTNConfig
@@ -14,7 +15,7 @@ from aaq.models.plan import NO_TRANSFORMS, TransformConfig
 from aaq.quant.quantizers import QuantScheme, QuantSpec, fake_quantize
 from aaq.runs.checkpoint import load_quantized
 from aaq.transforms.hadamard import fast_hadamard_transform, hadamard_matrix
-from tests.helpers import FAMILIES, compressed_tensors_model, logits_of, saved_run
+from tests.helpers import FAMILIES, logits_of, saved_run
 
 
 def test_half_range_activation_scale_is_compressed_tensors_dynamic_quantization():
@@ -86,7 +87,7 @@ def test_w4a16_export_of_an_r4_run_says_what_differs_or_refuses(tmp_path, tiny_t
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A16"))
     assert any("down_proj" in d and "transformers cannot apply" in d for d in report.differences)
     assert json.loads((tmp_path / "ct" / EXPORT_REPORT).read_text())["differences"] == report.differences
-    model = compressed_tensors_model(tmp_path / "ct")
+    model = simulated_compressed_model(tmp_path / "ct")
     relative = (logits_of(model) - logits).norm() / logits.norm()
     assert 0 < relative < 0.2
 
@@ -107,7 +108,7 @@ def test_w4a4_folder_without_r4_simulated_by_compressed_tensors_equals_aaq(tmp_p
     group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["input_activations"] | {"num_bits": 4, "symmetric": True, "dynamic": True, "strategy": "token"} == group["input_activations"]
     simulation, _, _ = load_quantized(run, scheme=scheme, transforms=NO_TRANSFORMS)
-    model = compressed_tensors_model(tmp_path / "ct")
+    model = simulated_compressed_model(tmp_path / "ct")
     torch.testing.assert_close(logits_of(model), logits_of(simulation), rtol=1e-5, atol=1e-5)
 
 
@@ -118,7 +119,7 @@ def test_w4a4_r4_transform_is_aaqs_online_hadamard(tmp_path, tiny_tokenizer, mon
     assert report.differences == []
     transforms = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["transform_config"]
     assert transforms["config_groups"]["R4"]["type"] == r4_type
-    model = compressed_tensors_model(tmp_path / "ct")
+    model = simulated_compressed_model(tmp_path / "ct")
     down_proj = model.model.layers[1].mlp.down_proj
     x = torch.randn(3, down_proj.in_features, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(down_proj.R4_input(x), fast_hadamard_transform(x), rtol=1e-5, atol=1e-5)
@@ -138,7 +139,7 @@ def test_w4a4_export_of_an_r4_order_compressed_tensors_cannot_build_unfuses_it(t
     report = export(run, tmp_path / "ct", ExportConfig(format="compressed-tensors", scheme="W4A4"))
     assert any("cannot build a Hadamard of order 284" in d for d in report.differences)
     assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["transform_config"] == {}
-    relative = (logits_of(compressed_tensors_model(tmp_path / "ct")) - logits).norm() / logits.norm()
+    relative = (logits_of(simulated_compressed_model(tmp_path / "ct")) - logits).norm() / logits.norm()
     assert relative < 0.3
 
 
@@ -177,7 +178,7 @@ def test_a_bfloat16_run_exports_its_exact_codes(tmp_path, tiny_tokenizer):
 
     stored = load_file(tmp_path / "ct" / "model.safetensors")
     assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16 and stored["model.norm.weight"].dtype == torch.bfloat16
-    decompressed = compressed_tensors_model(tmp_path / "ct")
+    decompressed = simulated_compressed_model(tmp_path / "ct")
     for name, module in model.named_modules():
         if getattr(module, "codes", None) is not None:
             assert torch.equal(decompressed.get_submodule(name).weight, module.codes.dequantize()), name

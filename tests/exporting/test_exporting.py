@@ -14,7 +14,7 @@ from aaq.exporting import ExportConfig, export
 from aaq.methods import GPTQConfig, RTNConfig
 from aaq.quant.quantizers import QuantScheme, QuantSpec
 from aaq.runs.checkpoint import AAQ_CONFIG, WEIGHTS, load, load_quantized
-from tests.helpers import FAMILIES, logits_of, saved_run
+from tests.helpers import FAMILIES, logits_of, saved_run, snapshot
 
 # --- codes and packing -----------------------------------------------------------------------------------------
 
@@ -108,10 +108,14 @@ def test_re_exporting_in_another_format_leaves_no_stale_files(tmp_path, tiny_tok
     run, logits = saved_run(tmp_path, tiny_tokenizer, bits="w4a16")
     folder = tmp_path / "out"
     export(run, folder, ExportConfig(format="aaq", dtype="float32"))
-    export(run, folder, ExportConfig(format="compressed-tensors", scheme="W4A4"))
+    before = snapshot(folder)
+    with pytest.raises(AaqError, match="already holds an aaq export; choose another folder or replace it") as refused:
+        export(run, folder, ExportConfig(format="compressed-tensors", scheme="W4A4"))
+    assert refused.value.setting == "overwrite" and snapshot(folder) == before
+    export(run, folder, ExportConfig(format="compressed-tensors", scheme="W4A4"), overwrite=True)
     assert not (folder / AAQ_CONFIG).exists() and not (folder / WEIGHTS).exists()
     assert not (folder / "transforms.safetensors").exists()  # carried by the aaq format only
-    export(run, folder, ExportConfig(format="aaq", dtype="float32"))
+    export(run, folder, ExportConfig(format="aaq", dtype="float32"), overwrite=True)
     assert not (folder / "model.safetensors").exists()
     assert torch.equal(logits_of(load(folder)[0]), logits)
     with pytest.raises(AaqError, match="is an aaq run folder"):

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from aaq import models as models_module
 from aaq.api import QuantizeConfig, quantize
+from aaq.auditing.sources import simulated_compressed_model
 from aaq.exporting import ExportConfig, export
 from aaq.methods import GPTQConfig, QuaRotConfig
 from aaq.models import ModelAdapter, register_adapter, supported_architectures, transform_plan
@@ -26,7 +27,7 @@ from aaq.runs.checkpoint import load, load_quantized, save_quantized
 from aaq.transforms.hadamard import hadamard_matrix
 from aaq.transforms.online import install_online_rotations
 from aaq.transforms.rotation import rotate_model
-from tests.helpers import calibration_setup, compressed_tensors_model
+from tests.helpers import calibration_setup
 
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 FP = QuantScheme.from_string("fp")
@@ -224,7 +225,7 @@ def test_both_export_formats_give_the_runs_logits(tmp_path, tiny_tokenizer, monk
 
     report = export(run, tmp_path / "w4a4", ExportConfig(format="compressed-tensors", scheme="W4A4", strict=True, dtype="float32"))
     assert report.differences == []
-    vllm_like = compressed_tensors_model(tmp_path / "w4a4")
+    vllm_like = simulated_compressed_model(tmp_path / "w4a4")
     assert hasattr(vllm_like.backbone.blocks[1].ffn.w2, "R4_input")
     # compressed-tensors applies R4 as a dense matmul; computed the same way aaq's simulation must agree exactly.
     n = vllm_like.config.intermediate_size

@@ -11,7 +11,7 @@ from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.suite import EvalConfig
 from aaq.methods import AAQConfig, QuaRotConfig, RTNConfig
 from aaq.runs.checkpoint import is_quantized_folder
-from aaq.runs.folders import MARKER
+from aaq.runs.folders import MARKER, make_work_folder
 from aaq.runs.records import write_json
 from aaq.workflows.run import RUN_RECORD, RunConfig, evaluate_source, prepare_run_folder, run_quantization
 
@@ -54,14 +54,23 @@ def test_the_reference_is_required_exactly_when_the_method_pushes(tmp_path):
 
 def test_a_finished_run_is_replaced_only_when_asked(tmp_path):
     out = tmp_path / "run"
-    prepare_run_folder(out, overwrite=False, work_folders=("teacher_cache",))
+    prepare_run_folder(out, overwrite=False)
+    make_work_folder(out, "teacher_cache")
     write_json(out / RUN_RECORD, {})
     write_json(out / "teacher_cache" / "meta.json", {})
     with pytest.raises(AaqError, match="already holds a finished run") as info:
-        prepare_run_folder(out, overwrite=False, work_folders=("teacher_cache",))
+        prepare_run_folder(out, overwrite=False)
     assert info.value.setting == "overwrite"
-    prepare_run_folder(out, overwrite=True, work_folders=("teacher_cache",))
+    prepare_run_folder(out, overwrite=True)
     assert [p.name for p in out.iterdir()] == [MARKER]
+
+
+def test_a_new_attempt_clears_the_failure_of_the_last_one(tmp_path):
+    out = tmp_path / "run"
+    prepare_run_folder(out, overwrite=False)
+    write_json(out / "failed.json", {"stage": "quantize"})
+    prepare_run_folder(out, overwrite=False)
+    assert not (out / "failed.json").exists() and "failed.json" not in json.loads((out / MARKER).read_text())["files"]
 
 
 def test_an_adapter_on_a_run_folder_is_refused(tmp_path, tiny_model_dir, fake_data_dir):
@@ -129,15 +138,32 @@ def test_a_failed_run_records_its_error_and_stage(tmp_path, tiny_model_dir, fake
     assert not (tmp_path / "run" / "failed.json").exists() and (tmp_path / "run" / RUN_RECORD).is_file()
 
 
-def test_the_disk_space_a_run_plans_for(tmp_path, tiny_model_dir):
+def test_the_disk_space_a_run_plans_for_is_what_it_saves(tmp_path, tiny_model_dir, fake_data_dir):
+    from safetensors.torch import load_file
+
     from aaq.models.loading import load_model
+    from aaq.quant.packing import SUFFIXES
+    from aaq.quant.quantizers import QuantScheme, SchemeOptions
+    from aaq.runs.checkpoint import TRANSFORMS, WEIGHTS
     from aaq.workflows.run import planned_run_bytes
 
-    model, _ = load_model(str(tiny_model_dir))
-    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32, the tied lm_head counted once
+    def stored(file, codes: bool) -> int:
+        tensors = load_file(file) if file.is_file() else {}
+        return sum(t.numel() * t.element_size() for name, t in tensors.items() if (name.rpartition(".")[2] in SUFFIXES) == codes)
+
+    grouped = QuantScheme.from_string("w4a16").with_options(SchemeOptions(weight_group_size=32))
+    for method, bits, scheme in ((RTNConfig(), "w4a16", None), (QuaRotConfig(weight_quantizer="rtn"), "w4a4kv4", None), (RTNConfig(), "w4a16", grouped)):
+        model, _ = load_model(str(tiny_model_dir))
+        out = tmp_path / f"{method.name}-{bits}-{scheme is None}"
+        config = RunConfig(model=str(tiny_model_dir), out=out, quantize=QuantizeConfig(method=method, bits=bits, scheme=scheme))
+        planned = planned_run_bytes(config, model, calibration=None)
+        run_quantization(config, model=model, tokenizer=None)
+        codes = stored(out / WEIGHTS, codes=True)
+        rest = stored(out / WEIGHTS, codes=False) + stored(out / TRANSFORMS, codes=False)
+        # The codes exactly; the other tensors exactly without fusion, with it at most the rotations' float64 bound more.
+        assert planned["teacher cache"] == 0 and codes + rest <= planned["weights"] <= codes + rest + (8 * 100_000 if method.name == "quarot" else 0)
     aaq = RunConfig(model="m", out=tmp_path, quantize=QuantizeConfig(method=AAQConfig(), calibration=TINY_CALIBRATION), reference="r")
-    planned = planned_run_bytes(aaq, model, calibration=None)
     k = min(1000, model.config.vocab_size)
-    assert planned == {"teacher cache": 4 * 32 * (2 * k * (4 + 2) + 4), "GPTQ progress": weights, "weights": weights}
+    assert planned_run_bytes(aaq, model, calibration=None)["teacher cache"] == 4 * 32 * (2 * k * (4 + 2) + 4)
     rtn = RunConfig(model="m", out=tmp_path, quantize=QuantizeConfig(method=RTNConfig()), save_model=False)
-    assert planned_run_bytes(rtn, model, calibration=None) == {"teacher cache": 0, "GPTQ progress": 0, "weights": 0}
+    assert planned_run_bytes(rtn, model, calibration=None) == {"teacher cache": 0, "weights": 0, "tokenizer": 0}

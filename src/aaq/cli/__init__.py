@@ -7,16 +7,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from aaq.cli import demo, diagnose, evaluate, export, make_demo_pair, options, plan, quantize, report
+from aaq.cli import audit, demo, diagnose, evaluate, export, make_demo_pair, options, plan, quantize, report
 from aaq.errors import AaqError, settings_named_by
 from aaq.runs.records import git_commit
 from aaq.runtime import distributed
 
-COMMANDS = (quantize, plan, evaluate, report, demo, make_demo_pair, diagnose, export)
+COMMANDS = (quantize, plan, evaluate, report, demo, make_demo_pair, diagnose, export, audit)
 EXAMPLES = """examples:
   aaq quantize --model smollm2-135m-instruct --method quarot --bits w4a4kv4 --out runs/quarot
   aaq eval --model runs/quarot --tasks ppl --out runs/quarot/eval
   aaq export runs/quarot --format compressed-tensors --scheme W4A4 --out runs/quarot-vllm
+  aaq audit --original smollm2-135m-safe --quantized model.Q4_0.gguf runs/quarot --out runs/audit --fail-if "harmful_complied>+0.05"
   aaq demo"""
 
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         summary = command.__doc__.splitlines()[0].rsplit(" (", 1)[0]
         p = sub.add_parser(command.NAME, help=summary[0].lower() + summary[1:], description=command.__doc__, formatter_class=_Help)
         command.add_arguments(p)
-        p.set_defaults(handler=command.run)
+        p.set_defaults(handler=command.run, parser=p)
     return parser
 
 
@@ -60,7 +61,9 @@ def _check_processes(command: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aaq` console script: runs one command, prints a library error as one line and exits 2."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the command's own parser names its help, not the top-level one
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     this = distributed.launched()
     level = logging.WARNING if not this.is_main else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-embeddings", action="store_true", help="store embeddings and lm_head as int8 rows (aaq format)")
     p.add_argument("--device", default="cpu", help="device the run is loaded on while exporting")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (removes only files aaq wrote there, unchanged; anything else is an error)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     if args.scheme is not None and args.format == "aaq":
         raise AaqError("--scheme applies to --format compressed-tensors; the aaq format keeps the run's own scheme")
     config = ExportConfig(format=args.format, strict=args.strict, dtype=args.dtype, int8_embeddings=args.int8_embeddings, device=args.device)
-    report = export(args.run, args.out, config if args.scheme is None else dataclasses.replace(config, scheme=args.scheme))
+    report = export(args.run, args.out, config if args.scheme is None else dataclasses.replace(config, scheme=args.scheme), overwrite=args.overwrite)
     print("\n".join([f"differs: {d}" for d in report.differences] + [f"note: {n}" for n in report.notes] + [report.summary()]))
     return 0

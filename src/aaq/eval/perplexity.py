@@ -70,6 +70,14 @@ def _nll_sum(states: torch.Tensor, input_ids: torch.Tensor, to_logits) -> torch.
     return total
 
 
+def perplexity_of(nll: float) -> float:
+    """exp(`nll`): inf when that overflows a float (a mean NLL above ~709.8 nats), NaN for a NaN NLL."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 def evaluate_perplexity(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: PerplexityConfig
 ) -> PerplexityResult:
@@ -92,7 +100,7 @@ def evaluate_perplexity(
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total_nll / n_tokens
     result = PerplexityResult(
-        ppl=math.exp(nll), nll=nll, n_tokens=n_tokens, dataset=dataset, seconds=time.perf_counter() - start
+        ppl=perplexity_of(nll), nll=nll, n_tokens=n_tokens, dataset=dataset, seconds=time.perf_counter() - start
     )
-    logger.info("perplexity %.3f on %d %s tokens (%.1f s)", result.ppl, n_tokens, dataset, result.seconds)
+    logger.info("perplexity %.4g on %d %s tokens (%.1f s)", result.ppl, n_tokens, dataset, result.seconds)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,13 +42,21 @@ TABLE_LEGEND = (
 _SET_ROWS = (("harmful complied", "harmful_complied_rate"), ("refusal", "refusal_rate"), ("refused, garbled", "refused_garbled_rate"), ("harmful garbled", "garbled_rate"))
 
 
+# Above this magnitude a fixed-point pattern such as "{:.2f}" would print every digit (a broken model's perplexity, 1e172).
+_FIXED_POINT_LIMIT = 1e6
+
+
 def _cell(value, pattern: str = "{}") -> str:
+    """A table cell: – for nothing, inf/nan as such, huge numbers in exponent notation, others with `pattern`."""
     if value is None:
         return "–"
+    if isinstance(value, float) and (not math.isfinite(value) or abs(value) >= _FIXED_POINT_LIMIT):
+        return f"{value:.4g}"
     return pattern.format(value) if isinstance(value, (int, float)) else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of `header` and `rows` (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -60,7 +69,7 @@ def _metrics_section(report: dict) -> str:
         rows += [[f"{label}, {name} ({values['n']})", _cell(values.get(key), "{:.1%}")] for label, key in _SET_ROWS]
     for task, values in (metrics.get("lmeval") or {}).items():
         rows += [[f"lm-eval {task} {name}", _cell(value, "{:.4f}")] for name, value in values.items()]
-    return "## Metrics\n\n" + _table(["metric", "value"], rows)
+    return "## Metrics\n\n" + markdown_table(["metric", "value"], rows)
 
 
 def _breakdowns_section(report: dict) -> str:
@@ -68,13 +77,13 @@ def _breakdowns_section(report: dict) -> str:
     for name, values in (report.get("breakdowns") or {}).items():
         if values:
             rows = [[category, _cell(value, "{:.1%}")] for category, value in values.items()]
-            parts.append(f"### {name}\n\n" + _table(["category", "rate"], rows))
+            parts.append(f"### {name}\n\n" + markdown_table(["category", "rate"], rows))
     return "\n\n".join(parts)
 
 
 def _key_values_section(title: str, values: dict, pattern: str = "{}") -> str:
     rows = [[str(key), _cell(value, pattern)] for key, value in (values or {}).items()]
-    return f"## {title}\n\n" + (_table(["", ""], rows) if rows else "(none)")
+    return f"## {title}\n\n" + (markdown_table(["", ""], rows) if rows else "(none)")
 
 
 def _coherence_section(report: dict) -> str:
@@ -163,7 +172,7 @@ def comparison_table(reports: Sequence[dict]) -> str:
             + [_cell(metrics.get(key), pattern) for _, key, pattern in METRIC_COLUMNS]
             + [_cell((report.get("meta") or {}).get("quantize_s"), "{:.0f}")]
         )
-    return _table(header, rows) + "\n\n" + TABLE_LEGEND + "\n"
+    return markdown_table(header, rows) + "\n\n" + TABLE_LEGEND + "\n"
 
 
 def is_full_precision(report: dict) -> bool:
@@ -226,9 +235,10 @@ def plot_safety_vs_ppl(reports: Sequence[dict], path: str | Path) -> Path:
 
 
 def has_safety_and_ppl(report: dict) -> bool:
-    """Whether a report can be a point of the safety-vs-perplexity plot."""
+    """Whether a report can be a point of the safety-vs-perplexity plot (a finite perplexity and a refusal rate)."""
     metrics = report.get("metrics", {})
-    return bool(metrics.get("ppl")) and metrics.get("refusal_rate") is not None
+    ppl = metrics.get("ppl")
+    return isinstance(ppl, (int, float)) and math.isfinite(ppl) and ppl > 0 and metrics.get("refusal_rate") is not None
 
 
 def write_comparison(reports: Sequence[dict], out_dir: str | Path, title: str, extra: dict | None = None) -> str:

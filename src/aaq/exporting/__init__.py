@@ -14,34 +14,40 @@
 
 from __future__ import annotations
 
-import shutil
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from aaq.errors import AaqError
 from aaq.models import transform_plan
 from aaq.quant.fake_quant import quantized_linears
+from aaq.quant.packing import SUFFIXES
 from aaq.quant.quantizers import QuantScheme
 from aaq.runs.checkpoint import (
-    AAQ_CONFIG,
     EXPORT_BLOCKER,
     TRANSFORMS,
     WEIGHTS,
+    load_checked_tensors,
     load_quantized,
     read_aaq_config,
     saved_export_blocker,
     saved_run_scheme,
     write_marker,
     write_model_files,
+    write_tensors,
 )
 from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
-from aaq.runs.records import provenance, write_atomic, write_json
-from aaq.runtime.devices import Placement
+from aaq.runs.records import provenance, write_json
+from aaq.runtime.devices import DTYPES, Placement
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("aaq", "compressed-tensors")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -49,11 +55,12 @@ EXPORT_DTYPES = (*HALF_DTYPES, "float32")
 SCHEMES = ("W4A16", "W4A4")
 EXPORT_REPORT = "aaq_export.json"
 EXPORTED_FROM = "exported_from"
-# The transformers file names of a compressed-tensors export.
-HF_CONFIG = "config.json"
+# The transformers weights file of a compressed-tensors export.
 HF_WEIGHTS = "model.safetensors"
 # Files of a run folder an aaq export carries over unchanged (the fused transforms, for the record).
 _CARRIED_FILES = (TRANSFORMS,)
+# Bytes per value of the safetensors dtypes a quantized folder stores its codes, scales and zero points in.
+_SAFETENSORS_ITEMSIZE = {"U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -138,15 +145,28 @@ def _weight_part_of(key: str, linears: dict[str, torch.Size]) -> bool:
     return prefix in linears and suffix != "bias"
 
 
-def start_folder(out: Path) -> None:
-    """Make `out` an aaq export folder and remove what an earlier export left there, completion markers first.
+def check_export_folder(out: Path, overwrite: bool) -> None:
+    """Raise AaqError unless `out` can take an export: new, empty, an unfinished export, or with `overwrite` a finished one; changes nothing.
 
-    A crash mid-export then leaves no folder that looks complete, and a folder re-exported in the
-    other format (or from another run) holds no stale weights or transforms of the first.
+    The rules of `aaq quantize`'s run folders (`aaq.runs.folders`): never a folder with foreign files,
+    and an earlier export (of either format) is replaced only when asked.
     """
-    prepare_output_folder(out, "export")
-    for name in (AAQ_CONFIG, HF_CONFIG, EXPORT_REPORT, WEIGHTS, HF_WEIGHTS, *_CARRIED_FILES):
-        (out / name).unlink(missing_ok=True)
+    check_output_folder(out, "export", overwrite=overwrite)
+    if (out / EXPORT_REPORT).exists() and not overwrite:
+        raise AaqError(f"{out} already holds an aaq export; choose another folder or replace it ({{setting}})", setting="overwrite")
+
+
+def start_folder(out: Path, overwrite: bool) -> None:
+    """Make `out` an empty aaq export folder after `check_export_folder`: remove every file an earlier export wrote there.
+
+    Each of them is removed only while unchanged (`aaq.runs.folders.removable`), so a re-export in
+    the other format (or from another run) holds no stale weights or transforms of the first, and a
+    crash mid-export leaves no folder that looks complete.
+    """
+    check_export_folder(out, overwrite)
+    removed = prepare_output_folder(out, "export", overwrite=True)
+    if removed:
+        logger.info("replacing the aaq output in %s: removed %s", out, ", ".join(removed))
 
 
 def check_strict(report: ExportReport, strict: bool) -> None:
@@ -159,9 +179,36 @@ def check_strict(report: ExportReport, strict: bool) -> None:
 Written = tuple[ExportReport, Callable[[], None]]
 
 
-def _exported_bytes(run_dir: Path) -> int:
-    """A rough upper bound of an export's size: the run's weight files (int4 codes take less, measured in every format)."""
-    return sum((run_dir / name).stat().st_size for name in (WEIGHTS, TRANSFORMS) if (run_dir / name).is_file())
+def exported_bytes(run_dir: Path, info: dict[str, Any], config: ExportConfig) -> int:
+    """An estimate of the size of an export, from the shapes in the run's weight file (its header only).
+
+    Integer codes, scales and zero points keep their size; every other tensor takes the export's
+    dtype (the embeddings and lm_head int8 rows with `int8_embeddings`); a W4A4 export with R4 adds
+    one R4 matrix per layer; the run's other files (tokenizer, config, transforms) are copied at most.
+    """
+    remedy = "write the folder again (`aaq quantize`)"
+    try:
+        text = AutoConfig.from_pretrained(run_dir).get_text_config()
+    except (OSError, ValueError) as err:
+        raise AaqError(f"{run_dir / 'config.json'} cannot be read ({str(err).strip().splitlines()[0]}); {remedy}") from None
+    size = DTYPES[config.tensor_dtype(info)].itemsize
+    total = sum(entry.stat().st_size for entry in run_dir.iterdir() if entry.is_file() and entry.name != WEIGHTS)
+    try:
+        with safe_open(str(run_dir / WEIGHTS), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                part = handle.get_slice(name)
+                shape, numel = part.get_shape(), math.prod(part.get_shape())
+                if name.rpartition(".")[2] in SUFFIXES:
+                    total += numel * _SAFETENSORS_ITEMSIZE.get(part.get_dtype(), 4)
+                elif config.int8_embeddings and len(shape) == 2 and shape[0] == text.vocab_size:
+                    total += numel + 4 * shape[0]
+                else:
+                    total += numel * size
+    except (SafetensorError, OSError) as err:
+        raise AaqError(f"{run_dir / WEIGHTS} is corrupt or truncated ({str(err).strip().splitlines()[0]}); {remedy}") from None
+    if config.format == "compressed-tensors" and config.scheme == "W4A4" and info["transforms"].get("r4"):
+        total += text.num_hidden_layers * text.intermediate_size**2 * size
+    return total
 
 
 def run_scheme(info: dict[str, Any], run_dir: Path) -> QuantScheme:
@@ -180,28 +227,31 @@ def load_for_export(run_dir: Path, config: ExportConfig) -> tuple[PreTrainedMode
     return model, tokenizer, info
 
 
-def _export_packed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
+def _export_packed(run_dir: Path, out: Path, config: ExportConfig, overwrite: bool) -> Written:
     """Write the run as an aaq folder: integer codes, 16-bit (or int8) other tensors, the transforms (marker: aaq_config.json)."""
     model, tokenizer, info = load_for_export(run_dir, config)
     plan = transform_plan(model)
     int8_rows = (plan.embeddings, plan.lm_head) if config.int8_embeddings else ()
-    start_folder(out)
-    tensors = write_model_files(model, tokenizer, out, int8_rows)
-    for name in _CARRIED_FILES:
-        if (run_dir / name).is_file():
-            write_atomic(out / name, lambda tmp, src=run_dir / name: shutil.copyfile(src, tmp))
+    carried = {name: load_checked_tensors(run_dir / name, info) for name in _CARRIED_FILES if (run_dir / name).is_file()}
+    start_folder(out, overwrite)
+    checksums: dict[str, str] = {}
+    tensors = write_model_files(model, tokenizer, out, checksums, int8_rows)
+    for name, stored in carried.items():
+        write_tensors(out / name, stored, checksums)
     stored, fp16 = linear_bytes(tensors, quantized_linears(model))
     report = ExportReport(out_dir=out, format=config.format, scheme=None, linear_bytes=stored, linear_fp16_bytes=fp16)
     record = {key: info.get(key) for key in ("source_model", "quantize", "transforms", EXPORT_BLOCKER)} | {EXPORTED_FROM: str(run_dir), **provenance()}
-    return report, lambda: write_marker(out, model, record, int8_rows)
+    return report, lambda: write_marker(out, model, record, checksums, int8_rows)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
+def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None = None, overwrite: bool = False) -> ExportReport:
     """Export the quantized run (or packed export) in `run_dir` to `out_dir` in `config.format`; returns the report.
 
     The report (differences, notes, sizes) is also written to `out_dir/aaq_export.json`. `out_dir`
-    must be new, empty, or an earlier aaq export (which is replaced); everything that can be
-    checked (the run's exportability, the folder, the free disk space) is checked before the run is loaded.
+    must be new, empty, an unfinished aaq export, or with `overwrite` a finished one (replaced, its
+    files removed only while unchanged); everything that can be checked (the run's exportability, the
+    folder, the free disk space) is checked before the run is loaded, and the run's weights against
+    their checksums when they are read.
     """
     config = config or ExportConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -212,14 +262,15 @@ def export(run_dir: str | Path, out_dir: str | Path, config: ExportConfig | None
     blocker = saved_export_blocker(info)
     if blocker is not None:
         raise blocker
-    check_output_folder(out, "export")
-    check_free_space(out, {"export": _exported_bytes(run_dir)})
+    Placement(device=config.device).check_available()
+    check_export_folder(out, overwrite)
+    check_free_space(out, {"export": exported_bytes(run_dir, info, config)}, already=folder_bytes(out))
     if config.format == "aaq":
-        report, write_marker = _export_packed(run_dir, out, config)
+        report, write_marker = _export_packed(run_dir, out, config, overwrite)
     else:
         from aaq.exporting.compressed import export_compressed
 
-        report, write_marker = export_compressed(run_dir, out, config)
+        report, write_marker = export_compressed(run_dir, out, config, overwrite)
     report.folder_bytes = folder_bytes(out)
     write_json(out / EXPORT_REPORT, {**report.to_dict(), "source": str(run_dir), "config": asdict(config)})
     write_marker()

@@ -304,7 +304,7 @@ def _write_config(out: Path, model: PreTrainedModel, compressor: ModelCompressor
     write_staged(out, save)
 
 
-def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written:
+def export_compressed(run_dir: Path, out: Path, config: ExportConfig, overwrite: bool = False) -> Written:
     """Write `run_dir` as a compressed-tensors folder with the `config.scheme` preset (marker: config.json)."""
     fake_quant, tokenizer, info = load_for_export(run_dir, config)
     scheme = run_scheme(info, run_dir)
@@ -322,7 +322,7 @@ def export_compressed(run_dir: Path, out: Path, config: ExportConfig) -> Written
     tensors = model_state(model)
     if plan.r4 is not None:
         tensors.update(r4_tensors(model_plan, model.dtype))
-    start_folder(out)
+    start_folder(out, overwrite)
     write_atomic(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_staged(out, tokenizer.save_pretrained)
     report.linear_bytes, report.linear_fp16_bytes = linear_bytes(tensors, linears)

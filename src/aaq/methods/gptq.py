@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -385,9 +384,9 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     model, plan, spec = context.model, context.plan, context.scheme.weights
     device = context.placement.compute_device
     main = distributed.is_main_process()
-    progress = None if context.run_dir is None else context.run_dir / PROGRESS_DIR
-    if progress is not None and not context.resume and main:
-        shutil.rmtree(progress, ignore_errors=True)
+    if not context.resume:
+        context.drop_work_folder(PROGRESS_DIR)
+    progress = context.work_folder(PROGRESS_DIR)
     key = _progress_key(context, config)
     first_block = model.get_submodule(plan.layers[0].block)
     tokens = context.calibration_tokens[distributed.share_of_batches(context.calibration_tokens.shape[0], context.batch_size)]
@@ -421,8 +420,7 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without
         # this the host peak grows by a copy of the linear weights (1.7 GiB for a 1B model in bf16).
         release_freed_host_memory()
-    if progress is not None and main:
-        shutil.rmtree(progress, ignore_errors=True)
+    context.drop_work_folder(PROGRESS_DIR)
 
 
 def _layer_hessians(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.Module, inputs) -> dict[str, HessianAccumulator]:

@@ -168,7 +168,7 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
             logits_of(context.model),
             None if reference is None else logits_of(reference),
             tokens,
-            work_dir / TEACHER_CACHE_DIR,
+            context.work_folder(TEACHER_CACHE_DIR) or work_dir / TEACHER_CACHE_DIR,
             settings.loss.k,
             getattr(torch, settings.cache_dtype),
             teacher_batch_size(settings, context, context.plan.geometry.vocab_size),
@@ -277,7 +277,7 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
                     teacher,
                     settings,
                     context.seed,
-                    checkpoint_dir=None if context.run_dir is None else context.run_dir / CALIBRATION_DIR,
+                    checkpoint_dir=context.work_folder(CALIBRATION_DIR),
                     resume=context.resume,
                     device=placement.compute_device,
                 )

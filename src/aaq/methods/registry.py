@@ -19,6 +19,8 @@ from aaq.errors import AaqError
 from aaq.methods.options import MethodOptions
 from aaq.models.plan import NO_TRANSFORMS, TransformConfig, TransformPlan
 from aaq.quant.quantizers import QuantScheme
+from aaq.runs.folders import make_work_folder, remove_work_folder
+from aaq.runtime import distributed
 from aaq.runtime.devices import Placement, StageRecord
 from aaq.transforms.rotation import AppliedTransforms
 from aaq.typed import dataclass_from_dict
@@ -73,7 +75,7 @@ class MethodConfig:
         return 0
 
     def work_folders(self) -> tuple[str, ...]:
-        """The subfolders of a run folder where the method keeps resumable progress."""
+        """The subfolders of a run folder where the method may keep resumable progress (`MethodContext.work_folder` makes them)."""
         return ()
 
     def export_blocker(self, scheme: QuantScheme) -> AaqError | None:
@@ -148,6 +150,25 @@ class MethodContext:
     reference: ReleasableModel | None = None
     run_dir: Path | None = None
     resume: bool = False
+
+    def work_folder(self, name: str) -> Path | None:
+        """The run folder's work subfolder `name`, one of the method's `work_folders` (None without a run folder).
+
+        Process 0 lists it in the run folder's marker and creates it (`aaq.runs.folders.make_work_folder`):
+        a run folder lists only the work folders its runs made.
+        """
+        if name not in self.method.work_folders():
+            raise ValueError(f"method {self.method.name} does not declare the work folder {name!r} in work_folders()")
+        if self.run_dir is None:
+            return None
+        if distributed.is_main_process():
+            make_work_folder(self.run_dir, name)
+        return self.run_dir / name
+
+    def drop_work_folder(self, name: str) -> None:
+        """Delete the run folder's work subfolder `name` (on process 0) and drop it from the marker."""
+        if self.run_dir is not None and distributed.is_main_process():
+            remove_work_folder(self.run_dir, name)
 
 
 @dataclass

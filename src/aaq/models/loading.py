@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
@@ -199,16 +200,17 @@ def _hub_source(name: str, revision: str | None) -> str:
 
 def _load_local_or_hub(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     location = _location(source.name_or_path, source.revision)
-    if location.gguf_file is not None:
-        return _load_gguf(Path(location.name_or_path) / location.gguf_file, dtype)
     try:
+        if location.gguf_file is not None:
+            return _load_gguf(Path(location.name_or_path) / location.gguf_file, dtype)
         return _load_pretrained(location.name_or_path, dtype, revision=location.revision)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # a truncated weights file, a file that is not GGUF
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AaqError(
-            f"could not load model {source.name_or_path!r} ({reason}); pass a local folder, a .gguf file, a hub id, "
-            f"or one of the aliases: {_aliases_hint()}"
-        ) from error
+        if Path(source.name_or_path).exists():  # the files are there: naming the kinds of model aaq loads would not help
+            remedy = "it is damaged or not a model: download or write it again, or pass another model"
+        else:
+            remedy = f"pass a local folder, a .gguf file, a hub id, or one of the aliases: {_aliases_hint()}"
+        raise AaqError(f"could not load model {source.name_or_path!r} ({reason}); {remedy}") from error
 
 
 def _config_location(name: str, weights: bool = True) -> _Location:

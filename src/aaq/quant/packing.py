@@ -47,6 +47,16 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return pairs[..., :n]
 
 
+def packed_bytes(out_features: int, in_features: int, spec: QuantSpec) -> int:
+    """The bytes `WeightCodes` of an (out, in) weight with `spec` store: packed codes, float32 scales, zero points.
+
+    Not counted: the group index of act-order GPTQ with dynamic groups (4 bytes per input column, 8 / out_features of the codes).
+    """
+    groups = 1 if spec.group_size is None else in_features // spec.group_size
+    codes = out_features * -(-in_features // codes_per_byte(spec.bits))
+    return codes + out_features * groups * (4 + (0 if spec.symmetric else 1))
+
+
 @dataclass(frozen=True)
 class WeightCodes:
     """A quantized weight (out, in): packed codes `q - qmin`, scale and zero point per row and group, column groups.

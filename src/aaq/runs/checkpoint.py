@@ -1,14 +1,20 @@
 """Saving a quantized model to a folder and loading it back as the same fake-quantized model.
 
 A quantized folder holds `aaq_config.json` (written last: its presence means the folder is
-complete), `aaq_folder.json` with every file's checksum (`aaq.runs.folders`; the weights are checked
-when read), the transformers `config.json` of the transformed architecture, the weights in
+complete), `aaq_folder.json` with every file's checksum (`aaq.runs.folders`), the transformers
+`config.json` of the transformed architecture, the weights in
 `aaq_model.safetensors`, the fused rotations and smoothing scales in `transforms.safetensors`,
 and the tokenizer. The weights file holds each quantized linear as its integer codes (packed two
 int4 per byte, with scales and zero points: `aaq.quant.packing.WeightCodes`), every other tensor in the
 model's dtype, and, in exports that ask for it, the embeddings and lm_head as int8 rows. It is named
 so that plain `from_pretrained` does not load it without the online transforms it needs.
 `aaq export --format aaq` writes the same format without the run's working files.
+
+`aaq_config.json` also records the checksum of the tensors of both safetensors files
+(`aaq.runs.records.tensors_digest`), so a copy of the folder without its marker is checked too:
+reading a weight file verifies it, and one without a recorded checksum (a folder of an older aaq)
+is read only when the marker vouches for it. (Not in the safetensors metadata: safetensors writes
+a metadata mapping of two keys in a random order, which would make equal folders differ in bytes.)
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from aaq.models import transform_plan
 from aaq.models.loading import ModelSource, load_model
 from aaq.models.plan import TransformConfig
 from aaq.quant.fake_quant import QuantLinear, install_quantizers
-from aaq.quant.packing import SUFFIXES, WeightCodes, rtn_codes
+from aaq.quant.packing import SUFFIXES, WeightCodes, packed_bytes, rtn_codes
 from aaq.quant.quantizers import QuantScheme, QuantSpec
-from aaq.runs.folders import folder_kind, prepare_output_folder, verify_file
-from aaq.runs.records import provenance, write_atomic, write_json, write_staged
+from aaq.runs.folders import MARKER, folder_kind, prepare_output_folder, remove_file, verify_file
+from aaq.runs.records import provenance, tensors_digest, write_atomic, write_json, write_staged
 from aaq.runtime.devices import Placement, default_device, dtype_name
 from aaq.transforms.online import install_online_rotations
 from aaq.transforms.rotation import ties_embeddings
@@ -44,6 +50,8 @@ AAQ_CONFIG = "aaq_config.json"
 FAILED_RECORD = "failed.json"
 # The record's reason why the run cannot be exported (null when it can), as its method gave it.
 EXPORT_BLOCKER = "export_blocker"
+# The record's sha256 of the tensors of each safetensors file (`tensors_digest`), by file name.
+CHECKSUMS = "checksums"
 WEIGHTS = "aaq_model.safetensors"
 TRANSFORMS = "transforms.safetensors"
 FORMAT = "aaq"
@@ -74,6 +82,29 @@ def model_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def saved_weight_bytes(model: PreTrainedModel, scheme: QuantScheme, fuses_norms: bool) -> tuple[int, int]:
+    """Estimated bytes a run folder of the still unquantized `model` stores: its quantized linears' codes, and everything else.
+
+    Everything else: the other tensors in the model's dtype, a copy of the embeddings for the lm_head
+    when norm fusion (`fuses_norms`) unties them, and the fused rotations and scales (float64 at most).
+    """
+    plan = transform_plan(model)
+    quantized = set(plan.linears) if scheme.weights is not None else set()
+    codes, rest = 0, 0
+    for name, tensor in model_state(model).items():
+        module, _, kind = name.rpartition(".")
+        if module in quantized and kind == "weight":
+            codes += packed_bytes(*tensor.shape, scheme.weights)
+        else:
+            rest += tensor.numel() * tensor.element_size()
+    if fuses_norms:
+        embeddings = model.get_submodule(plan.embeddings).weight
+        rest += embeddings.numel() * embeddings.element_size() if ties_embeddings(model, plan) else 0
+        g = plan.geometry
+        rest += 8 * (g.hidden_size**2 + g.num_layers * (g.head_dim**2 + 4 * g.hidden_size + g.intermediate_size))
+    return codes, rest
+
+
 def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The tensors a quantized folder stores: quantized linears as codes, `int8_rows` modules as int8 rows, the rest as is."""
     state = model_state(model)
@@ -88,22 +119,33 @@ def model_tensors(model: PreTrainedModel, int8_rows: tuple[str, ...] = ()) -> di
 
 
 def write_model_files(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, int8_rows: tuple[str, ...] = ()
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, checksums: dict[str, str], int8_rows: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """Write the model files of a quantized folder (not its marker) into a prepared output folder; returns the stored tensors."""
-    (out / AAQ_CONFIG).unlink(missing_ok=True)
+    """Write the model files of a quantized folder (not its marker) into a prepared output folder; returns the stored tensors.
+
+    The weights' checksum goes into `checksums` (for `write_marker`).
+    """
+    remove_file(out / AAQ_CONFIG)
     write_staged(out, model.config.save_pretrained)
     tensors = model_tensors(model, int8_rows)
-    write_atomic(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    write_tensors(out / WEIGHTS, tensors, checksums)
     if tokenizer is not None:
         write_staged(out, tokenizer.save_pretrained)
     return tensors
 
 
-def write_marker(out: Path, model: PreTrainedModel, record: dict[str, Any], int8_rows: tuple[str, ...] = ()) -> None:
-    """Write `aaq_config.json`, the marker that makes a folder a complete quantized folder (last, atomically)."""
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], checksums: dict[str, str]) -> None:
+    """Write a safetensors file of a quantized folder atomically, and note its tensors' checksum in `checksums` (for `write_marker`)."""
+    metadata = {"format": FORMAT} if path.name == WEIGHTS else None
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    checksums[path.name] = tensors_digest(tensors)
+
+
+def write_marker(out: Path, model: PreTrainedModel, record: dict[str, Any], checksums: dict[str, str], int8_rows: tuple[str, ...] = ()) -> None:
+    """Write `aaq_config.json`, the marker that makes a folder a complete quantized folder (last, atomically), with its weights' `checksums`."""
     dtype = dtype_name(next(model.parameters()).dtype)
-    write_json(out / AAQ_CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "int8_rows": list(int8_rows), **record})
+    fixed = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "int8_rows": list(int8_rows), CHECKSUMS: checksums}
+    write_json(out / AAQ_CONFIG, fixed | record)
 
 
 def save_quantized(
@@ -115,12 +157,13 @@ def save_quantized(
     """Write the quantized model of `result` to `out_dir`; returns the folder."""
     out = Path(out_dir)
     prepare_output_folder(out, "run")
-    (out / AAQ_CONFIG).unlink(missing_ok=True)
+    remove_file(out / AAQ_CONFIG)
+    checksums: dict[str, str] = {}
     if result.transforms.tensors():
-        write_atomic(out / TRANSFORMS, lambda tmp: save_file(result.transforms.tensors(), str(tmp)))
+        write_tensors(out / TRANSFORMS, result.transforms.tensors(), checksums)
     else:
-        (out / TRANSFORMS).unlink(missing_ok=True)
-    write_model_files(result.model, tokenizer, out)
+        remove_file(out / TRANSFORMS)
+    write_model_files(result.model, tokenizer, out, checksums)
     scheme = result.config.resolved_scheme()
     blocker = result.config.method.export_blocker(scheme)
     record = {
@@ -130,7 +173,7 @@ def save_quantized(
         EXPORT_BLOCKER: None if blocker is None else {"message": blocker.template, "setting": blocker.setting},
         **provenance(),
     }
-    write_marker(out, result.model, record)
+    write_marker(out, result.model, record, checksums)
     return out
 
 
@@ -155,6 +198,9 @@ def read_aaq_config(path: str | Path) -> dict[str, Any]:
     missing = [key for key in ("quantize", "transforms", "dtype", "int8_rows") if key not in data]
     if missing:
         raise AaqError(f"{file} lacks {', '.join(missing)}; the folder is corrupt, re-run `aaq quantize`")
+    checksums = data.get(CHECKSUMS, {})
+    if not isinstance(checksums, dict) or not all(isinstance(value, str) for value in checksums.values()):
+        raise AaqError(f"{file} has damaged {CHECKSUMS}; the folder is corrupt, re-run `aaq quantize`")
     return data
 
 
@@ -178,15 +224,26 @@ def _failure(path: Path) -> str:
         return ""
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def load_checked_tensors(file: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file of a quantized folder, checked against the checksum its `info` (aaq_config.json) records and its folder's marker.
+
+    AaqError when either does not match, when no checksum is recorded and no marker vouches for the
+    file (a folder of an older aaq copied without its marker), or when it is missing or unreadable.
+    """
     remedy = "write the folder again (`aaq quantize` or `aaq export`)"
     try:
         verify_file(file, remedy)
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except FileNotFoundError:
         raise AaqError(f"{file} is missing; the folder is incomplete, {remedy}") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise AaqError(f"{file} is corrupt or truncated ({err}); {remedy}") from None
+        raise AaqError(f"{file} is corrupt or truncated ({str(err).strip().splitlines()[0]}); {remedy}") from None
+    recorded = info.get(CHECKSUMS, {}).get(file.name)
+    if recorded is None and folder_kind(file.parent) is None:
+        raise AaqError(f"{AAQ_CONFIG} records no checksum of {file} and its folder has no {MARKER}, so aaq cannot tell whether it changed; {remedy}")
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise AaqError(f"{file} does not match the checksum in {AAQ_CONFIG}: it changed after aaq wrote it and is corrupt; {remedy}")
+    return tensors
 
 
 def _take_codes(tensors: dict[str, torch.Tensor], name: str, shape: torch.Size, spec: QuantSpec | None) -> WeightCodes | None:
@@ -233,7 +290,7 @@ def load_quantized(
     transforms = TransformConfig(**info["transforms"]) if transforms is None else transforms
     install_quantizers(model, plan, saved_scheme if scheme is None else scheme)
     install_online_rotations(model, plan, transforms, "reload")
-    tensors = _load_tensors(path / WEIGHTS)
+    tensors = load_checked_tensors(path / WEIGHTS, info)
     _set_stored_weights(model, tensors, saved_scheme.weights, info["int8_rows"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.codes is not None}

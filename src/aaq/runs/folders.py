@@ -1,13 +1,17 @@
 """Output folders: which files aaq wrote, so that it never replaces or deletes anyone else's.
 
 Every folder aaq writes into holds its marker, `aaq_folder.json`: the kind of output (a run, an
-evaluation, a comparison report, an export, an adapter, pair diagnostics), the work subfolders a run keeps its
-progress in, and every file aaq wrote there with its size and sha256, recorded just before the
-file is moved into place. A folder is aaq's only when it holds the marker; everything else in it
-that the marker does not list is foreign, and aaq refuses to write into a folder with foreign
-entries. Temporary files (hidden, ending in `.aaq-tmp`) are what a killed write leaves behind; the
-next aaq command in that folder removes them. Checksums let a reader notice a file that changed
-after aaq wrote it (`verify_file`).
+evaluation, a comparison report, an export, an adapter, pair diagnostics), the work subfolders a run
+created to keep its progress in (listed just before they are made), and every file aaq wrote there
+with its size and sha256, recorded just before the file is moved into place. A folder is aaq's only
+when it holds the marker; everything else in it that the marker does not list is foreign, and aaq
+refuses to write into a folder with foreign entries. Temporary files (hidden, ending in `.aaq-tmp`)
+are what a killed write leaves behind; the next aaq command in that folder removes them. Checksums
+let a reader notice a file that changed after aaq wrote it (`verify_file`).
+
+A marker is trusted no further than its folder: every entry must be a plain name inside it (no
+`..`, no absolute path, no symbolic link), or aaq refuses the folder, and a listed file is removed
+only while it still has the checksum aaq recorded (a file the user edited is never deleted).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 FOLDER_MODE = 0o777 & ~_UMASK
-FolderKind = Literal["run", "eval", "report", "export", "adapter", "diagnostics"]
+FolderKind = Literal["run", "eval", "report", "export", "adapter", "diagnostics", "audit"]
 # How many foreign names an error message lists before it says how many more there are.
 _NAMES_SHOWN = 5
 
@@ -47,7 +51,7 @@ def _is_temporary(name: str) -> bool:
 
 
 def _read_marker(folder: str | Path) -> dict[str, Any] | None:
-    """The marker of `folder`, or None when aaq has not written into it."""
+    """The marker of `folder`, or None when aaq has not written into it; AaqError when it is damaged or names anything outside the folder."""
     path = Path(folder) / MARKER
     try:
         data = json.loads(path.read_text())
@@ -55,10 +59,39 @@ def _read_marker(folder: str | Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as error:
         raise AaqError(f"{path} is unreadable ({error}); restore it, or move the folder's files away and run again") from None
-    shaped = isinstance(data, dict) and isinstance(data.get("files"), dict) and isinstance(data.get("folders"), list)
-    if not shaped or data.get("format") != MARKER_FORMAT or not isinstance(data.get("kind"), str):
+    if not _is_marker(data):
         raise AaqError(f"{path} is not an aaq folder marker; move it away (and the files it came with) and run again")
+    for name in [*data["files"], *data["folders"]]:
+        problem = _outside(Path(folder), name)
+        if problem is not None:
+            raise AaqError(
+                f"{path} lists {name!r}, {problem}: aaq acts only on what it wrote inside its folders, so it will not use this "
+                "marker (edited, or from elsewhere); move the folder's files away yourself and run again"
+            )
     return data
+
+
+def _is_marker(data: object) -> bool:
+    """Whether `data` has the shape of a marker: format, kind, a list of folder names, a size and checksum per file."""
+    if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("kind"), str):
+        return False
+    files, folders = data.get("files"), data.get("folders")
+    records = isinstance(files, dict) and all(
+        isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str) for r in files.values()
+    )
+    return records and isinstance(folders, list) and all(isinstance(name, str) for name in folders)
+
+
+def _outside(folder: Path, name: str) -> str | None:
+    """Why the marker entry `name` does not name an entry of `folder` itself (None when it does)."""
+    if name in ("", ".", "..", MARKER) or name != Path(name).name or "\\" in name or "\0" in name:
+        return "which is not the name of an entry inside the folder"
+    entry = folder / name
+    if entry.is_symlink():
+        return f"a symbolic link to {os.readlink(entry)}, which aaq never writes"
+    if entry.resolve().parent != folder.resolve():
+        return "which resolves outside the folder"
+    return None
 
 
 def folder_kind(folder: str | Path) -> str | None:
@@ -100,8 +133,9 @@ def check_output_folder(folder: str | Path, kind: FolderKind, joins: tuple[str, 
     """Raise AaqError unless aaq may write an output of `kind` into `folder`; changes nothing.
 
     Allowed: a new or empty folder, or an aaq folder of the same kind or one of `joins` (an
-    evaluation may join a run folder); with `overwrite`, any aaq folder (it is replaced). Never a
-    folder with foreign entries, a file, or a place this process cannot write to.
+    evaluation may join a run folder); with `overwrite`, any aaq folder whose files are as aaq wrote
+    them (it is replaced). Never a folder with foreign entries, a marker naming anything outside
+    it, a file, or a place this process cannot write to.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -109,8 +143,7 @@ def check_output_folder(folder: str | Path, kind: FolderKind, joins: tuple[str, 
     existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise AaqError(f"cannot create {folder}: {existing} is a file; choose another folder ({{setting}})", setting="out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise AaqError(f"cannot write to {existing} (no write permission or a read-only file system); choose another folder ({{setting}})", setting="out")
+    _check_writable(existing)
     if not folder.exists():
         return
     foreign = foreign_entries(folder)
@@ -120,24 +153,39 @@ def check_output_folder(folder: str | Path, kind: FolderKind, joins: tuple[str, 
             f"choose an empty or new folder ({{setting}}), or move them away",
             setting="out",
         )
-    found = folder_kind(folder)
-    if found is not None and found != kind and found not in joins and not overwrite:
-        raise AaqError(f"{folder} is an aaq {found} folder, not an aaq {kind} folder; choose another folder ({{setting}})", setting="out")
+    marker = _read_marker(folder)
+    if marker is None:
+        return
+    if marker["kind"] != kind and marker["kind"] not in joins and not overwrite:
+        raise AaqError(f"{folder} is an aaq {marker['kind']} folder, not an aaq {kind} folder; choose another folder ({{setting}})", setting="out")
+    if overwrite:
+        removable(folder, marker)
 
 
-def prepare_output_folder(
-    folder: str | Path,
-    kind: FolderKind,
-    joins: tuple[str, ...] = (),
-    overwrite: bool = False,
-    work_folders: tuple[str, ...] = (),
-) -> list[str]:
+def _check_writable(folder: Path) -> None:
+    """AaqError unless this process can create files in the existing folder `folder` (tried with a temporary file, removed at once).
+
+    A permission check alone would pass for root on read-only or virtual file systems (/proc, /sys).
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=".aaq-probe.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as error:
+        raise AaqError(
+            f"cannot write in {folder}: creating a file there fails ({error.strerror}); it is read-only, a virtual file "
+            "system, or not writable by this user; choose another folder ({setting})",
+            setting="out",
+        ) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def prepare_output_folder(folder: str | Path, kind: FolderKind, joins: tuple[str, ...] = (), overwrite: bool = False) -> list[str]:
     """Make `folder` an aaq output folder of `kind`, after `check_output_folder`; returns what `overwrite` removed.
 
     Removes the temporary files a killed aaq command left there. With `overwrite`, removes every
     file and work folder aaq wrote there before (never other aaq outputs nested inside, never
-    foreign files, which `check_output_folder` refuses). `work_folders`: subfolders the output keeps
-    its progress in (a run's teacher cache, checkpoints), aaq's as a whole.
+    foreign files, which `check_output_folder` refuses), after checking that every such file is
+    unchanged (`removable`); a file changed since is an error and nothing is removed.
     """
     folder = Path(folder)
     check_output_folder(folder, kind, joins, overwrite)
@@ -150,23 +198,78 @@ def prepare_output_folder(
     removed = _remove_aaq_files(folder, marker) if overwrite and marker is not None else []
     if marker is None or overwrite:
         marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": kind, "folders": [], "files": {}}
-    marker["folders"] = sorted(set(marker["folders"]) | set(work_folders))
     _write_marker(folder, marker)
     return removed
 
 
+def removable(folder: str | Path, marker: dict[str, Any]) -> list[str]:
+    """The entries the marker of `folder` lists that exist (folders end with `/`), each checked to be as aaq left it.
+
+    AaqError naming the files that changed since aaq wrote them (edited, replaced by a folder) and
+    the work folders that are no longer folders: aaq never deletes them, the user moves them away.
+    """
+    folder = Path(folder)
+    files = [name for name in sorted(marker["files"]) if os.path.lexists(folder / name)]
+    folders = [name for name in sorted(marker["folders"]) if os.path.lexists(folder / name)]
+    changed = [name for name in files if not _unchanged(folder / name, marker["files"][name])]
+    changed += [name for name in folders if not (folder / name).is_dir()]
+    if changed:
+        it = "them" if len(changed) > 1 else "it"
+        raise AaqError(
+            f"{_listing(changed)} in {folder} changed after aaq wrote {it}, so aaq will not delete {it}; "
+            f"move {it} away (or delete {it} yourself) and run again"
+        )
+    return files + [name + "/" for name in folders]
+
+
+def _unchanged(path: Path, recorded: dict[str, Any]) -> bool:
+    """Whether `path` is a regular file with the size and sha256 aaq recorded."""
+    return path.is_file() and path.stat().st_size == recorded["bytes"] and _file_record(path)["sha256"] == recorded["sha256"]
+
+
 def _remove_aaq_files(folder: Path, marker: dict[str, Any]) -> list[str]:
-    """Delete the files and work folders the marker lists; returns the names that existed."""
-    removed = []
-    for name in sorted(marker["files"]):
-        if (folder / name).is_file():
-            (folder / name).unlink()
-            removed.append(name)
-    for name in marker["folders"]:
-        if (folder / name).is_dir():
+    """Delete the files and work folders the marker lists, all checked first (`removable`); returns their names."""
+    names = removable(folder, marker)
+    for name in names:
+        if name.endswith("/"):
             shutil.rmtree(folder / name)
-            removed.append(name + "/")
-    return removed
+        else:
+            (folder / name).unlink()
+    return names
+
+
+def remove_file(path: str | Path) -> None:
+    """Delete the file aaq wrote at `path` (if it is there) and drop it from its folder's marker."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    marker = _read_marker(path.parent)
+    if marker is not None and marker["files"].pop(path.name, None) is not None:
+        _write_marker(path.parent, marker)
+
+
+def make_work_folder(folder: str | Path, name: str) -> Path:
+    """The work subfolder `name` of the aaq folder `folder` (a run's teacher cache, say), listed in its marker first and then created.
+
+    Outside an aaq folder (a temporary work folder) it is only created.
+    """
+    folder = Path(folder)
+    marker = _read_marker(folder)
+    if marker is not None and name not in marker["folders"]:
+        marker["folders"] = sorted([*marker["folders"], name])
+        _write_marker(folder, marker)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def remove_work_folder(folder: str | Path, name: str) -> None:
+    """Delete the work subfolder `name` of `folder`, then drop it from the folder's marker."""
+    folder = Path(folder)
+    if (folder / name).is_dir() and not (folder / name).is_symlink():
+        shutil.rmtree(folder / name)
+    marker = _read_marker(folder)
+    if marker is not None and name in marker["folders"]:
+        marker["folders"].remove(name)
+        _write_marker(folder, marker)
 
 
 def remove_aaq_folder(folder: str | Path) -> None:

@@ -1,7 +1,8 @@
-"""Run folders: atomic writes and the provenance every output records (versions, git commit)."""
+"""Run folders: atomic writes, checksums of stored tensors, and the provenance every output records (versions, git commit)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -84,6 +85,16 @@ def _write_errors(path: Path) -> Iterator[None]:
         if "I/O error" not in str(error):
             raise
         raise AaqError(f"could not write {path} ({str(error).splitlines()[0]}); free some disk space or write to another folder") from None
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of named tensors: each name, dtype, shape and the raw bytes, in name order (independent of the file layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:

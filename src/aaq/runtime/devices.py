@@ -225,9 +225,14 @@ _OPEN_STAGES: list[dict[str, int]] = []
 _ANON_SAMPLE_SECONDS = 0.02
 
 
+def _measures_cuda(device: torch.device) -> bool:
+    """Whether the CUDA allocator's peaks can be read for `device` (never on a torch built without CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 def _fold_peaks(device: torch.device) -> None:
     host = _host_peak() or 0
-    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    cuda = torch.cuda.max_memory_allocated(device) if _measures_cuda(device) else 0
     for peaks in _OPEN_STAGES:
         peaks["host"], peaks["device"] = max(peaks["host"], host), max(peaks["device"], cuda)
     _fold_anon()
@@ -258,7 +263,7 @@ class StageMeter:
         _fold_peaks(self.device)
         release_freed_host_memory()
         _reset_host_peak()
-        if self.device.type == "cuda":
+        if _measures_cuda(self.device):
             torch.cuda.reset_peak_memory_stats(self.device)
         peaks = {"host": 0, "device": 0, "anon": 0}
         _OPEN_STAGES.append(peaks)
@@ -271,7 +276,7 @@ class StageMeter:
             seconds = time.perf_counter() - start
             _fold_peaks(self.device)
             del _OPEN_STAGES[next(i for i, open_peaks in enumerate(_OPEN_STAGES) if open_peaks is peaks)]
-            device_peak = peaks["device"] if self.device.type == "cuda" else None
+            device_peak = peaks["device"] if _measures_cuda(self.device) else None
             self.records[name] = StageRecord(seconds, peaks["host"] or None, device_peak, peaks["anon"] or None)
 
     def to_dict(self) -> dict[str, dict]:

@@ -2,14 +2,15 @@
 
 `run_quantization`: check everything that can be checked -> load -> quantize -> save the run
 folder -> evaluate -> write `run.json` (the config, seed, metrics, timings, library versions and git
-commit); a run that stops on an error writes `failed.json` (the error and the stage) instead.
-`evaluate_source`: evaluate a model, a model with a LoRA adapter, or an aaq run folder, and write
-its report.
+commit); an attempt that stops on an error writes `failed.json` (the error and the stage) instead,
+and the next attempt removes it before it starts. `evaluate_source`: evaluate a model, a model with
+a LoRA adapter, or an aaq run folder, and write its report (an error when its perplexity is not finite).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,8 +26,8 @@ from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.refusal import Judge, ModelJudge
 from aaq.eval.suite import EvalConfig, EvalInputs, evaluate, prepare_inputs
 from aaq.models.loading import ModelSource, load_model
-from aaq.runs.checkpoint import FAILED_RECORD, is_run_folder, load_quantized, model_state, save_quantized
-from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder
+from aaq.runs.checkpoint import FAILED_RECORD, is_run_folder, load_quantized, save_quantized, saved_weight_bytes
+from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder, remove_file
 from aaq.runs.records import provenance, write_json
 from aaq.runtime import distributed
 from aaq.runtime.devices import Placement, StageMeter, dispatched, placement_of, tf32_matmuls
@@ -34,6 +35,8 @@ from aaq.runtime.devices import Placement, StageMeter, dispatched, placement_of,
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
+# A generous bound of a saved tokenizer's size per vocabulary entry (SmolLM2's tokenizer.json: 3.5 MB for 49152, 72 bytes each).
+TOKENIZER_BYTES_PER_ENTRY = 128
 
 
 @dataclass
@@ -86,30 +89,35 @@ def check_run_folder(out: Path, overwrite: bool) -> None:
         raise AaqError(f"{out} already holds a finished run; choose another folder or replace it ({{setting}})", setting="overwrite")
 
 
-def prepare_run_folder(out: Path, overwrite: bool, work_folders: tuple[str, ...]) -> None:
-    """Make `out` this run's folder after `check_run_folder`, with the method's `work_folders`; `overwrite` removes what aaq wrote there before (and logs it).
+def prepare_run_folder(out: Path, overwrite: bool) -> None:
+    """Make `out` this attempt's run folder after `check_run_folder`; `overwrite` removes what aaq wrote there before (and logs it).
 
-    Foreign files are an error either way (`aaq.runs.folders`); temporary files of a killed run are removed.
+    Foreign files are an error either way, and so is a file aaq wrote that changed since (`aaq.runs.folders`);
+    temporary files of a killed run and the `failed.json` of an earlier attempt are removed.
     """
     check_run_folder(out, overwrite)
-    removed = prepare_output_folder(out, "run", overwrite=overwrite, work_folders=work_folders)
+    removed = prepare_output_folder(out, "run", overwrite=overwrite)
     if removed:
         logger.info("replacing the aaq output in %s: removed %s", out, ", ".join(removed))
+    remove_file(out / FAILED_RECORD)
 
 
 def planned_run_bytes(config: RunConfig, model: PreTrainedModel, calibration: torch.Tensor | None) -> dict[str, int]:
-    """Rough upper bounds of the disk space a run takes, by what it is for.
+    """The disk space a run takes at its peak, by what it is for: the teacher cache (exact), the weights and the tokenizer (estimated).
 
-    The saved weights and the GPTQ progress (every finished layer, removed before the save) are
-    each at most the model's weights as it stores them now; the teacher cache is exact.
+    The weights are what the run folder stores (`saved_weight_bytes`: packed codes and the other
+    tensors); the GPTQ progress holds only the codes and is removed before the save, so it counts
+    only in a run that saves no model.
     """
     method, scheme = config.quantize.method, config.quantize.resolved_scheme()
-    weights = sum(tensor.numel() * tensor.element_size() for tensor in model_state(model).values())
+    steps = method.stages(scheme)
+    codes, rest = saved_weight_bytes(model, scheme, fuses_norms="fusion" in steps)
     shape = calibration.shape if calibration is not None else (config.quantize.calibration.n_samples, config.quantize.calibration.seq_len)
+    vocab_size = model.config.get_text_config().vocab_size
     return {
-        "teacher cache": method.teacher_cache_bytes(*shape, model.config.get_text_config().vocab_size),
-        "GPTQ progress": weights if "gptq" in method.stages(scheme) else 0,
-        "weights": weights if config.save_model else 0,
+        "teacher cache": method.teacher_cache_bytes(*shape, vocab_size),
+        "weights": codes + rest if config.save_model else codes if "gptq" in steps else 0,
+        "tokenizer": TOKENIZER_BYTES_PER_ENTRY * vocab_size if config.save_model else 0,
     }
 
 
@@ -166,6 +174,7 @@ def run_quantization(
     """
     main = distributed.is_main_process()
     with distributed.agreed("the checks before the work"):
+        config.placement.check_available()
         check_run_folder(config.out, config.overwrite)
         blocker = config.quantize.method.export_blocker(config.quantize.resolved_scheme())
         if blocker is not None and main:
@@ -183,7 +192,7 @@ def run_quantization(
                 check_reference_source(config.reference, model, tokenizer)
             check_free_space(config.out, planned_run_bytes(config, model, calibration), already=folder_bytes(config.out))
             if main:
-                prepare_run_folder(config.out, config.overwrite, config.quantize.method.work_folders())
+                prepare_run_folder(config.out, config.overwrite)
         progress = _Progress()
         try:
             return _run(config, model, tokenizer, calibration, inputs, scorer, meter, progress)
@@ -237,7 +246,6 @@ def _run(
         **provenance(),
     }
     write_json(config.out / RUN_RECORD, record)
-    (config.out / FAILED_RECORD).unlink(missing_ok=True)
     return RunResult(record=record, report=report)
 
 
@@ -289,9 +297,11 @@ def evaluate_source(
 
     `placement`: device, dtype and memory budgets (default: the default device; a run folder in its
     saved dtype). Writes report.json, report.md and generations.jsonl to `out` (when given; new,
-    empty, or an aaq evaluation or run folder); returns the report. The output folder and the
-    evaluation's inputs are checked before the model is loaded.
+    empty, or an aaq evaluation or run folder); returns the report. The device, the output folder
+    and the evaluation's inputs are checked before the model is loaded. A perplexity that is not
+    finite (the model's outputs overflow, or are NaN) is an AaqError once the report is written.
     """
+    (placement or Placement()).check_available()
     if out is not None:
         check_output_folder(out, "eval", joins=("run",))
     inputs = prepare_inputs(config)
@@ -311,4 +321,9 @@ def evaluate_source(
     judge = load_judge(config.judge, placement)
     scorer = load_scorer(config, scorer_source, placement)
     with tf32_matmuls(placement.tf32), dispatched(model, placement):
-        return evaluate(model, tokenizer, config, out, meta={"model": source, **meta}, judge=judge, scorer=scorer, inputs=inputs)
+        report = evaluate(model, tokenizer, config, out, meta={"model": source, **meta}, judge=judge, scorer=scorer, inputs=inputs)
+    ppl = report["metrics"].get("ppl")
+    if ppl is not None and not math.isfinite(ppl):
+        where = "" if out is None else f" (report in {out})"
+        raise AaqError(f"the perplexity of {source} is {ppl}: its outputs overflow or are NaN, a broken model or corrupt weights{where}")
+    return report
