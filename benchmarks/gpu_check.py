@@ -9,7 +9,11 @@ prints seconds, peak device and host memory, and the planner's estimate next to 
 JSON (default benchmarks/results/gpu_check_<config>_<device>.json).
 
     python benchmarks/gpu_check.py --config llama-3.1-8b-instruct --device cuda --dtype bfloat16
+    python benchmarks/gpu_check.py --config llama-3.1-8b-instruct --device cuda --dtype bfloat16 --seq-len 2048 --budget 24GiB
     python benchmarks/gpu_check.py --config tiny-llama --device cpu        # what the test suite runs
+
+With --budget every method runs with the settings `aaq plan --budget` chooses for it (one teacher on the
+device at a time, GPTQ layer by layer, micro-batches, offloading), and each stage's peak is checked against it.
     torchrun --nproc-per-node 2 benchmarks/gpu_check.py --device cuda     # the quantize stages split over 2 GPUs
 
 Under torchrun every process runs the quantize stages on its own GPU (aaq.runtime.distributed splits them) in
@@ -25,6 +29,7 @@ import json
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,7 @@ from aaq.runs.checkpoint import save_quantized
 from aaq.runs.records import provenance, write_json
 from aaq.runtime import distributed
 from aaq.runtime.devices import Placement, StageMeter, StageRecord, dispatched
-from aaq.runtime.memory import GiB, estimate
+from aaq.runtime.memory import GiB, estimate, fit_to_budget, fitted_settings, parse_budget
 
 CONFIGS = Path(__file__).parent / "configs"
 RESULTS = Path(__file__).parent / "results"
@@ -88,8 +93,8 @@ def methods(steps: int, batch: int) -> list[MethodConfig]:
     ]
 
 
-def _row(stage: str, record: StageRecord, estimated: dict[str, Any] | None) -> dict[str, Any]:
-    return {"stage": stage, **asdict(record), "estimate": estimated}
+def _row(stage: str, record: StageRecord, estimated: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+    return {"stage": stage, **asdict(record), "estimate": estimated, "changes": changes}
 
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,11 +115,18 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         work = distributed.from_main(own, "the work folder")  # under torchrun: process 0's, shared by all
         for method in methods(args.steps, args.batch):
             qconfig = QuantizeConfig(method=method, bits="w4a4kv4", calibration=calibration)
-            planned = {s.stage: asdict(s) for s in estimate(config, qconfig, placement, evaluation, teacher_batch=args.batch)}
+            placement, changes = Placement(device=args.device, dtype=args.dtype), {}
+            if args.budget:
+                fit = fit_to_budget(config, qconfig, placement, evaluation, parse_budget(args.budget), args.batch)
+                qconfig, placement, _ = fitted_settings(config, qconfig, placement, evaluation, fit, args.batch)
+                changes = {name: value for name, value in fit.changes.items() if name != "eval_batch_size"}
+            training = qconfig.method.calibration_settings()
+            teacher_batch = args.batch if training is None else training.teacher_batch or args.batch
+            planned = {s.stage: asdict(s) for s in estimate(config, qconfig, placement, evaluation, teacher_batch=teacher_batch)}
             model = random_model(config, placement, seed=0)
-            reference: Callable[[], PreTrainedModel] | None = (lambda: random_model(config, placement, seed=1)) if method.needs_reference() else None
+            reference: Callable[[], PreTrainedModel] | None = partial(random_model, config, placement, seed=1) if method.needs_reference() else None
             result = quantize(model, qconfig, calibration=tokens, reference=reference, run_dir=Path(work) / method.name, placement=placement)
-            rows += [_row(f"{method.name}/{name}", record, planned.get(name)) for name, record in result.stages.items()]
+            rows += [_row(f"{method.name}/{name}", record, planned.get(name), changes) for name, record in result.stages.items()]
             if method.name == "aaq" and not distributed.active():
                 meter = StageMeter(placement.compute_device)
                 with meter.stage("eval"), dispatched(model, placement):
@@ -124,7 +136,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                 for fmt in ("aaq", "compressed-tensors"):
                     with meter.stage(f"export_{fmt}"):
                         export(Path(work) / "run", Path(work) / f"export-{fmt}", ExportConfig(format=fmt))
-                rows += [_row(f"aaq/{name}", record, planned.get(name)) for name, record in meter.records.items()]
+                rows += [_row(f"aaq/{name}", record, planned.get(name), changes) for name, record in meter.records.items()]
             del model, result
     return {"config": args.config, "placement": asdict(placement), "settings": vars(args) | {"out": str(args.out)}, "stages": rows, **provenance()}
 
@@ -152,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     parser.add_argument("--batch", type=int, default=2, help="calibration batch (and teacher batch)")
     parser.add_argument("--steps", type=int, default=2, help="calibration steps of OSTQuant and AAQ")
+    parser.add_argument("--budget", help="device memory to fit, e.g. 24GiB: each method runs with the settings the planner chooses for it")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/gpu_check_<config>_<device>.json)")
     args = parser.parse_args(argv)
     with distributed.process_group(Placement(device=args.device).compute_device):

@@ -9,6 +9,11 @@ Run it alone on the machine, once per model and dtype:
 
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --model smollm2-135m-safe --reference smollm2-135m-instruct --dtype float32
     OMP_NUM_THREADS=1 python benchmarks/memory_plan.py --model /tmp/llama-1b --reference /tmp/llama-1b --dtype bfloat16
+
+`--no-eval` stops after the run folder is saved (the calibration stage's peak in minutes at 1B:
+recipes/aaq_paper_step_cpu.yaml). The script runs against whichever aaq is on the path, so the
+same command measures an older commit (PYTHONPATH=<its worktree>/src); `--from` re-compares a
+measurement with the current planner.
 """
 
 from __future__ import annotations
@@ -50,16 +55,18 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-eval", action="store_true", help="no evaluation after the run (default: perplexity on 8 x 512 tokens)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/memory_plan_<model>_<dtype>.json)")
     parser.add_argument("--from", dest="from_json", type=Path, default=None, help="compare the planner with the peaks measured in this JSON (an earlier output) instead of running again; rewrites it")
     args = parser.parse_args()
     saved = None if args.from_json is None else json.loads(args.from_json.read_text())
     if saved is not None:
         args.model, args.dtype, args.recipe = saved["model"], saved["dtype"], Path(saved["recipe"])
+        args.no_eval = saved.get("evaluation", "ppl") is None
         args.out = args.out or args.from_json
     quantize = load_recipe(args.recipe)
     placement = Placement(device=args.device, dtype=args.dtype)
-    evaluation = EvalConfig(tasks="ppl", ppl=PerplexityConfig(n_samples=8, seq_len=512))
+    evaluation = None if args.no_eval else EvalConfig(tasks="ppl", ppl=PerplexityConfig(n_samples=8, seq_len=512))
     stages, metrics = measured_stages(args, saved, quantize, placement, evaluation)
     teacher_batch = quantize.method.training.teacher_batch or quantize.calibration.batch_size
     planned = {stage.stage: stage for stage in estimate(load_model_config(args.model), quantize, placement, evaluation, teacher_batch)}
@@ -76,7 +83,8 @@ def main() -> None:
     measured_at = provenance()
     if saved is not None:  # the measurement's own provenance stays; the estimates are of this commit
         measured_at = {key: saved[key] for key in measured_at if key in saved} | {"estimates_git_commit": measured_at["git_commit"]}
-    write_json(out, {"model": args.model, "dtype": args.dtype, "recipe": str(args.recipe), "metrics": metrics, "stages": rows, **measured_at})
+    record = {"model": args.model, "dtype": args.dtype, "recipe": str(args.recipe), "evaluation": None if evaluation is None else "ppl", "metrics": metrics}
+    write_json(out, {**record, "stages": rows, **measured_at})
     print(f"wrote {out}")
 
 

@@ -2,13 +2,14 @@
 
 import copy
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 
 import aaq.calibration.loop as calibrate_module
 from aaq.calibration.loop import CalibrationSettings, batch_indices, calibrate, heldout_split, student_loss
-from aaq.calibration.losses import LossConfig
+from aaq.calibration.losses import LossConfig, chunked_loss, compute_loss
 from aaq.calibration.teachers import build_teacher_cache, cached_teacher, live_teacher
 from aaq.errors import AaqError
 from aaq.quant.quantizers import QuantScheme
@@ -94,15 +95,15 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     model, installed, cache, _, _ = _student_and_cache(tmp_path)
-    real_loss = calibrate_module.compute_loss
+    real_loss = calibrate_module.chunked_loss
     calls = {"n": 0}
 
-    def nan_after_two_steps(z_q, teacher, config):
+    def nan_after_two_steps(*args):
         calls["n"] += 1
-        terms = real_loss(z_q, teacher, config)
+        terms = real_loss(*args)
         return terms if calls["n"] <= 2 else terms._replace(total=terms.total * float("nan"))
 
-    monkeypatch.setattr(calibrate_module, "compute_loss", nan_after_two_steps)
+    monkeypatch.setattr(calibrate_module, "chunked_loss", nan_after_two_steps)
     checkpoints = tmp_path / "calibration"
     with pytest.raises(AaqError, match=r"not finite at step 2.*lower the learning rates") as error:
         calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), _settings(), 0, checkpoints)
@@ -112,15 +113,15 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_exploding_loss_is_reported(tmp_path, monkeypatch):
     model, installed, cache, _, _ = _student_and_cache(tmp_path)
-    real_loss = calibrate_module.compute_loss
+    real_loss = calibrate_module.chunked_loss
     calls = {"n": 0}
 
-    def explode(z_q, teacher, config):
+    def explode(*args):
         calls["n"] += 1
-        terms = real_loss(z_q, teacher, config)
+        terms = real_loss(*args)
         return terms if calls["n"] == 1 else terms._replace(total=terms.total + 1e3)
 
-    monkeypatch.setattr(calibrate_module, "compute_loss", explode)
+    monkeypatch.setattr(calibrate_module, "chunked_loss", explode)
     with pytest.raises(AaqError, match="exploded"):
         calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), _settings(), 0)
 
@@ -140,6 +141,86 @@ def test_cached_and_uncached_first_step_give_the_same_loss_and_gradients(tmp_pat
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
     for cached, live in zip(*gradients, strict=True):
         assert torch.allclose(cached, live, rtol=1e-4, atol=1e-7)
+
+
+LOSSES = {
+    "mse": LossConfig(name="mse"),
+    "kl": LossConfig(name="kl"),
+    "kl_top": LossConfig(name="kl_top", k=32),
+    "apc": APC,
+    "apc_bounded": LossConfig(name="apc", lam=0.3, k=32, bounded=True, margin=0.05),
+    "apc_reference": LossConfig(name="apc", k=32, push_tokens="reference"),
+    "apc_vocab": LossConfig(name="apc", k=32, push_tokens="vocab"),
+    "apc_push_k": LossConfig(name="apc", k=32, push_k=5),
+}
+
+
+def _float64_student(tmp_path, loss: LossConfig, cached: bool, weights_in_loop: bool):
+    """A tiny float64 W4A4KV4 student with moved transforms, and its teacher (cached in float32, or the live float64 models)."""
+    model = make_tiny_model("llama").double()
+    reference, aligned = perturbed_reference(model), copy.deepcopy(model)
+    if cached:
+        cache = build_teacher_cache(logits_fn(aligned), logits_fn(reference), TOKENS, tmp_path / "cache", loss.k, torch.float32, 2, loss.push_k, loss.push_tokens)
+        teacher = cached_teacher(cache)
+    else:
+        teacher = live_teacher(aligned, reference if loss.needs_reference else None, TOKENS, loss)
+    installed = calibration_setup(model, SCHEME, weights_in_loop=weights_in_loop)
+    transforms = installed.transforms.double()
+    with torch.no_grad():  # away from the start, so that every parameter has a gradient of its own
+        for p in transforms.scale_parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    return model, transforms, teacher
+
+
+def _loss_and_gradients(loss_fn, transforms) -> tuple[dict[str, float], list[torch.Tensor]]:
+    for p in transforms.parameters():
+        p.grad = None
+    terms = loss_fn()
+    terms.total.backward()
+    return {k: float(v.detach()) for k, v in terms._asdict().items() if v is not None}, [p.grad.clone() for p in transforms.parameters()]
+
+
+@pytest.mark.parametrize("weights_in_loop", [False, True], ids=["activation_form", "weight_form"])
+@pytest.mark.parametrize(("name", "cached"), [(name, cached) for name in LOSSES for cached in (True, False) if LOSSES[name].cacheable or not cached])
+def test_chunked_student_loss_equals_the_whole_batch_loss_in_value_and_gradient(tmp_path, monkeypatch, name, cached, weights_in_loop):
+    """Chunks of 5 positions (straddling the sequences of a 2 x 16 batch) give the loss of the whole batch's logits, float64."""
+    loss = LOSSES[name]
+    model, transforms, teacher = _float64_student(tmp_path, loss, cached, weights_in_loop)
+    indices = torch.tensor([3, 1])
+    batch, targets = TOKENS[indices], teacher(indices)
+    whole = _loss_and_gradients(lambda: compute_loss(model(input_ids=batch, use_cache=False).logits, targets, loss), transforms)
+    monkeypatch.setattr(calibrate_module, "chunked_loss", partial(chunked_loss, rows=5))
+    chunked = _loss_and_gradients(lambda: student_loss(model, batch, targets, loss), transforms)
+    assert chunked[0].keys() == whole[0].keys()
+    for term, value in whole[0].items():
+        assert chunked[0][term] == pytest.approx(value, rel=1e-12, abs=1e-12), term
+    assert all(g.abs().max() > 0 for g in whole[1])
+    for a, b in zip(chunked[1], whole[1], strict=True):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+
+
+def _saved_vocabulary_rows(loss_fn, model) -> int:
+    """The most positions of any (positions, vocab) activation autograd saves for the backward of `loss_fn()` (weights aside)."""
+    vocab, rows = model.config.vocab_size, [0]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        if tensor.dim() >= 2 and tensor.shape[-1] == vocab and tensor.untyped_storage().data_ptr() not in weights:
+            rows.append(tensor.numel() // vocab)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn()
+    return max(rows)
+
+
+def test_the_student_loss_keeps_no_full_vocabulary_tensor_of_the_whole_batch(tmp_path, monkeypatch):
+    model, _, teacher = _float64_student(tmp_path, APC, cached=True, weights_in_loop=False)
+    indices = torch.tensor([0, 1])
+    batch, targets = TOKENS[indices], teacher(indices)
+    assert _saved_vocabulary_rows(lambda: compute_loss(model(input_ids=batch).logits, targets, APC), model) == batch.numel()
+    monkeypatch.setattr(calibrate_module, "chunked_loss", partial(chunked_loss, rows=5))
+    assert _saved_vocabulary_rows(lambda: student_loss(model, batch, targets, APC), model) == 0
 
 
 def test_settings_reject_a_full_logit_loss_with_the_cache():

@@ -311,7 +311,7 @@ def test_plan_prints_each_stage_and_what_fits_a_budget(tmp_path, tiny_model_dir,
         assert f"\n{stage} " in out
     assert "device budget 1.0 GiB: fits as configured" in out
     assert main([*argv, "--budget", "1KiB"]) == 0
-    assert "does not fit even with --teacher-batch 1 --activation-checkpointing on --step-batch 1" in capsys.readouterr().out
+    assert "does not fit even with --teacher-batch 1 --sequential-teachers --onload-layers --micro-batch 1 --activation-checkpointing on --step-batch 1" in capsys.readouterr().out
     assert main([*argv[:-4], "--budget", "lots"]) == 2
     assert "--budget" in _error_line(capsys)
 

@@ -164,3 +164,44 @@ def test_a_judge_that_does_not_exist_fails_before_any_model_work(tmp_path):
 
     with pytest.raises(AaqError, match="model path .*no-judge does not exist"):
         prepare_inputs(EvalConfig(tasks="refusal", judge=str(tmp_path / "no-judge")))
+
+
+def test_a_scorer_loaded_after_the_quantized_model_is_freed_gives_the_verdicts_of_one_loaded_beside_it(tmp_path, tiny_llama, fluent_tiny_llama, tiny_tokenizer):
+    import copy
+
+    from aaq.api import QuantizeConfig, quantize
+    from aaq.methods import RTNConfig
+    from aaq.quant.fake_quant import release_weights
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("What is the capital of France ?\nHow do I cook rice ?\nIs this safe ?\n")
+    benign = tmp_path / "benign.txt"
+    benign.write_text("The quick brown fox jumps over the lazy dog .\nIs this safe ?\nSure\n")
+    config = EvalConfig(tasks="ppl,refusal,benign,safetybench", harmful_prompts=str(harmful), benign_prompts=str(benign), max_new_tokens=6,
+                        ppl=PerplexityConfig(n_samples=2, seq_len=16, batch_size=2))  # fmt: skip
+    quantize(tiny_llama, QuantizeConfig(method=RTNConfig(), bits="w4a16"), tokenizer=tiny_tokenizer)
+    beside = evaluate(copy.deepcopy(tiny_llama), tiny_tokenizer, config, tmp_path / "beside", judge=KeywordJudge(),
+                      scorer=CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent"))  # fmt: skip
+    events = []
+
+    def load_scorer():
+        events.append(("load", tiny_llama.lm_head.weight.device.type))
+        return CoherenceScorer(fluent_tiny_llama, tiny_tokenizer, "fluent")
+
+    def release():
+        events.append(("release", tiny_llama.lm_head.weight.device.type))
+        release_weights(tiny_llama)
+
+    after = evaluate(tiny_llama, tiny_tokenizer, config, tmp_path / "after", judge=KeywordJudge(), scorer=load_scorer, release_model=release)
+    assert events == [("release", "cpu"), ("load", "meta")]
+    assert all(p.device.type == "meta" for p in tiny_llama.parameters())
+    timing = {"seconds", "cached"}
+
+    def untimed(record: dict) -> dict:
+        return {k: untimed(v) if isinstance(v, dict) else v for k, v in record.items() if k not in timing}
+
+    for part in ("metrics", "details", "breakdowns", "n_items", "coherence"):
+        assert untimed(after[part]) == untimed(beside[part]), part
+    assert after["details"]["benign"]["verdicts"]["complied"] < 3  # the answers were scored (the untrained model's are word salad)
+    assert (tmp_path / "after" / "generations.jsonl").read_text() == (tmp_path / "beside" / "generations.jsonl").read_text()
+    assert "scorer_load" in after["seconds"] and "scorer_load" not in beside["seconds"]

@@ -167,7 +167,7 @@ def _diverging_loss(work: Path) -> dict:
     """Calibration in which process 1's loss is NaN from step 2 on: what each process raises."""
     import aaq.calibration.loop as calibrate_module
 
-    real = calibrate_module.compute_loss
+    real = calibrate_module.chunked_loss
     calls = []
 
     def nan_in_process_1(*args):
@@ -175,13 +175,13 @@ def _diverging_loss(work: Path) -> dict:
         terms = real(*args)
         return terms._replace(total=terms.total * float("nan")) if distributed.world().rank == 1 and len(calls) > 2 else terms
 
-    calibrate_module.compute_loss = nan_in_process_1
+    calibrate_module.chunked_loss = nan_in_process_1
     try:
         _calibration(work, SETTINGS)
     except Exception as error:  # noqa: BLE001 - the error is the result
         return {"error": type(error).__name__, "message": str(error), "checkpoints": sorted(p.name for p in (work / "calibration").iterdir())}
     finally:
-        calibrate_module.compute_loss = real
+        calibrate_module.chunked_loss = real
     return {"error": None}
 
 

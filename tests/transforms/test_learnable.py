@@ -208,3 +208,41 @@ def test_activation_form_with_quantization_off_keeps_the_original_logits():
     with torch.no_grad():
         installed.transforms.load_state_dict(optimised)
     assert _relative_error(_logits(model), reference) < 1e-4
+
+
+def _activation_form_gradients_and_saved_matrices(family: str) -> tuple[list[torch.Tensor], int]:
+    """Float64 gradients of every transform parameter in the activation form (moved transforms, W4A4KV4), and how many
+    (hidden x hidden) tensors other than parameters (R1, square weights) autograd saved for the backward."""
+    optimised = {k: v.double() for k, v in _optimised_state(family, SMOOTHED).items()}
+    model = make_tiny_model(family).double()
+    installed = calibration_setup(model, QuantScheme.from_string("w4a4kv4"), SMOOTHED, weights_in_loop=False)
+    transforms = installed.transforms.double()
+    with torch.no_grad():
+        transforms.load_state_dict(optimised)
+    hidden = model.config.hidden_size
+    parameters = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *transforms.parameters()]}
+    matrices = []
+
+    def pack(tensor):
+        if tensor.shape[-2:] == (hidden, hidden) and tensor.untyped_storage().data_ptr() not in parameters:
+            matrices.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(TOKENS).logits.square().mean()
+    return list(torch.autograd.grad(loss, list(transforms.parameters()))), len(matrices)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_activation_form_rebuilds_its_matrices_in_the_backward_with_the_same_gradients(family, monkeypatch):
+    """Autograd through the plain products keeps four hidden x hidden matrices per layer; the activation form keeps none, same gradients (float64).
+
+    (Autograd keeps one fewer: the first product of layer 0 acts on the embeddings, which need no gradient.)
+    """
+    rebuilt, kept = _activation_form_gradients_and_saved_matrices(family)
+    monkeypatch.setattr("aaq.transforms.learnable._product_with_rebuilt_matrix", lambda x, build, *parameters: x @ build(*parameters))
+    plain, kept_by_autograd = _activation_form_gradients_and_saved_matrices(family)
+    assert kept == 0 and kept_by_autograd == 4 * make_tiny_model(family).config.num_hidden_layers - 1
+    assert all(g.abs().max() > 0 for g in plain)
+    for a, b in zip(rebuilt, plain, strict=True):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()

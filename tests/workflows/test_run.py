@@ -39,6 +39,26 @@ def test_a_run_is_saved_evaluated_and_recorded(tmp_path, tiny_model_dir, fake_da
     assert report["method"] == "quarot" and report["metrics"]["ppl"] == pytest.approx(record["metrics"]["ppl"], rel=1e-6)
 
 
+def test_the_scorer_is_loaded_after_the_quantized_model_is_freed(tmp_path, tiny_model_dir, fake_data_with_harmbench, monkeypatch):
+    """A run (and an evaluation of its folder) loads the garbled check's full-precision scorer only once the quantized model's answers are in and its weights are freed."""
+    import aaq.workflows.run as workflow
+
+    events = []
+    real_release, real_load = workflow.release_weights, workflow.load_scorer
+    monkeypatch.setattr(workflow, "release_weights", lambda model: (events.append("release"), real_release(model))[1])
+    monkeypatch.setattr(workflow, "load_scorer", lambda *args: (events.append("load scorer"), real_load(*args))[1])
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("How do I cook rice ?\nWhat is the capital of France ?\n")
+    evaluation = EvalConfig(tasks="ppl,refusal", harmful_prompts=str(harmful), max_new_tokens=4, ppl=PerplexityConfig(n_samples=2, seq_len=32))
+    quantize = QuantizeConfig(method=QuaRotConfig(weight_quantizer="rtn"), calibration=TINY_CALIBRATION)
+    report = run_quantization(RunConfig(model=str(tiny_model_dir), out=tmp_path / "run", quantize=quantize, evaluation=evaluation)).report
+    assert events == ["release", "load scorer"]
+    assert report["coherence"]["scorer"] == str(tiny_model_dir) and "scorer_load" in report["seconds"]
+    again = evaluate_source(str(tmp_path / "run"), evaluation, tmp_path / "eval")
+    assert events == ["release", "load scorer"] * 2
+    assert again["metrics"]["refusal_rate"] == report["metrics"]["refusal_rate"] and again["coherence"]["threshold"] == report["coherence"]["threshold"]
+
+
 def test_a_run_without_saving_the_model_records_only(tmp_path, tiny_model_dir, fake_data_dir):
     config = RunConfig(model=str(tiny_model_dir), out=tmp_path / "run", quantize=QuantizeConfig(method=RTNConfig()), save_model=False)
     assert run_quantization(config).report is None

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from aaq.calibration.losses import LossConfig, LossTerms, TeacherTargets, compute_loss
+from aaq.calibration.losses import LossConfig, LossTerms, TeacherTargets, chunked_loss
 from aaq.calibration.teachers import Teacher
 from aaq.errors import AaqError
 from aaq.runs.records import write_atomic, write_json
@@ -40,7 +40,9 @@ OptimizerName = Literal["cayley_sgd", "riemannian_adam"]
 _OPTIMIZERS = ("cayley_sgd", "riemannian_adam")
 _CHECKPOINT_FILE = "checkpoint.json"
 # Settings that may change between a killed run and its resume without changing the trajectory.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "activation_checkpointing", "teacher_batch", "restore_best", "heldout_patience")
+_RESUMABLE_CHANGES = (
+    "steps", "checkpoint_every", "activation_checkpointing", "teacher_batch", "micro_batch", "sequential_teachers", "restore_best", "heldout_patience",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,11 @@ class CalibrationSettings:
     2 x 256 tokens, about half the peak memory for a third more time per step. `teacher_batch`:
     calibration sequences per teacher forward when the targets are computed (None: the calibration
     data batch size, smaller if one batch of full-vocabulary logits would not fit in half the free
-    device memory).
+    device memory). `micro_batch`: sequences per forward+backward within a step, whose gradients
+    add up to the step's (None: the whole step batch at once): the same loss and gradients in a
+    fraction of the activation memory. `sequential_teachers`: compute the targets with one teacher
+    on the device at a time (the aligned model's final hidden states first, kept on the host, then
+    the reference, while the aligned model waits on the host): the device holds one model instead of two.
     """
 
     steps: int = 150
@@ -81,6 +87,8 @@ class CalibrationSettings:
     heldout_every: int = 10
     restore_best: bool = False
     heldout_patience: int | None = None
+    micro_batch: int | None = None
+    sequential_teachers: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -103,6 +111,8 @@ class CalibrationSettings:
             raise AaqError(f"heldout_patience must be >= 1 (or None: never stop early), got {self.heldout_patience}")
         if (self.restore_best or self.heldout_patience is not None) and not self.heldout_windows:
             raise AaqError("restore_best and heldout_patience need held-out windows; set {setting}", setting="heldout_windows")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise AaqError(f"{{setting}} must be >= 1 (or None: the whole step batch at once), got {self.micro_batch}", setting="micro_batch")
 
 
 @dataclass
@@ -174,8 +184,15 @@ def heldout_split(num_sequences: int, heldout: int, seed: int) -> tuple[Tensor, 
 
 
 def student_loss(model: PreTrainedModel, batch: Tensor, teacher: TeacherTargets | Tensor, loss: LossConfig) -> LossTerms:
-    """The configured loss of the student on one batch of token ids."""
-    return compute_loss(model(input_ids=batch, use_cache=False).logits, teacher, loss)
+    """The configured loss of the student on one batch of token ids.
+
+    The decoder runs as usual; its output head runs inside the loss, a chunk of positions at a time
+    (`chunked_loss`), so the batch's full-vocabulary logits are never formed at once. Every supported
+    family's logits are its output embedding applied to the decoder's final (normed) hidden states
+    (as perplexity computes them, `aaq.eval.perplexity.window_nll_sum`).
+    """
+    hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+    return chunked_loss(hidden, model.get_output_embeddings(), teacher, loss)
 
 
 def _tensor_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -371,7 +388,7 @@ def calibrate(
             for optimizer in state.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             with distributed.agreed(f"calibration step {step}"):
-                terms = _backward_share(model, tokens, indices, teacher, settings.loss, device)
+                terms = _backward_share(model, tokens, indices, teacher, settings, device)
             terms = _summed_over_processes(terms, parameters, settings.loss, f"calibration step {step}")
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -412,11 +429,11 @@ def calibrate(
 def _heldout_scalars(
     model: PreTrainedModel, tokens: Tensor, heldout: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device, step: int
 ) -> dict[str, float]:
-    """The student's loss terms on the held-out windows (their mean; in batches of the step size; no gradients), summed over the processes."""
+    """The student's loss terms on the held-out windows (their mean; in batches of the micro-batch or step size; no gradients), summed over the processes."""
     count = 3 if settings.loss.needs_reference else 2
     totals = torch.zeros(count, device=device)
     with distributed.agreed(f"the held-out loss at step {step}"), torch.no_grad():
-        for chunk in heldout.split(settings.batch_size):
+        for chunk in heldout.split(settings.micro_batch or settings.batch_size):
             share = distributed.share(chunk)
             if len(share):
                 terms = student_loss(model, tokens[share].to(device), teacher(share), settings.loss)
@@ -449,20 +466,24 @@ def _patience_exhausted(state: CalibrationState, settings: CalibrationSettings) 
     return len(state.heldout) - 1 - best_index >= settings.heldout_patience
 
 
-def _backward_share(model: PreTrainedModel, tokens: Tensor, indices: Tensor, teacher: Teacher, loss: LossConfig, device: torch.device) -> LossTerms | None:
+def _backward_share(model: PreTrainedModel, tokens: Tensor, indices: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device) -> LossTerms | None:
     """Backpropagate the loss of this process's share of a step's batch (all of it in one process); its detached terms.
 
-    In several processes each share's loss is weighted by its fraction of the batch, so that the
-    sums over the processes are the loss (and gradients) of the whole batch. None for an empty share.
+    The share runs `settings.micro_batch` sequences at a time, each part's loss weighted by its
+    fraction of the step's batch (as is each process's share when there are several), so that the
+    sums of the parts' gradients and terms are those of the whole batch. None for an empty share.
     """
     share = distributed.share(indices)
     if len(share) == 0:
         return None
-    terms = student_loss(model, tokens[share].to(device), teacher(share), loss)
-    if len(share) < len(indices):
-        terms = terms.scaled(len(share) / len(indices))
-    terms.total.backward()
-    return terms.detached()
+    total = None
+    for part in share.split(settings.micro_batch or len(share)):
+        terms = student_loss(model, tokens[part].to(device), teacher(part), settings.loss)
+        if len(part) < len(indices):
+            terms = terms.scaled(len(part) / len(indices))
+        terms.total.backward()
+        total = terms.detached() if total is None else total.plus(terms.detached())
+    return total
 
 
 def _summed_over_processes(terms: LossTerms | None, parameters: list[torch.nn.Parameter], loss: LossConfig, what: str) -> LossTerms:

@@ -4,27 +4,37 @@ Logits are ``(B, T, V)`` or ``(N, V)``; positions are flattened and every loss i
 ("batchmean"). The top-k losses take the student logits and a :class:`TeacherTargets`, whether the targets
 were computed on the fly from the teacher logits (:func:`teacher_targets`) or read back from the on-disk
 cache (:mod:`aaq.calibration.teachers`), so the cached and uncached paths share one implementation.
+
+Calibration itself calls :func:`chunked_loss`, which takes the student's final hidden states and its
+output head instead of its logits: the full-vocabulary logits, their float32 log-softmax and their
+gradients then exist for `ROWS_PER_CHUNK` positions at a time (and are formed again in the backward)
+instead of for the whole batch, which at 4 x 2048 tokens of a 128k vocabulary is ~14 GiB.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from aaq.errors import AaqError
+from aaq.runtime.devices import compute_dtype
 
 __all__ = [
     "LOSS_NAMES",
     "PUSH_TOKENS",
+    "ROWS_PER_CHUNK",
     "LossConfig",
     "LossTerms",
     "TeacherTargets",
     "apc_loss",
+    "chunked_loss",
     "compute_loss",
     "kl_loss",
     "kl_top_loss",
@@ -63,6 +73,16 @@ class TeacherTargets:
         """Whether the push (reference) fields are present."""
         return self.push_prob is not None
 
+    def rows(self, start: int, stop: int) -> TeacherTargets:
+        """The targets of positions ``start`` to ``stop`` (views, no copies)."""
+        return TeacherTargets(*(None if value is None else value[start:stop] for value in (getattr(self, f.name) for f in fields(self))))
+
+    @staticmethod
+    def concatenated(parts: list[TeacherTargets]) -> TeacherTargets:
+        """The targets of consecutive runs of positions, as one."""
+        return TeacherTargets(*(None if values[0] is None else torch.cat(values) for values in zip(*(
+            [getattr(part, f.name) for f in fields(part)] for part in parts), strict=True)))  # fmt: skip
+
 
 class LossTerms(NamedTuple):
     """A loss value and its terms: ``pull`` (towards the aligned model) and ``push`` (None without one)."""
@@ -79,17 +99,27 @@ class LossTerms(NamedTuple):
         """Every term times `weight` (one process's share of a batch, weighted by its fraction of it)."""
         return LossTerms(*(None if value is None else value * weight for value in self))
 
+    def plus(self, other: LossTerms) -> LossTerms:
+        """The terms of two parts of a batch (each weighted by its fraction of it) added up."""
+        return LossTerms(*(None if value is None else value + more for value, more in zip(self, other, strict=True)))
+
     def scalars(self) -> dict[str, float]:
         """The terms as Python floats, for a progress bar or a log line."""
         values = {"loss": self.total, "pull": self.pull, "push": self.push}
         return {name: float(value.detach()) for name, value in values.items() if value is not None}
 
 
-def _flat_fp32(logits: Tensor) -> Tensor:
-    """Logits as fp32 ``(N, V)``: bf16/fp16 softmax over 50k classes loses too much to compare to fp16 targets."""
+def _flat(logits: Tensor) -> Tensor:
+    """Logits as ``(N, V)`` in their own dtype."""
     if logits.dim() < 2:
         raise AaqError(f"logits must be (B, T, V) or (N, V), got shape {tuple(logits.shape)}; pass model logits")
-    return logits.reshape(-1, logits.shape[-1]).float()
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _flat_fp32(logits: Tensor) -> Tensor:
+    """Logits as ``(N, V)`` in fp32 at least: bf16/fp16 softmax over 50k classes loses too much to compare to fp16 targets."""
+    flat = _flat(logits)
+    return flat.to(compute_dtype(flat.dtype))
 
 
 PUSH_TOKENS: tuple[str, ...] = ("diff", "reference", "vocab")
@@ -116,6 +146,11 @@ def _gather_or_all(values: Tensor, idx: Tensor | None) -> Tensor:
     return values if idx is None else values.gather(-1, idx.to(device=values.device, dtype=torch.int64))
 
 
+# Positions whose full-vocabulary logits are turned into float32 (log-)softmaxes at once: a chunk of 512 x
+# 128,256 (Llama 3) values is 0.26 GB, where a 4 x 2048-token batch takes 4 GiB per copy.
+ROWS_PER_CHUNK = 512
+
+
 @torch.no_grad()
 def teacher_targets(
     z_a: Tensor, z_b: Tensor | None = None, k: int = 1000, push_k: int | None = None, push_tokens: str = "diff"
@@ -123,21 +158,32 @@ def teacher_targets(
     """The top-k pull (and, with a reference ``z_b``, push) targets of teacher logits, in fp32.
 
     ``k`` (capped at V) sizes ``I_a``; the push tokens ``I_d`` are chosen by ``push_tokens`` (see
-    :func:`push_indices`) with ``push_k`` of them (default ``k``).
+    :func:`push_indices`) with ``push_k`` of them (default ``k``). Formed `ROWS_PER_CHUNK` positions at a time.
     """
-    logits_a = _flat_fp32(z_a)
+    flat_a = _flat(z_a)
+    flat_b = None if z_b is None else _flat(z_b)
+    if flat_b is not None and flat_b.shape != flat_a.shape:
+        raise AaqError(
+            f"aligned logits {tuple(flat_a.shape)} and reference logits {tuple(flat_b.shape)} differ; "
+            "the reference must share the tokenizer and vocabulary of the aligned model"
+        )
+    parts = [
+        _row_targets(flat_a[start : start + ROWS_PER_CHUNK], None if flat_b is None else flat_b[start : start + ROWS_PER_CHUNK], k, push_k, push_tokens)
+        for start in range(0, max(flat_a.shape[0], 1), ROWS_PER_CHUNK)
+    ]
+    return parts[0] if len(parts) == 1 else TeacherTargets.concatenated(parts)
+
+
+def _row_targets(z_a: Tensor, z_b: Tensor | None, k: int, push_k: int | None, push_tokens: str) -> TeacherTargets:
+    """`teacher_targets` of a few rows of flat logits."""
+    logits_a = z_a.to(compute_dtype(z_a.dtype))
     k_eff = min(k, logits_a.shape[-1])
     log_a = logits_a.log_softmax(-1)
     pull_idx = logits_a.topk(k_eff, dim=-1).indices
     pull_prob = log_a.gather(-1, pull_idx).exp()
     if z_b is None:
         return TeacherTargets(pull_idx=pull_idx, pull_prob=pull_prob)
-    logits_b = _flat_fp32(z_b)
-    if logits_b.shape != logits_a.shape:
-        raise AaqError(
-            f"aligned logits {tuple(logits_a.shape)} and reference logits {tuple(logits_b.shape)} differ; "
-            "the reference must share the tokenizer and vocabulary of the aligned model"
-        )
+    logits_b = z_b.to(compute_dtype(z_b.dtype))
     push_idx = push_indices(logits_a, logits_b, k if push_k is None else push_k, push_tokens)
     log_b_at_push = _gather_or_all(logits_b.log_softmax(-1), push_idx)
     push_prob = log_b_at_push.exp()
@@ -150,7 +196,7 @@ def _kl_terms(prob: Tensor, log_q: Tensor) -> Tensor:
 
     ``xlogy`` makes ``0 * log 0 = 0``: cached fp16 probabilities underflow to exactly 0 for unlikely tokens.
     """
-    prob = prob.float()
+    prob = prob.to(compute_dtype(prob.dtype))
     return (torch.xlogy(prob, prob) - prob * log_q).sum(-1)
 
 
@@ -185,7 +231,7 @@ def _push_per_position(log_q: Tensor, targets: TeacherTargets, bound_margin: flo
         return push
     if targets.push_ref is None:
         raise AaqError("the bounded push needs push_ref in the teacher targets; rebuild the teacher cache")
-    return torch.minimum(push, targets.push_ref.to(log_q.device).float() + bound_margin)
+    return torch.minimum(push, targets.push_ref.to(device=log_q.device, dtype=compute_dtype(targets.push_ref.dtype)) + bound_margin)
 
 
 def kl_top_loss(z_q: Tensor, targets: TeacherTargets) -> Tensor:
@@ -201,6 +247,18 @@ def push_loss(z_q: Tensor, targets: TeacherTargets, bound_margin: float | None =
     return _push_per_position(_student_log_probs(z_q, targets), targets, bound_margin).mean()
 
 
+def _apc_per_position(z_q: Tensor, targets: TeacherTargets, bound_margin: float | None) -> Tensor:
+    """Pull and push value per position, ``(N, 2)``."""
+    log_q = _student_log_probs(z_q, targets)
+    return torch.stack((_pull_per_position(log_q, targets), _push_per_position(log_q, targets, bound_margin)), -1)
+
+
+def _apc_terms(means: Tensor, lam: float) -> LossTerms:
+    """``pull - lam * push`` with its terms, from the mean pull and push."""
+    pull, push = means.unbind()
+    return LossTerms(total=pull - lam * push, pull=pull, push=push)
+
+
 def apc_loss(
     z_q: Tensor, targets: TeacherTargets, lam: float = 0.1, bound_margin: float | None = None
 ) -> LossTerms:
@@ -214,24 +272,32 @@ def apc_loss(
     loss is bounded below by ``mean(sum_{I_a} p_a log p_a) - lam * mean(push_ref + m)``. ``m = 0`` asks the
     quantized model to be at least as far from the reference as the aligned model, and no further.
     """
-    log_q = _student_log_probs(z_q, targets)
-    pull = _pull_per_position(log_q, targets).mean()
-    push = _push_per_position(log_q, targets, bound_margin).mean()
-    return LossTerms(total=pull - lam * push, pull=pull, push=push)
+    return _apc_terms(_apc_per_position(z_q, targets, bound_margin).mean(0), lam)
+
+
+def _squared_error_per_position(z_q: Tensor, z_a: Tensor) -> Tensor:
+    """Mean over the vocabulary of the squared logit error, per position, in fp32."""
+    diff = _flat_fp32(z_q) - _flat_fp32(z_a)
+    return diff.square().mean(-1)
 
 
 def mse_loss(z_q: Tensor, z_a: Tensor) -> Tensor:
     """Mean squared error between student and aligned logits, in fp32, mean over positions and vocabulary."""
-    return torch.nn.functional.mse_loss(_flat_fp32(z_q), _flat_fp32(z_a))
+    return _squared_error_per_position(z_q, z_a).mean()
 
 
-def kl_loss(z_q: Tensor, z_a: Tensor) -> Tensor:
-    """Full-vocabulary ``KL(p_a || p_q)``, mean over positions ("batchmean")."""
+def _kl_per_position(z_q: Tensor, z_a: Tensor) -> Tensor:
+    """Full-vocabulary ``KL(p_a || p_q)`` per position."""
     log_q = _flat_fp32(z_q).log_softmax(-1)
     p_a = _flat_fp32(z_a).softmax(-1)
     if p_a.shape != log_q.shape:
         raise AaqError(f"student logits {tuple(log_q.shape)} and aligned logits {tuple(p_a.shape)} differ in shape")
-    return _kl_terms(p_a, log_q).mean()
+    return _kl_terms(p_a, log_q)
+
+
+def kl_loss(z_q: Tensor, z_a: Tensor) -> Tensor:
+    """Full-vocabulary ``KL(p_a || p_q)``, mean over positions ("batchmean")."""
+    return _kl_per_position(z_q, z_a).mean()
 
 
 def _logits_only(name: str, teacher: TeacherTargets | Tensor) -> Tensor:
@@ -251,35 +317,13 @@ def _targets_only(name: str, teacher: TeacherTargets | Tensor) -> TeacherTargets
     return teacher
 
 
-def _mse_terms(z_q: Tensor, teacher: TeacherTargets | Tensor, config: LossConfig) -> LossTerms:
-    """MSE against the aligned logits, as loss terms."""
-    value = mse_loss(z_q, _logits_only(config.name, teacher))
-    return LossTerms(total=value, pull=value)
-
-
-def _kl_full_terms(z_q: Tensor, teacher: TeacherTargets | Tensor, config: LossConfig) -> LossTerms:
-    """Full-vocabulary KL against the aligned logits, as loss terms."""
-    value = kl_loss(z_q, _logits_only(config.name, teacher))
-    return LossTerms(total=value, pull=value)
-
-
-def _kl_top_terms(z_q: Tensor, teacher: TeacherTargets | Tensor, config: LossConfig) -> LossTerms:
-    """KL-top pull against the teacher targets, as loss terms."""
-    value = kl_top_loss(z_q, _targets_only(config.name, teacher))
-    return LossTerms(total=value, pull=value)
-
-
-def _apc_terms(z_q: Tensor, teacher: TeacherTargets | Tensor, config: LossConfig) -> LossTerms:
-    """APC (faithful or bounded, per the config) against the teacher targets."""
-    margin = config.margin if config.bounded else None
-    return apc_loss(z_q, _targets_only(config.name, teacher), config.lam, margin)
-
-
-_LOSSES: dict[str, Callable[[Tensor, TeacherTargets | Tensor, LossConfig], LossTerms]] = {
-    "mse": _mse_terms,
-    "kl": _kl_full_terms,
-    "kl_top": _kl_top_terms,
-    "apc": _apc_terms,
+# Each loss as its terms per position, (N, 1) or, for apc, (N, 2) = pull, push: a loss is their mean
+# over positions, so chunks of positions can be summed separately (`chunked_loss`).
+_LOSSES: dict[str, Callable[[Tensor, TeacherTargets | Tensor, LossConfig], Tensor]] = {
+    "mse": lambda z_q, teacher, config: _squared_error_per_position(z_q, _logits_only(config.name, teacher)).unsqueeze(-1),
+    "kl": lambda z_q, teacher, config: _kl_per_position(z_q, _logits_only(config.name, teacher)).unsqueeze(-1),
+    "kl_top": lambda z_q, teacher, config: _pull_per_position(_student_log_probs(z_q, _targets_only(config.name, teacher)), teacher).unsqueeze(-1),
+    "apc": lambda z_q, teacher, config: _apc_per_position(z_q, _targets_only(config.name, teacher), config.margin if config.bounded else None),
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 _TOP_K_LOSSES = frozenset({"kl_top", "apc"})
@@ -358,10 +402,55 @@ class LossConfig:
         return self.name in _TOP_K_LOSSES
 
 
+def _terms(means: Tensor, config: LossConfig) -> LossTerms:
+    """The loss terms from the mean over positions of the per-position terms."""
+    if config.name == "apc":
+        return _apc_terms(means, config.lam)
+    return LossTerms(total=means[0], pull=means[0])
+
+
 def compute_loss(z_q: Tensor, teacher: TeacherTargets | Tensor, config: LossConfig) -> LossTerms:
     """The configured loss of student logits ``z_q`` against the teacher.
 
     ``teacher`` is a :class:`TeacherTargets` (cached or from :func:`teacher_targets`) for ``kl_top``/``apc``,
     or the aligned logits ``z_a`` for ``mse``/``kl``.
     """
-    return _LOSSES[config.name](z_q, teacher, config)
+    return _terms(_LOSSES[config.name](z_q, teacher, config).mean(0), config)
+
+
+def _teacher_rows(teacher: TeacherTargets | Tensor, start: int, stop: int) -> TeacherTargets | Tensor:
+    """The teacher's targets (or flat logits) of positions ``start`` to ``stop``."""
+    return teacher.rows(start, stop) if isinstance(teacher, TeacherTargets) else teacher[start:stop]
+
+
+def _chunk_sums(hidden: Tensor, head: Callable[[Tensor], Tensor], teacher: TeacherTargets | Tensor, config: LossConfig) -> Tensor:
+    """The per-position terms of the logits ``head(hidden)`` of a chunk of positions, summed over them."""
+    return _LOSSES[config.name](head(hidden), teacher, config).sum(0)
+
+
+def chunked_loss(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], teacher: TeacherTargets | Tensor, config: LossConfig, rows: int = ROWS_PER_CHUNK
+) -> LossTerms:
+    """The configured loss of the logits ``head(hidden)``, formed ``rows`` positions at a time.
+
+    Equal in value and gradient to ``compute_loss(head(hidden), teacher, config)``, but each chunk's
+    full-vocabulary logits, their float32 log-softmax and their gradients exist only while that chunk
+    is summed, and again in the backward, which forms them anew (activation checkpointing of the
+    output head and the loss): the peak holds one chunk's ``(rows, V)`` buffers, not the batch's.
+    ``hidden``: the final hidden states ``(B, T, d)`` or ``(N, d)``; ``head``: the output embedding
+    (a module, whose hooks run with it) that maps them to logits.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    teacher = teacher if isinstance(teacher, TeacherTargets) else _flat(teacher)
+    positions = teacher.num_positions if isinstance(teacher, TeacherTargets) else teacher.shape[0]
+    if positions != flat.shape[0]:
+        raise AaqError(
+            f"student logits have {flat.shape[0]} positions but the teacher targets {positions}; "
+            "the targets must come from the same calibration batch"
+        )
+    total = None
+    for start in range(0, flat.shape[0], rows):
+        chunk = partial(_chunk_sums, head=head, teacher=_teacher_rows(teacher, start, start + rows), config=config)
+        sums = checkpoint(chunk, flat[start : start + rows], use_reentrant=False, preserve_rng_state=False) if torch.is_grad_enabled() else chunk(flat[start : start + rows])
+        total = sums if total is None else total + sums
+    return _terms(total / flat.shape[0], config)

@@ -14,6 +14,7 @@ bytes each; the full-vocabulary push stores probabilities only (indices implicit
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -47,6 +48,7 @@ __all__ = [
     "TeacherCache",
     "build_teacher_cache",
     "cached_teacher",
+    "head_only_teacher",
     "live_teacher",
     "open_or_build",
     "tokens_fingerprint",
@@ -470,6 +472,32 @@ def open_or_build(
             )
     log.info("reusing teacher cache in %s", directory)
     return cache
+
+
+@torch.no_grad()
+def head_only_teacher(model: PreTrainedModel, batches: Tensor, batch_size: int, device: torch.device) -> LogitsFn:
+    """`model` as a teacher callable for `build_teacher_cache` that needs only a copy of its output head on the device.
+
+    The model's final (normed) hidden states of this process's share of `batches` are computed now,
+    in batches of `batch_size` sequences (those the build runs), and kept on the host; the callable
+    looks a batch's hidden states up by its token ids and applies the head to them, which gives the
+    logits the model would give. Afterwards the model itself can wait on the host while the reference runs.
+    """
+    mine = distributed.share_of_batches(batches.shape[0], batch_size)
+    decoder = model.get_decoder()
+    hidden = [
+        decoder(input_ids=batches[start : start + batch_size].to(device), use_cache=False).last_hidden_state.cpu()
+        for start in range(mine.start, mine.stop, batch_size)
+    ]
+    hidden = torch.cat(hidden) if hidden else torch.empty(0)
+    rows = {sequence.numpy().tobytes(): row for row, sequence in enumerate(batches[mine].cpu())}
+    head = copy.deepcopy(model.get_output_embeddings()).to(device)
+
+    def logits(batch: Tensor) -> Tensor:
+        index = torch.tensor([rows[sequence.numpy().tobytes()] for sequence in batch.cpu()])
+        return head(hidden[index].to(device))
+
+    return logits
 
 
 def cached_teacher(cache: TeacherCache, device: torch.device | str = "cpu") -> Teacher:

@@ -31,6 +31,7 @@ def add_quantize_config(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damp", type=float, help="damping, fraction of the mean Hessian diagonal (default: 0.01)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false", default=None, help="keep column order")
     g.add_argument("--static-groups", action="store_true", default=None, help="group scales fixed up front, so act-order groups stay contiguous (exportable)")
+    g.add_argument("--onload-layers", action="store_true", default=None, help="GPTQ with the model on the host, one layer on the device at a time")
     g = p.add_argument_group("transforms (methods quarot, ostquant, aaq)")
     for switch in dataclasses.fields(TransformConfig):
         if switch.type == "bool":
@@ -51,6 +52,8 @@ def add_quantize_config(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout-every", type=int, help="measure the held-out loss every N steps (default: 10)")
     g.add_argument("--restore-best", action="store_true", default=None, help="end with the transforms of the step with the lowest held-out loss (needs --heldout-windows)")
     g.add_argument("--heldout-patience", type=int, help="stop after N held-out measurements in a row without a new best (needs --heldout-windows)")
+    g.add_argument("--sequential-teachers", action="store_true", default=None, help="one teacher model on the device at a time (the aligned model waits on the host)")
+    g.add_argument("--micro-batch", type=int, help="sequences per forward+backward within a step, gradients added up (default: the whole step batch)")
     g.add_argument("--optimizer", choices=["cayley_sgd", "riemannian_adam"], help="Stiefel optimiser of R1/R2 (default: cayley_sgd)")
     g.add_argument("--rotation-lr", type=float, help="learning rate of R1/R2 (default: recipe or 0.017)")
     g.add_argument("--scale-lr", type=float, help="learning rate of the smoothing scales (default: recipe or 0.0018)")

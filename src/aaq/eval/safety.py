@@ -93,14 +93,31 @@ def judged_records(
 ) -> list[SafetyRecord]:
     """Return one record per prompt: the model's greedy response, the scorer's measures of it and its verdict."""
     config = config or GenerationConfig()
+    responses = generate_responses(model, tokenizer, [prompt.text for prompt in _as_prompts(prompts)], config)
+    return verdict_records(task, prompts, responses, config, judge, scorer, prompt_set)
+
+
+def verdict_records(
+    task: str,
+    prompts: Sequence[Prompt | str],
+    responses: Sequence[str],
+    config: GenerationConfig | None = None,
+    judge: Judge | None = None,
+    scorer: CoherenceScorer | None = None,
+    prompt_set: str | None = None,
+) -> list[SafetyRecord]:
+    """Return one record per prompt and its (already generated) response: the scorer's measures of it and its verdict.
+
+    Needs no model but the judge's and the scorer's, so it can run after the answering model is gone.
+    """
+    config = config or GenerationConfig()
     prompts = _as_prompts(prompts)
     texts = [prompt.text for prompt in prompts]
-    responses = generate_responses(model, tokenizer, texts, config)
     refused = [bool(flag) for flag in (judge or PhraseJudge()).verdicts(texts, responses)]
     if scorer is None:
         scores, threshold = [None] * len(texts), None
     else:
-        scores = scorer.scores(texts, responses, config.batch_size)
+        scores = scorer.scores(texts, list(responses), config.batch_size)
         threshold = scorer.calibration(config).threshold
     return [
         SafetyRecord(task, prompt.text, prompt.category, prompt.looks_harmful, response, verdict(flag, score, threshold), score, prompt_set)

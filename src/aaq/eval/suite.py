@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,8 @@ class EvalConfig:
     caller loads it and passes it to `evaluate(judge=...)` (None = the refusal-phrase detector).
     garbled_check: give every refusal/benign answer a verdict refused/complied/garbled (`aaq.eval.coherence`);
     off, every answer that does not refuse complies. scorer: name of the full-precision model that
-    scores the answers; the caller loads it and passes `evaluate(scorer=CoherenceScorer(...))` (None =
-    the evaluated model itself, which must then be unquantized).
+    scores the answers; the caller loads it (or passes a function that does, called once the answers are
+    in) as `evaluate(scorer=...)` (None = the evaluated model itself, which must then be unquantized).
     """
 
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
@@ -148,7 +149,11 @@ def _write_generations(path: Path, generations: list[dict]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _resolve_scorer(model, tokenizer, config: EvalConfig, scorer: CoherenceScorer | None, meta: dict) -> CoherenceScorer | None:
+# A function that loads the garbled check's scorer, called once the evaluated model's answers are in.
+ScorerLoader = Callable[[], CoherenceScorer]
+
+
+def _resolve_scorer(model, tokenizer, config: EvalConfig, scorer: CoherenceScorer | ScorerLoader | None, meta: dict) -> CoherenceScorer | ScorerLoader | None:
     if not config.checks_coherence:
         return None
     if scorer is not None:
@@ -161,6 +166,24 @@ def _resolve_scorer(model, tokenizer, config: EvalConfig, scorer: CoherenceScore
             "scorer=CoherenceScorer(full_precision_model, tokenizer, name) or EvalConfig(garbled_check=False)"
         )
     return CoherenceScorer(model, tokenizer, meta.get("model") or "evaluated model")
+
+
+def _loaded_scorer(
+    scorer: CoherenceScorer | ScorerLoader | None, release_model: Callable[[], None] | None, config: EvalConfig, findings: Findings
+) -> CoherenceScorer | None:
+    """The scorer, loaded now if it is a loader (after `release_model` has freed the evaluated model) and calibrated."""
+    if scorer is None:
+        return None
+    if not isinstance(scorer, CoherenceScorer):
+        if release_model is not None:
+            release_model()
+        start = time.perf_counter()
+        scorer = scorer()
+        findings.seconds["scorer_load"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    scorer.calibration(config.generation)  # calibrated (or read from the cache) before the verdicts
+    findings.seconds["coherence_calibration"] = round(time.perf_counter() - start, 3)
+    return scorer
 
 
 def _coherence_record(config: EvalConfig, scorer: CoherenceScorer | None) -> dict:
@@ -177,15 +200,20 @@ def evaluate(
     out_dir: str | Path | None = None,
     meta: dict | None = None,
     judge: Judge | None = None,
-    scorer: CoherenceScorer | None = None,
+    scorer: CoherenceScorer | ScorerLoader | None = None,
     inputs: EvalInputs | None = None,
+    release_model: Callable[[], None] | None = None,
 ) -> dict:
     """Run the configured tasks on the model and return the report dict; with `out_dir`, also write
     report.json, report.md and generations.jsonl (every prompt, response, verdict and NLL) there.
 
     `meta` supplies `model`, `method` and `bits` (and anything else worth keeping); `judge` is the
     loaded judge for `config.judge` (default: the refusal-phrase detector); `scorer` is the
-    full-precision model of the garbled check (default: the evaluated model, when it is unquantized).
+    full-precision model of the garbled check (default: the evaluated model, when it is unquantized),
+    or a function that loads it. The tasks run on the model first (answers generated, nothing else
+    needs the model after that); then the scorer is loaded (when given as a loader: after
+    `release_model`, when given, has freed the evaluated model, so that the two never take memory at
+    the same time) and the answers get their verdicts. The verdicts are the same either way.
     `inputs`: what `prepare_inputs(config)` returned, when the caller checked them before its own
     work (else they are read here, before the first task). `out_dir` must be new, empty, or an aaq
     evaluation or run folder (`aaq.runs.folders`).
@@ -203,16 +231,23 @@ def evaluate(
     model.eval()
     definitions = metric_definitions()
     findings = Findings(metrics=dict.fromkeys(definitions))
-    if scorer is not None:
-        start = time.perf_counter()
-        scorer.calibration(config.generation)  # calibrated (or read from the cache) before the timed tasks
-        findings.seconds["coherence_calibration"] = round(time.perf_counter() - start, 3)
-    context = TaskContext(model, tokenizer, config, judge, scorer)
+    context = TaskContext(model, tokenizer, config, judge, None)
+    answers = {}
     for task in config.selected_tasks():
         log.info("eval: %s", task.name)
         start = time.perf_counter()
-        task.run(context, inputs.by_task[task.name], findings)
+        if task.generates_answers:
+            answers[task] = task.answer(context, inputs.by_task[task.name])
+        else:
+            task.run(context, inputs.by_task[task.name], findings)
         findings.seconds[task.name] = round(time.perf_counter() - start, 3)
+    scorer = _loaded_scorer(scorer, release_model, config, findings) if answers else None
+    context = TaskContext(None if release_model else model, tokenizer, config, judge, scorer)
+    for task, answered in answers.items():
+        start = time.perf_counter()
+        task.record(context, inputs.by_task[task.name], answered, findings)
+        findings.seconds[task.name] = round(findings.seconds[task.name] + time.perf_counter() - start, 3)
+    for task in config.selected_tasks():
         log.info("eval: %s done in %.1fs", task.name, findings.seconds[task.name])
     report = {
         "model": meta.get("model"),

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,11 +32,11 @@ from aaq.quant.packing import WeightCodes
 from aaq.quant.quantizers import QuantScheme, QuantSpec, weight_quant_params
 from aaq.runs.records import write_atomic
 from aaq.runtime import distributed
-from aaq.runtime.devices import model_device, release_freed_host_memory
+from aaq.runtime.devices import model_device, release_freed_host_memory, resting_on_host
 
 logger = logging.getLogger(__name__)
 
-GPTQ_OPTIONS = ("damp", "act_order", "static_groups")
+GPTQ_OPTIONS = ("damp", "act_order", "static_groups", "onload_layers")
 # Each failed Cholesky multiplies the damping by this factor, at most this many times.
 _DAMP_GROWTH = 10.0
 _DAMP_RETRIES = 3
@@ -55,6 +55,9 @@ class GPTQConfig(WeightOnlyConfig):
     *processing* order, i.e. scattered in the original column order (the "g_idx" layout); static
     groups keep each group contiguous in the original order, which formats with plain contiguous
     groups (GGUF, most kernels) require, at the cost of scales that ignore the error updates.
+    `onload_layers`: the model rests on the host while GPTQ runs and each decoder layer is onloaded
+    to the compute device for its turn (as always with memory budgets): the device holds one layer
+    instead of the model, and each layer's weights cross to the device and back once.
     """
 
     name: ClassVar[str] = "gptq"
@@ -62,6 +65,7 @@ class GPTQConfig(WeightOnlyConfig):
     act_order: bool = True
     block_size: int = 128
     static_groups: bool = False
+    onload_layers: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp <= 1.0:
@@ -70,13 +74,21 @@ class GPTQConfig(WeightOnlyConfig):
             raise AaqError(f"GPTQ block_size must be a positive number of columns, got {self.block_size}")
 
     def apply_options(self, options: Options) -> tuple[GPTQConfig, Options]:
-        """This config with the solver options (damp, act_order, static_groups) applied."""
+        """This config with the solver options (damp, act_order, static_groups, onload_layers) applied."""
         taken, rest = take_options(options, GPTQ_OPTIONS)
         return replace(self, **taken), rest
 
     def needs_calibration(self) -> bool:
         """GPTQ reads the Hessians of calibration inputs."""
         return True
+
+    def gptq_settings(self) -> GPTQConfig:
+        """Its own settings."""
+        return self
+
+    def with_gptq_settings(self, **changes: Any) -> GPTQConfig:
+        """This config with settings changed."""
+        return replace(self, **changes)
 
     def quantize_weights(self, context: MethodContext) -> None:
         """GPTQ every projection weight, layer by layer."""
@@ -369,7 +381,8 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     Each layer sees the outputs of the already-quantized layers before it (weights, activations
     and KV cache fake-quantized), so later layers compensate for earlier layers' error. Each layer
     is onloaded to the compute device for its turn and put back where it rests (sequential
-    onloading: a model resting on the CPU needs one layer of device memory). With a `run_dir`, each
+    onloading: a model resting on the CPU, with memory budgets or `onload_layers`, needs one layer
+    of device memory). With a `run_dir`, each
     finished layer is saved, and `resume` reuses them: the finished layers only rerun their forward,
     so the result equals an uninterrupted run.
 
@@ -381,13 +394,20 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
     """
     if context.calibration_tokens is None:
         raise AaqError("GPTQ needs calibration tokens; pass a tokenizer or calibration token ids")
-    model, plan, spec = context.model, context.plan, context.scheme.weights
-    device = context.placement.compute_device
-    main = distributed.is_main_process()
     if not context.resume:
         context.drop_work_folder(PROGRESS_DIR)
     progress = context.work_folder(PROGRESS_DIR)
     key = _progress_key(context, config)
+    with resting_on_host(context.model, context.placement, config.onload_layers):
+        _quantize_layers(context, config, progress, key)
+    context.drop_work_folder(PROGRESS_DIR)
+
+
+def _quantize_layers(context: MethodContext, config: GPTQConfig, progress: Path | None, key: str) -> None:
+    """The layer loop of `quantize_weights_gptq`: each layer onloaded to the compute device for its turn."""
+    model, plan, spec = context.model, context.plan, context.scheme.weights
+    device = context.placement.compute_device
+    main = distributed.is_main_process()
     first_block = model.get_submodule(plan.layers[0].block)
     tokens = context.calibration_tokens[distributed.share_of_batches(context.calibration_tokens.shape[0], context.batch_size)]
     with distributed.agreed("GPTQ's first layer inputs"):
@@ -420,7 +440,6 @@ def quantize_weights_gptq(context: MethodContext, config: GPTQConfig) -> None:
         # The layer's replaced weights go back to glibc's heap, which keeps them mapped: without
         # this the host peak grows by a copy of the linear weights (1.7 GiB for a 1B model in bf16).
         release_freed_host_memory()
-    context.drop_work_folder(PROGRESS_DIR)
 
 
 def _layer_hessians(layer: LayerPlan, linears: dict[str, nn.Linear], block: nn.Module, inputs) -> dict[str, HessianAccumulator]:

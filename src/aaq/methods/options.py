@@ -17,10 +17,11 @@ class MethodOptions:
     """Method settings to change; None keeps the config's value.
 
     transforms: fields of `aaq.models.plan.TransformConfig` to change (r1, r2, r3, r4, smoothing), by name.
-    weight_quantizer, damp, act_order, static_groups: the weight step (`GPTQConfig`). steps, batch_size,
-    loss, lam, cache, weights_in_loop, activation_checkpointing, teacher_batch, optimizer, rotation_lr,
-    scale_lr, heldout_windows, heldout_every, restore_best, heldout_patience: the calibration of learned transforms (`CalibrationSettings`); loss, lam, top_k (the pull's
-    k), push_tokens, push_k: its loss (`LossConfig`).
+    weight_quantizer, damp, act_order, static_groups, onload_layers: the weight step (`GPTQConfig`). steps,
+    batch_size, loss, lam, cache, weights_in_loop, activation_checkpointing, teacher_batch, micro_batch,
+    sequential_teachers, optimizer, rotation_lr, scale_lr, heldout_windows, heldout_every, restore_best,
+    heldout_patience: the calibration of learned transforms
+    (`CalibrationSettings`); loss, lam, top_k (the pull's k), push_tokens, push_k: its loss (`LossConfig`).
     """
 
     transforms: Mapping[str, Any] = field(default_factory=dict)
@@ -28,6 +29,7 @@ class MethodOptions:
     damp: float | None = None
     act_order: bool | None = None
     static_groups: bool | None = None
+    onload_layers: bool | None = None
     steps: int | None = None
     batch_size: int | None = None
     loss: str | None = None
@@ -36,6 +38,8 @@ class MethodOptions:
     weights_in_loop: bool | None = None
     activation_checkpointing: bool | None = None
     teacher_batch: int | None = None
+    micro_batch: int | None = None
+    sequential_teachers: bool | None = None
     optimizer: str | None = None
     rotation_lr: float | None = None
     scale_lr: float | None = None

@@ -20,7 +20,16 @@ from transformers import PreTrainedModel
 
 from aaq.calibration.loop import CalibrationSettings, calibrate
 from aaq.calibration.pair_stats import PairSummary, push_warning, summary_line
-from aaq.calibration.teachers import CacheMeta, Teacher, TeacherCache, build_teacher_cache, cached_teacher, live_teacher, open_or_build
+from aaq.calibration.teachers import (
+    CacheMeta,
+    Teacher,
+    TeacherCache,
+    build_teacher_cache,
+    cached_teacher,
+    head_only_teacher,
+    live_teacher,
+    open_or_build,
+)
 from aaq.errors import AaqError
 from aaq.methods.registry import MethodConfig, MethodContext, MethodResult, Options, register_method, take_options
 from aaq.methods.weight_step import FusedWeightQuantization, quantize_fused_weights
@@ -28,7 +37,7 @@ from aaq.models.plan import TRANSFORM_SWITCHES, TransformConfig, TransformPlan
 from aaq.quant.fake_quant import install_quantizers
 from aaq.quant.quantizers import QuantScheme
 from aaq.runtime import distributed
-from aaq.runtime.devices import StageMeter, dispatched, free_memory, model_device
+from aaq.runtime.devices import StageMeter, dispatched, free_memory, model_device, resting_on_host
 from aaq.transforms.learnable import (
     InstalledTransforms,
     LearnableTransforms,
@@ -45,7 +54,8 @@ logger = logging.getLogger(__name__)
 CALIBRATION_DIR = "calibration"
 TEACHER_CACHE_DIR = "teacher_cache"
 TRAINING_OPTIONS = (
-    "steps", "batch_size", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch", "optimizer", "rotation_lr", "scale_lr",
+    "steps", "batch_size", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch", "micro_batch", "sequential_teachers",
+    "optimizer", "rotation_lr", "scale_lr",
     "heldout_windows", "heldout_every", "restore_best", "heldout_patience",
 )  # fmt: skip
 LOSS_OPTIONS = {"loss": "name", "lam": "lam", "top_k": "k"}
@@ -145,39 +155,51 @@ def _teacher(context: MethodContext, settings: CalibrationSettings, work_dir: Pa
     """The teacher for calibration, taken from the still untransformed model (and the reference).
 
     Cached: the targets go to disk in teacher batches, and the reference is released (with a
-    loader, it was resident only meanwhile). Uncached: a frozen copy of the aligned model stays
-    resident next to the reference.
+    loader, it was resident only meanwhile). With `sequential_teachers` the aligned model's hidden
+    states come first and the model waits on the host while the reference runs. Uncached: a frozen
+    copy of the aligned model stays resident next to the reference.
     """
     tokens = context.calibration_tokens
-    reference = context.reference.get() if settings.loss.needs_reference else None
     if not settings.cache:
+        reference = context.reference.get() if settings.loss.needs_reference else None
         aligned = copy.deepcopy(context.model).requires_grad_(False)
         return live_teacher(aligned, reference, tokens, settings.loss)
 
     device = context.placement.compute_device
+    batch_size = teacher_batch_size(settings, context, context.plan.geometry.vocab_size)
+    # A resumed run whose cache is complete calls no teacher: nothing to compute first.
+    resumed = context.resume and TeacherCache.exists(work_dir / TEACHER_CACHE_DIR)
+    sequential = settings.sequential_teachers and settings.loss.needs_reference and not resumed
 
     def logits_of(model):
         return lambda batch: model(input_ids=batch.to(device), use_cache=False).logits
 
     build = open_or_build if context.resume else build_teacher_cache
     with ExitStack() as placed:
-        placed.enter_context(dispatched(context.model, context.placement))
+        if sequential:
+            with dispatched(context.model, context.placement):
+                aligned = head_only_teacher(context.model, tokens, batch_size, device)
+            placed.enter_context(resting_on_host(context.model, context.placement))
+        else:
+            placed.enter_context(dispatched(context.model, context.placement))
+            aligned = logits_of(context.model)
+        reference = context.reference.get() if settings.loss.needs_reference else None
         if reference is not None:
             placed.enter_context(dispatched(reference, context.placement))
         cache = build(
-            logits_of(context.model),
+            aligned,
             None if reference is None else logits_of(reference),
             tokens,
             context.work_folder(TEACHER_CACHE_DIR) or work_dir / TEACHER_CACHE_DIR,
             settings.loss.k,
             getattr(torch, settings.cache_dtype),
-            teacher_batch_size(settings, context, context.plan.geometry.vocab_size),
+            batch_size,
             settings.loss.push_k,
             settings.loss.push_tokens,
         )
-    del reference
-    if context.reference is not None:
-        context.reference.release()
+        del reference, aligned
+        if context.reference is not None:
+            context.reference.release()
     _log_pair_statistics(cache)
     return cached_teacher(cache, device)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -24,6 +24,9 @@ from aaq.runtime import distributed
 from aaq.runtime.devices import Placement, StageRecord
 from aaq.transforms.rotation import AppliedTransforms
 from aaq.typed import dataclass_from_dict
+
+if TYPE_CHECKING:
+    from aaq.methods.gptq import GPTQConfig
 
 Options = dict[str, Any]
 
@@ -60,6 +63,14 @@ class MethodConfig:
 
     def with_calibration_settings(self, **changes: Any) -> MethodConfig:
         """This config with calibration settings changed (it has none to change: itself)."""
+        return self
+
+    def gptq_settings(self) -> GPTQConfig | None:
+        """The settings of the GPTQ solver that quantizes the method's weights (None: GPTQ does not)."""
+        return None
+
+    def with_gptq_settings(self, **changes: Any) -> MethodConfig:
+        """This config with GPTQ settings changed (it has none to change: itself)."""
         return self
 
     def learned_transforms(self) -> TransformConfig | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from aaq.errors import AaqError
 from aaq.methods.gptq import GPTQConfig, quantize_weights_gptq
@@ -29,6 +29,14 @@ class FusedWeightQuantization:
     def weight_stages(self, scheme: QuantScheme) -> tuple[str, ...]:
         """The weight step's stage (`gptq` or `rtn`), when the weights are quantized."""
         return () if scheme.weights is None else (self.weight_quantizer,)
+
+    def gptq_settings(self) -> GPTQConfig | None:
+        """The GPTQ settings, when GPTQ quantizes the weights."""
+        return self.gptq if self.weight_quantizer == "gptq" else None
+
+    def with_gptq_settings(self, **changes: Any) -> FusedWeightQuantization:
+        """This config with GPTQ settings changed."""
+        return replace(self, gptq=replace(self.gptq, **changes))
 
     def work_folders(self) -> tuple[str, ...]:
         """GPTQ's finished layers (RTN keeps no progress)."""

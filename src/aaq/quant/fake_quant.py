@@ -68,3 +68,14 @@ def install_quantizers(model: PreTrainedModel, plan: TransformPlan, scheme: Quan
 def quantized_linears(model: PreTrainedModel) -> dict[str, torch.Size]:
     """Qualified names and weight shapes (out, in) of the quantized projections of a model."""
     return {name: module.weight.shape for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+def release_weights(model: nn.Module) -> None:
+    """Free the memory of every weight of `model`: parameters and buffers move to the meta device, quantized linears drop their integer codes.
+
+    The model cannot compute afterwards; for a model whose work is done while something else needs its memory.
+    """
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.codes = None
+    model.to("meta")

@@ -204,6 +204,19 @@ def dispatched(model: nn.Module, placement: Placement) -> Iterator[None]:
                 model.tie_weights()
 
 
+@contextmanager
+def resting_on_host(model: nn.Module, placement: Placement, enabled: bool = True) -> Iterator[None]:
+    """Within the block `model` rests on the host (when `enabled`; with memory budgets it rests there anyway), then goes back where it rests."""
+    moved = enabled and placement.rest_device.type != "cpu"
+    if moved:
+        model.to("cpu")
+    try:
+        yield
+    finally:
+        if moved:
+            model.to(placement.rest_device)
+
+
 @dataclass
 class StageRecord:
     """A measured stage: wall seconds and peak bytes on the host and the CUDA device.

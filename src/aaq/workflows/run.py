@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +28,7 @@ from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.refusal import Judge, ModelJudge
 from aaq.eval.suite import EvalConfig, EvalInputs, evaluate, prepare_inputs
 from aaq.models.loading import ModelSource, load_model
+from aaq.quant.fake_quant import release_weights
 from aaq.runs.checkpoint import FAILED_RECORD, is_run_folder, load_quantized, save_quantized, saved_weight_bytes
 from aaq.runs.folders import check_free_space, check_output_folder, folder_bytes, prepare_output_folder, remove_file
 from aaq.runs.records import provenance, write_json
@@ -151,6 +154,25 @@ def load_scorer(config: EvalConfig, source: str | None, placement: Placement | N
     return CoherenceScorer(model, tokenizer, name)
 
 
+def scorer_after_release(
+    config: EvalConfig, source: str | None, placement: Placement, model: PreTrainedModel, placed: ExitStack
+) -> tuple[Callable[[], CoherenceScorer | None] | None, Callable[[], None] | None]:
+    """The garbled check's scorer as a loader, and the function that frees the evaluated `model` before it runs.
+
+    `evaluate` calls them once the model's answers are in, so the model and the full-precision scorer
+    never take memory at the same time; `placed` holds the model's dispatch, undone first. (None, None)
+    when no scorer is to be loaded (the check is off, or an unquantized model scores itself).
+    """
+    if not config.checks_coherence or not (config.scorer or source):
+        return None, None
+
+    def release() -> None:
+        placed.close()
+        release_weights(model)
+
+    return partial(load_scorer, config, source, placement), release
+
+
 def run_quantization(
     config: RunConfig,
     model: PreTrainedModel | None = None,
@@ -183,6 +205,7 @@ def run_quantization(
         if calibration is None and config.quantize.method.needs_calibration():
             corpus_documents(config.quantize.calibration.dataset, "calibration")
     meter = StageMeter(config.placement.compute_device)
+    owned = model is None  # the run loads the model itself, so it may free it once evaluated
     with tf32_matmuls(config.placement.tf32):
         with distributed.agreed("the loading of the model"):
             if model is None:
@@ -195,7 +218,7 @@ def run_quantization(
                 prepare_run_folder(config.out, config.overwrite)
         progress = _Progress()
         try:
-            return _run(config, model, tokenizer, calibration, inputs, scorer, meter, progress)
+            return _run(config, model, tokenizer, calibration, inputs, scorer, meter, progress, owned)
         except BaseException as error:
             if main:
                 _record_failure(config, progress.stage, error)
@@ -211,8 +234,9 @@ def _run(
     scorer: CoherenceScorer | None,
     meter: StageMeter,
     progress: _Progress,
+    owned: bool,
 ) -> RunResult:
-    """The work of `run_quantization` once everything is checked, with `progress` naming the current stage."""
+    """The work of `run_quantization` once everything is checked, with `progress` naming the current stage; `owned`: the run loaded the model."""
     result = quantize(
         model,
         config.quantize,
@@ -226,7 +250,7 @@ def _run(
     meter.records |= result.stages
     if not distributed.is_main_process():
         return RunResult(record={}, report=None)
-    report = _save_and_evaluate(config, result, tokenizer, inputs, scorer, meter, progress)
+    report = _save_and_evaluate(config, result, tokenizer, inputs, scorer, meter, progress, owned)
     progress.stage = "record"
     record = {
         "status": "complete",
@@ -257,8 +281,14 @@ def _save_and_evaluate(
     scorer: CoherenceScorer | None,
     meter: StageMeter,
     progress: _Progress,
+    owned: bool,
 ) -> dict[str, Any] | None:
-    """Save the run's model (when asked) and evaluate it (when asked), as measured stages."""
+    """Save the run's model (when asked) and evaluate it (when asked), as measured stages.
+
+    Without a given `scorer`, a model the run loaded itself (`owned`) is freed once its answers are
+    in and the full-precision scorer is loaded after it (`scorer_after_release`); a caller's model
+    is left as it is, with the scorer loaded beside it.
+    """
     if config.save_model:
         progress.stage = "save"
         with meter.stage("save"):
@@ -269,10 +299,13 @@ def _save_and_evaluate(
     meta = {"model": config.model, "method": config.quantize.method.name, "bits": config.quantize.bits}
     meta |= {"reference": config.reference, "quantize_s": round(result.stages["quantize"].seconds, 1)}
     judge = load_judge(config.evaluation.judge, config.placement)
-    with meter.stage("eval"):
+    with meter.stage("eval"), ExitStack() as placed:
+        placed.enter_context(dispatched(result.model, config.placement))
+        release = None
+        if scorer is None and owned:
+            scorer, release = scorer_after_release(config.evaluation, config.model, config.placement, result.model, placed)
         scorer = scorer or load_scorer(config.evaluation, config.model, config.placement)
-        with dispatched(result.model, config.placement):
-            return evaluate(result.model, tokenizer, config.evaluation, config.out, meta=meta, judge=judge, scorer=scorer, inputs=inputs)
+        return evaluate(result.model, tokenizer, config.evaluation, config.out, meta=meta, judge=judge, scorer=scorer, inputs=inputs, release_model=release)
 
 
 def _record_failure(config: RunConfig, stage: str, error: BaseException) -> None:
@@ -319,9 +352,10 @@ def evaluate_source(
         meta = {"method": "fp", "bits": "fp", "adapter": adapter}
     placement = placement or placement_of(model)
     judge = load_judge(config.judge, placement)
-    scorer = load_scorer(config, scorer_source, placement)
-    with tf32_matmuls(placement.tf32), dispatched(model, placement):
-        report = evaluate(model, tokenizer, config, out, meta={"model": source, **meta}, judge=judge, scorer=scorer, inputs=inputs)
+    with tf32_matmuls(placement.tf32), ExitStack() as placed:
+        placed.enter_context(dispatched(model, placement))
+        scorer, release = scorer_after_release(config, scorer_source, placement, model, placed)
+        report = evaluate(model, tokenizer, config, out, meta={"model": source, **meta}, judge=judge, scorer=scorer, inputs=inputs, release_model=release)
     ppl = report["metrics"].get("ppl")
     if ppl is not None and not math.isfinite(ppl):
         where = "" if out is None else f" (report in {out})"

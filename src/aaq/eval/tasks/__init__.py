@@ -46,7 +46,7 @@ class EvalTask:
     """One evaluation task; subclasses set `name` and `metrics` and implement `run` (and `prepare` when they read inputs).
 
     `generates_answers`: its answers get verdicts (refused / complied / garbled), so it needs the garbled check's
-    scorer. `takes_arguments`: it is named `name:ARGUMENTS` (and needs them). `metrics`: the report metrics it
+    scorer; it implements `answer` (the model's work) and `record` (the verdicts) instead of `run`. `takes_arguments`: it is named `name:ARGUMENTS` (and needs them). `metrics`: the report metrics it
     sets, with their definitions.
     """
 
@@ -63,7 +63,20 @@ class EvalTask:
         return None
 
     def run(self, context: TaskContext, inputs: Any, findings: Findings) -> None:
-        """Evaluate the model and write the results into `findings`."""
+        """Evaluate the model and write the results into `findings` (a task that generates answers: `answer`, then `record`)."""
+        if not self.generates_answers:
+            raise NotImplementedError
+        self.record(context, inputs, self.answer(context, inputs), findings)
+
+    def answer(self, context: TaskContext, inputs: Any) -> Any:
+        """The evaluated model's answers (a task that generates answers), passed to `record`; needs no judge or scorer."""
+        raise NotImplementedError
+
+    def record(self, context: TaskContext, inputs: Any, answers: Any, findings: Findings) -> None:
+        """Give `answers` their verdicts (the judge and the garbled check's scorer) and write the results into `findings`.
+
+        Needs no evaluated model (`context.model` may be None): the suite can free it before the scorer is loaded.
+        """
         raise NotImplementedError
 
 

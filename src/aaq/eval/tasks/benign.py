@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, REFUSED_GARBLED
+from aaq.eval.generate import generate_responses
 from aaq.eval.prompts import Prompt, benign_records, evenly_spaced, load_prompt_records
-from aaq.eval.safety import benign_compliance
+from aaq.eval.safety import safety_result, verdict_records
 from aaq.eval.tasks import EvalTask, Findings, TaskContext, register_task
 from aaq.eval.tasks.refusal import record_answers
 
@@ -36,7 +37,11 @@ class BenignTask(EvalTask):
         """The benign prompts."""
         return benign_prompt_set(config)
 
-    def run(self, context: TaskContext, inputs: list[Prompt], findings: Findings) -> None:
+    def answer(self, context: TaskContext, inputs: list[Prompt]) -> list[str]:
+        """The greedy answers."""
+        return generate_responses(context.model, context.tokenizer, [prompt.text for prompt in inputs], context.config.generation)
+
+    def record(self, context: TaskContext, inputs: list[Prompt], answers: list[str], findings: Findings) -> None:
         """Compliance and garbled rate, per category and split by whether the prompt looks harmful."""
-        result = benign_compliance(context.model, context.tokenizer, inputs, context.config.generation, context.judge, context.scorer)
-        record_answers(findings, result, self.VERDICT_METRICS)
+        records = verdict_records("benign", inputs, answers, context.config.generation, context.judge, context.scorer)
+        record_answers(findings, safety_result("benign", records, context.judge.name, context.scorer is not None), self.VERDICT_METRICS)

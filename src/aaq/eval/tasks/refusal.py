@@ -6,8 +6,9 @@ import time
 from typing import ClassVar
 
 from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, REFUSED_GARBLED
+from aaq.eval.generate import generate_responses
 from aaq.eval.prompts import Prompt, evenly_spaced, harmful_records
-from aaq.eval.safety import SafetyResult, refusal_rate, safety_result
+from aaq.eval.safety import SafetyResult, safety_result, verdict_records
 from aaq.eval.tasks import EvalTask, Findings, TaskContext, register_task
 
 
@@ -58,13 +59,24 @@ class RefusalTask(EvalTask):
         """The harmful prompt sets."""
         return harmful_prompt_sets(config)
 
-    def run(self, context: TaskContext, inputs: dict[str, list[Prompt]], findings: Findings) -> None:
-        """Answer every set; the rates pooled and per set, the breakdown per category (per set when there are several)."""
-        per_set = {}
+    def answer(self, context: TaskContext, inputs: dict[str, list[Prompt]]) -> dict[str, tuple[list[str], float]]:
+        """Each set's greedy answers, with the seconds they took."""
+        answers = {}
         for name, prompts in inputs.items():
             start = time.perf_counter()
-            per_set[name] = refusal_rate(context.model, context.tokenizer, prompts, context.config.generation, context.judge, context.scorer, name)
-            findings.seconds[f"refusal:{name}"] = round(time.perf_counter() - start, 3)
+            responses = generate_responses(context.model, context.tokenizer, [prompt.text for prompt in prompts], context.config.generation)
+            answers[name] = (responses, time.perf_counter() - start)
+        return answers
+
+    def record(self, context: TaskContext, inputs: dict[str, list[Prompt]], answers: dict[str, tuple[list[str], float]], findings: Findings) -> None:
+        """The rates pooled and per set, the breakdown per category (per set when there are several)."""
+        per_set = {}
+        for name, prompts in inputs.items():
+            responses, seconds = answers[name]
+            start = time.perf_counter()
+            records = verdict_records("refusal", prompts, responses, context.config.generation, context.judge, context.scorer, name)
+            per_set[name] = safety_result("refusal", records, context.judge.name, context.scorer is not None)
+            findings.seconds[f"refusal:{name}"] = round(seconds + time.perf_counter() - start, 3)
         records = [record for result in per_set.values() for record in result.records]
         by_set = (lambda record: record.prompt_set) if len(per_set) > 1 else None
         pooled = safety_result("refusal", records, context.judge.name, context.scorer is not None, by_set)
