@@ -1,13 +1,14 @@
 """The calibration loop lowers the loss, resumes exactly, stops on divergence, and caching does not change it."""
 
 import copy
+from dataclasses import replace
 from functools import partial
 
 import pytest
 import torch
 
 import aaq.calibration.loop as calibrate_module
-from aaq.calibration.loop import CalibrationSettings, batch_indices, calibrate, student_loss
+from aaq.calibration.loop import CalibrationSettings, batch_indices, calibrate, heldout_split, student_loss
 from aaq.calibration.losses import LossConfig, chunked_loss, compute_loss
 from aaq.calibration.teachers import build_teacher_cache, cached_teacher, live_teacher
 from aaq.errors import AaqError
@@ -262,3 +263,108 @@ def test_activation_checkpointing_refuses_a_model_with_dropout():
     with pytest.raises(AaqError, match="dropout"), calibrate_module.activation_checkpointing(model, True):
         pass
     assert not model.training
+
+
+def _recording(teacher):
+    """The teacher, recording which sequences it served for training (under autograd) and for held-out measurements."""
+    served = {"train": set(), "heldout": set()}
+
+    def serve(indices):
+        served["train" if torch.is_grad_enabled() else "heldout"].update(indices.tolist())
+        return teacher(indices)
+
+    return serve, served
+
+
+def test_heldout_split_is_seeded_disjoint_and_complete():
+    train, heldout = heldout_split(10, 3, seed=5)
+    assert len(heldout) == 3 and set(train.tolist()).isdisjoint(heldout.tolist())
+    assert sorted(train.tolist() + heldout.tolist()) == list(range(10))
+    assert torch.equal(heldout_split(10, 3, seed=5)[1], heldout)
+    assert torch.equal(heldout_split(10, 0, seed=5)[0], torch.arange(10))
+    with pytest.raises(AaqError, match="leave none of the 4 calibration sequences"):
+        heldout_split(4, 4, seed=0)
+
+
+def test_heldout_windows_are_never_trained_on_and_their_curve_is_recorded(tmp_path):
+    model, installed, cache, _, _ = _student_and_cache(tmp_path)
+    teacher, served = _recording(cached_teacher(cache))
+    settings = _settings(steps=4, batch_size=1, heldout_windows=1, heldout_every=2)
+    _, heldout = heldout_split(4, 1, seed=0)
+    with torch.no_grad():
+        start = student_loss(model, TOKENS[heldout], cached_teacher(cache)(heldout), APC).total.item()
+    result = calibrate(model, installed.transforms, TOKENS, teacher, settings, seed=0)
+    assert served["heldout"] == set(heldout.tolist())
+    assert served["train"] and served["train"].isdisjoint(served["heldout"])
+    assert [entry["step"] for entry in result.heldout] == [0, 2, 4]
+    assert result.heldout[0]["heldout_loss"] == pytest.approx(start, abs=1e-6) and result.heldout[0]["train_loss"] is None
+    assert result.heldout[1]["train_loss"] == pytest.approx((result.history[0]["loss"] + result.history[1]["loss"]) / 2)
+    assert {"heldout_pull", "heldout_push"} <= set(result.heldout[0])
+    assert result.best_step in (0, 2, 4) and not result.restored_best
+
+
+def _scripted_heldout(monkeypatch, losses):
+    """Held-out measurements that return `losses` in turn (the rest of the loop is real)."""
+    values = iter(losses)
+    monkeypatch.setattr(calibrate_module, "_heldout_scalars", lambda *args: {"loss": next(values), "pull": 0.0})
+
+
+def test_restore_best_gives_the_parameters_of_the_best_step(tmp_path, monkeypatch):
+    model, installed, cache, _, _ = _student_and_cache(tmp_path)
+    calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), _settings(steps=2), seed=0)
+    at_step_2 = _params(installed)
+    at_step_4 = _params_after(tmp_path, 4)
+
+    model, installed, _, _, _ = _student_and_cache(tmp_path / "best")
+    _scripted_heldout(monkeypatch, [1.0, 0.9, 0.5, 0.7, 0.8])
+    settings = _settings(steps=4, heldout_windows=1, heldout_every=1, restore_best=True)
+    # A held-out window changes which sequences train: the reference run must hold out the same one.
+    monkeypatch.setattr(calibrate_module, "heldout_split", lambda n, k, seed: (torch.arange(n), torch.tensor([0])))
+    result = calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, seed=0)
+    assert result.steps == 4 and result.best_step == 2 and result.restored_best
+    restored = _params(installed)
+    for name, value in at_step_2.items():
+        assert torch.equal(restored[name], value), name
+    assert any(not torch.equal(restored[n], v) for n, v in at_step_4.items())
+
+
+def _params_after(tmp_path, steps):
+    model, installed, cache, _, _ = _student_and_cache(tmp_path / f"after{steps}")
+    calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), _settings(steps=steps), seed=0)
+    return _params(installed)
+
+
+def test_heldout_patience_stops_and_a_resume_stops_there_too(tmp_path, monkeypatch):
+    model, installed, cache, _, _ = _student_and_cache(tmp_path)
+    _scripted_heldout(monkeypatch, [1.0, 0.5, 0.7, 0.9, 0.4])
+    settings = _settings(steps=4, heldout_windows=1, heldout_every=1, heldout_patience=2)
+    checkpoints = tmp_path / "calibration"
+    result = calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, 0, checkpoints)
+    assert result.steps == 3 and [e["step"] for e in result.heldout] == [0, 1, 2, 3] and result.best_step == 1
+    again = calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, 0, checkpoints, resume=True)
+    assert again.steps == 3 and again.heldout == result.heldout and again.history == []
+
+
+def test_resume_keeps_the_heldout_curve_and_the_best_state(tmp_path):
+    settings = _settings(steps=4, batch_size=1, heldout_windows=1, heldout_every=1, restore_best=True)
+    model, installed, cache, _, _ = _student_and_cache(tmp_path)
+    uninterrupted = calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, seed=0)
+    expected = _params(installed)
+
+    checkpoints = tmp_path / "calibration"
+    model, installed, _, _, _ = _student_and_cache(tmp_path / "killed")
+    calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), replace(settings, steps=2), 0, checkpoints)
+    model, installed, _, _, _ = _student_and_cache(tmp_path / "resumed")
+    resumed = calibrate(model, installed.transforms, TOKENS, cached_teacher(cache), settings, 0, checkpoints, resume=True)
+    assert [e["step"] for e in resumed.heldout] == [0, 1, 2, 3, 4] and resumed.best_step == uninterrupted.best_step
+    for a, b in zip(resumed.heldout, uninterrupted.heldout, strict=True):
+        assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], abs=1e-6)
+    for name, value in expected.items():
+        assert torch.allclose(_params(installed)[name], value, atol=1e-6, rtol=0), name
+
+
+def test_restore_best_and_patience_need_heldout_windows():
+    with pytest.raises(AaqError, match="need held-out windows"):
+        _settings(restore_best=True)
+    with pytest.raises(AaqError, match="need held-out windows"):
+        _settings(heldout_patience=3)

@@ -673,3 +673,24 @@ def test_optimizer_loss_and_calibration_form_flags_reach_the_config():
     assert (training.loss.k, training.loss.push_tokens, training.loss.push_k, training.loss.lam) == (50, "reference", 20, 1.0)
     assert (config.calibration.form, config.calibration.benign_train, config.calibration.n_samples) == ("chat", True, 16)
     assert config.to_dict()["calibration"]["form"] == "chat"
+
+
+def test_heldout_flags_and_recipe_keys_reach_the_config_and_the_curve_reaches_run_json(tmp_path, tiny_model_dir, fake_data_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: {name: ostquant, training: {heldout_windows: 2, heldout_every: 3, heldout_patience: 4}}\n")
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", str(recipe), "--restore-best", "--heldout-every", "1"])
+    training = quantize_config(args).method.training
+    assert (training.heldout_windows, training.heldout_every, training.heldout_patience, training.restore_best) == (2, 1, 4, True)
+
+    out = tmp_path / "run"
+    flags = ["--steps", "2", "--step-batch", "1", "--heldout-windows", "1", "--heldout-every", "1", "--restore-best", "--no-eval"]
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "ostquant", "--out", str(out), *flags, *TINY_RUN]) == 0
+    metrics = json.loads((out / "run.json").read_text())["method_metrics"]
+    assert [entry["step"] for entry in metrics["heldout_curve"]] == [0, 1, 2] and metrics["restored_best"]
+    best = min(metrics["heldout_curve"], key=lambda entry: entry["heldout_loss"])
+    assert metrics["heldout_best_step"] == best["step"]
+
+    start_only = ["--steps", "0", "--heldout-windows", "1", "--no-eval"]  # OSTQuant's start: one held-out measurement, no training loss
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "ostquant", "--out", str(tmp_path / "start"), *start_only, *TINY_RUN]) == 0
+    metrics = json.loads((tmp_path / "start" / "run.json").read_text())["method_metrics"]
+    assert [entry["step"] for entry in metrics["heldout_curve"]] == [0] and "loss_first" not in metrics

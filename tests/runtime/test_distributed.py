@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -101,6 +102,7 @@ APC = LossConfig(name="apc", lam=0.1, k=32)
 SETTINGS = CalibrationSettings(
     steps=4, batch_size=3, loss=APC, checkpoint_every=2, cache_dtype="float32", optimizer="riemannian_adam", rotation_lr=0.01, scale_lr=0.01
 )
+HELDOUT = replace(SETTINGS, heldout_windows=2, heldout_every=2)  # two held-out windows: one per process
 TRAINING = CalibrationSettings(steps=3, batch_size=2, loss=LossConfig(name="kl_top", k=32), rotation_lr=0.0017, scale_lr=0.00018)  # the demo rates
 METHODS = {
     "rtn": RTNConfig(),
@@ -112,15 +114,16 @@ METHODS = {
 CALIBRATED = ("ostquant", "aaq")
 
 
-def _calibration(work: Path) -> dict:
-    """Teacher cache, then calibration with checkpoints, of a tiny Llama: the learned parameters, loss history and cache."""
+def _calibration(work: Path, settings: CalibrationSettings = HELDOUT) -> dict:
+    """Teacher cache, then calibration with checkpoints, of a tiny Llama: the learned parameters, loss history, held-out curve and cache."""
     model = make_tiny_model("llama")
     cache = build_teacher_cache(logits_fn(model), logits_fn(perturbed_reference(model)), TOKENS, work / "teacher_cache", APC.k, torch.float32, 2)
     setup = calibration_setup(model, SCHEME)
-    result = calibrate(model, setup.transforms, TOKENS, cached_teacher(cache), SETTINGS, seed=0, checkpoint_dir=work / "calibration")
+    result = calibrate(model, setup.transforms, TOKENS, cached_teacher(cache), settings, seed=0, checkpoint_dir=work / "calibration")
     return {
         "transforms": {k: v.detach().clone() for k, v in setup.transforms.state_dict().items()},
         "history": result.history,
+        "heldout": result.heldout,
         "pair_statistics": cache.meta.pair_statistics,
     }
 
@@ -152,7 +155,7 @@ def _failing_step(work: Path) -> dict:
 
     calibrate_module.student_loss = fails_once_in_process_1
     try:
-        _calibration(work)
+        _calibration(work, SETTINGS)
     except Exception as error:  # noqa: BLE001 - the error is the result
         return {"error": type(error).__name__, "message": str(error)}
     finally:
@@ -174,7 +177,7 @@ def _diverging_loss(work: Path) -> dict:
 
     calibrate_module.chunked_loss = nan_in_process_1
     try:
-        _calibration(work)
+        _calibration(work, SETTINGS)
     except Exception as error:  # noqa: BLE001 - the error is the result
         return {"error": type(error).__name__, "message": str(error), "checkpoints": sorted(p.name for p in (work / "calibration").iterdir())}
     finally:
@@ -182,7 +185,28 @@ def _diverging_loss(work: Path) -> dict:
     return {"error": None}
 
 
-SCENARIOS = {"calibration": _calibration, "methods": _methods, "failing step": _failing_step, "diverging loss": _diverging_loss}
+def _failing_heldout(work: Path) -> dict:
+    """Calibration in which process 1 fails while measuring the held-out loss before the first step: what each process raises."""
+    import aaq.calibration.loop as calibrate_module
+
+    real = calibrate_module.student_loss
+
+    def fails_without_gradients_in_process_1(*args):
+        if distributed.world().rank == 1 and not torch.is_grad_enabled():
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args)
+
+    calibrate_module.student_loss = fails_without_gradients_in_process_1
+    try:
+        _calibration(work)
+    except Exception as error:  # noqa: BLE001 - the error is the result
+        return {"error": type(error).__name__, "message": str(error)}
+    finally:
+        calibrate_module.student_loss = real
+    return {"error": None}
+
+
+SCENARIOS = {"calibration": _calibration, "failing held-out": _failing_heldout, "methods": _methods, "failing step": _failing_step, "diverging loss": _diverging_loss}
 
 
 def _worker(rank: int, init_file: str, work: str) -> None:
@@ -220,6 +244,10 @@ def test_two_processes_calibrate_the_transforms_of_one_and_write_its_files(tmp_p
     assert min((one["transforms"][name] - value).abs().max() for name, value in initial.items() if name.endswith("r1")) > 1e-3  # they moved
     for step, expected in zip(main["calibration"]["history"], one["history"], strict=True):
         assert step == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    # The held-out windows (one per process) give the one-process curve.
+    assert [e["step"] for e in main["calibration"]["heldout"]] == [e["step"] for e in one["heldout"]] == [0, 2, 4]
+    for entry, expected in zip(main["calibration"]["heldout"], one["heldout"], strict=True):
+        assert entry["heldout_loss"] == pytest.approx(expected["heldout_loss"], rel=1e-5, abs=1e-7)
     assert main["calibration"]["pair_statistics"]["positions"] == one["pair_statistics"]["positions"] == TOKENS.numel()
     # The teacher cache (each process wrote its batches) is the one-process cache bit for bit.
     files = sorted(p.name for p in (tmp_path / "teacher_cache").iterdir())
@@ -267,6 +295,12 @@ def test_a_failure_in_one_process_stops_both_with_one_line_errors(two_processes)
     assert other["failing step"] == {"error": "RuntimeError", "message": "out of memory (simulated)"}
     assert main["failing step"]["error"] == "AaqError"
     assert main["failing step"]["message"] == "process 1 of 2 failed during calibration step 1: RuntimeError: out of memory (simulated)"
+
+
+def test_a_failure_while_measuring_the_heldout_loss_stops_both(two_processes):
+    (main, other), _ = two_processes
+    assert other["failing held-out"] == {"error": "RuntimeError", "message": "out of memory (simulated)"}
+    assert main["failing held-out"] == {"error": "AaqError", "message": "process 1 of 2 failed during the held-out loss at step 0: RuntimeError: out of memory (simulated)"}
 
 
 def test_a_diverged_loss_stops_both_processes_together(two_processes):

@@ -40,7 +40,9 @@ OptimizerName = Literal["cayley_sgd", "riemannian_adam"]
 _OPTIMIZERS = ("cayley_sgd", "riemannian_adam")
 _CHECKPOINT_FILE = "checkpoint.json"
 # Settings that may change between a killed run and its resume without changing the trajectory.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "activation_checkpointing", "teacher_batch", "micro_batch", "sequential_teachers")
+_RESUMABLE_CHANGES = (
+    "steps", "checkpoint_every", "activation_checkpointing", "teacher_batch", "micro_batch", "sequential_teachers", "restore_best", "heldout_patience",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ class CalibrationSettings:
     weights_in_loop: bool | None = None
     activation_checkpointing: bool = False
     teacher_batch: int | None = None
+    heldout_windows: int = 0
+    heldout_every: int = 10
+    restore_best: bool = False
+    heldout_patience: int | None = None
     micro_batch: int | None = None
     sequential_teachers: bool = False
 
@@ -99,6 +105,12 @@ class CalibrationSettings:
             raise AaqError(f"divergence_factor must be > 1, got {self.divergence_factor}")
         if self.teacher_batch is not None and self.teacher_batch < 1:
             raise AaqError(f"teacher_batch must be >= 1 (or None: sized to the device), got {self.teacher_batch}", setting="teacher_batch")
+        if self.heldout_windows < 0 or self.heldout_every < 1:
+            raise AaqError(f"calibration needs heldout_windows >= 0 and heldout_every >= 1, got {self.heldout_windows} and {self.heldout_every}")
+        if self.heldout_patience is not None and self.heldout_patience < 1:
+            raise AaqError(f"heldout_patience must be >= 1 (or None: never stop early), got {self.heldout_patience}")
+        if (self.restore_best or self.heldout_patience is not None) and not self.heldout_windows:
+            raise AaqError("restore_best and heldout_patience need held-out windows; set {setting}", setting="heldout_windows")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise AaqError(f"{{setting}} must be >= 1 (or None: the whole step batch at once), got {self.micro_batch}", setting="micro_batch")
 
@@ -111,15 +123,25 @@ class CalibrationState:
     optimizers: dict[str, torch.optim.Optimizer]
     step: int = 0
     initial_loss: float | None = None
+    heldout: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Tensor] | None = None
 
 
 @dataclass
 class CalibrationResult:
-    """Per-step loss terms and the step count reached."""
+    """Per-step loss terms, the step count reached, and the held-out curve (one entry per measurement, empty without held-out windows).
+
+    A held-out entry holds the step, the held-out loss terms (`heldout_loss`, `heldout_pull`, ...) and the mean
+    training loss of the steps since the previous measurement (`train_loss`, None at step 0). `best_step`: the
+    step with the lowest held-out loss; `restored_best`: the transforms were set back to it.
+    """
 
     history: list[dict[str, float]]
     steps: int
     initial_loss: float | None
+    heldout: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    restored_best: bool = False
 
 
 def build_optimizers(transforms: LearnableTransforms, settings: CalibrationSettings) -> dict[str, torch.optim.Optimizer]:
@@ -147,6 +169,18 @@ def batch_indices(step: int, num_sequences: int, batch_size: int, seed: int) -> 
         mask = positions.div(num_sequences, rounding_mode="floor") == epoch
         out[mask] = perm[positions[mask] % num_sequences]
     return out
+
+
+def heldout_split(num_sequences: int, heldout: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The training and held-out sequence indices (both sorted): `heldout` of them chosen with the seed, the rest train."""
+    if heldout == 0:
+        return torch.arange(num_sequences), torch.empty(0, dtype=torch.int64)
+    if heldout >= num_sequences:
+        raise AaqError(f"{heldout} held-out windows leave none of the {num_sequences} calibration sequences to train on; hold out fewer ({{setting}})", setting="heldout_windows")
+    chosen = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + 999_983))[:heldout]
+    mask = torch.ones(num_sequences, dtype=torch.bool)
+    mask[chosen] = False
+    return mask.nonzero().flatten(), chosen.sort().values
 
 
 def student_loss(model: PreTrainedModel, batch: Tensor, teacher: TeacherTargets | Tensor, loss: LossConfig) -> LossTerms:
@@ -202,6 +236,7 @@ def _settings_record(settings: CalibrationSettings) -> dict[str, Any]:
 def save_checkpoint(directory: Path, state: CalibrationState, settings: CalibrationSettings, seed: int) -> None:
     """Write the state atomically: tensors to `state-<step>.safetensors`, then `checkpoint.json` naming them."""
     tensors = {f"transforms.{k}": v.detach().as_subclass(torch.Tensor).contiguous() for k, v in state.transforms.state_dict().items()}
+    tensors |= {f"best.{k}": v.contiguous() for k, v in (state.best or {}).items()}
     optimizers = {}
     for name, optimizer in state.optimizers.items():
         opt_tensors, optimizers[name] = _tensor_state(optimizer, f"optim.{name}")
@@ -215,6 +250,7 @@ def save_checkpoint(directory: Path, state: CalibrationState, settings: Calibrat
         "settings": _settings_record(settings),
         "tensors": filename,
         "optimizers": optimizers,
+        "heldout": state.heldout,
     }
     write_json(directory / _CHECKPOINT_FILE, record)
     for old in directory.glob("state-*.safetensors"):
@@ -242,6 +278,9 @@ def load_checkpoint(directory: Path, state: CalibrationState, settings: Calibrat
             _restore_optimizer(optimizer, f"optim.{name}", tensors, record["optimizers"][name])
         state.step = record["step"]
         state.initial_loss = record["initial_loss"]
+        state.heldout = record.get("heldout", [])
+        best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
+        state.best = best or None
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise AaqError(
             f"calibration checkpoint in {directory} is corrupt or incomplete ({type(err).__name__}); delete it or start afresh (without {{setting}})", setting="resume"
@@ -329,12 +368,23 @@ def calibrate(
     if distributed.world().size > settings.batch_size:
         logger.warning("the step batch (%d) is smaller than the number of processes (%d): some of them idle in every step", settings.batch_size, distributed.world().size)
     parameters = transforms.rotation_parameters() + transforms.scale_parameters()
+    train, heldout = heldout_split(tokens.shape[0], settings.heldout_windows, seed)
+
+    def measure(since: list[LossTerms]) -> None:
+        scalars = _heldout_scalars(model, tokens, heldout, teacher, settings, device, state.step)
+        _record_heldout(state, scalars, [terms.scalars()["loss"] for terms in since])
+
     history: list[dict[str, float]] = []
     pending: list[LossTerms] = []
+    since_heldout: list[LossTerms] = []
     bar = tqdm(range(state.step, settings.steps), initial=state.step, total=settings.steps, desc="calibration", unit="step", disable=not distributed.is_main_process())
     with activation_checkpointing(model, settings.activation_checkpointing):
+        if len(heldout) and not state.heldout:
+            measure([])
         for step in bar:
-            indices = batch_indices(step, tokens.shape[0], settings.batch_size, seed)
+            if _patience_exhausted(state, settings):
+                break
+            indices = train[batch_indices(step, len(train), settings.batch_size, seed)]
             for optimizer in state.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             with distributed.agreed(f"calibration step {step}"):
@@ -345,8 +395,13 @@ def calibrate(
             for optimizer in state.optimizers.values():
                 optimizer.step()
             pending.append(terms)
+            since_heldout.append(terms)
             state.step = step + 1
-            if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
+            if len(heldout) and (state.step % settings.heldout_every == 0 or state.step == settings.steps):
+                measure(since_heldout)
+                since_heldout = []
+            stopping = _patience_exhausted(state, settings)
+            if state.step % settings.checkpoint_every == 0 or state.step == settings.steps or stopping:
                 scalars = [terms.scalars() for terms in pending]
                 _check_losses(scalars, state.step - len(scalars), state, settings, kept)
                 history += scalars
@@ -357,7 +412,58 @@ def calibrate(
                         if distributed.is_main_process():
                             save_checkpoint(checkpoint_dir, state, settings, seed)
                     kept = f"the last good checkpoint (step {state.step}) is in {checkpoint_dir}"
-    return CalibrationResult(history=history, steps=state.step, initial_loss=state.initial_loss)
+            if stopping:
+                logger.info("held-out loss did not improve in %d measurements: calibration stops at step %d", settings.heldout_patience, state.step)
+                break
+    best_step = _best(state.heldout)["step"] if state.heldout else None
+    restored = settings.restore_best and state.best is not None
+    if restored:
+        with torch.no_grad():
+            transforms.load_state_dict(state.best)
+        logger.info("calibration: transforms of step %d restored (held-out loss %.4f)", best_step, _best(state.heldout)["heldout_loss"])
+    return CalibrationResult(
+        history=history, steps=state.step, initial_loss=state.initial_loss, heldout=state.heldout, best_step=best_step, restored_best=restored
+    )
+
+
+def _heldout_scalars(
+    model: PreTrainedModel, tokens: Tensor, heldout: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device, step: int
+) -> dict[str, float]:
+    """The student's loss terms on the held-out windows (their mean; in batches of the micro-batch or step size; no gradients), summed over the processes."""
+    count = 3 if settings.loss.needs_reference else 2
+    totals = torch.zeros(count, device=device)
+    with distributed.agreed(f"the held-out loss at step {step}"), torch.no_grad():
+        for chunk in heldout.split(settings.micro_batch or settings.batch_size):
+            share = distributed.share(chunk)
+            if len(share):
+                terms = student_loss(model, tokens[share].to(device), teacher(share), settings.loss)
+                totals += torch.stack(terms[:count]).float() * len(share)
+    distributed.sum_([totals], "the held-out loss")
+    return LossTerms(*(totals / len(heldout)).unbind()).scalars()
+
+
+def _best(curve: list[dict[str, float]]) -> dict[str, float]:
+    """The held-out measurement with the lowest loss (the earliest among equals)."""
+    return min(curve, key=lambda entry: entry["heldout_loss"])
+
+
+def _record_heldout(state: CalibrationState, scalars: dict[str, float], train_losses: list[float]) -> None:
+    """Append a held-out measurement to the curve; keep a copy of the transforms when it is the best so far."""
+    entry = {"step": state.step} | {f"heldout_{name}": value for name, value in scalars.items()}
+    entry |= {"train_loss": sum(train_losses) / len(train_losses) if train_losses else None, "train_steps": len(train_losses)}
+    improved = not state.heldout or entry["heldout_loss"] < _best(state.heldout)["heldout_loss"]
+    state.heldout.append(entry)
+    if improved:
+        state.best = {k: v.detach().as_subclass(torch.Tensor).clone() for k, v in state.transforms.state_dict().items()}
+    logger.info("calibration step %d: held-out loss %.4f%s", state.step, entry["heldout_loss"], "" if entry["train_loss"] is None else f", training loss {entry['train_loss']:.4f}")
+
+
+def _patience_exhausted(state: CalibrationState, settings: CalibrationSettings) -> bool:
+    """Whether the last `heldout_patience` held-out measurements all failed to improve on the best."""
+    if settings.heldout_patience is None or not state.heldout:
+        return False
+    best_index = state.heldout.index(_best(state.heldout))
+    return len(state.heldout) - 1 - best_index >= settings.heldout_patience
 
 
 def _backward_share(model: PreTrainedModel, tokens: Tensor, indices: Tensor, teacher: Teacher, settings: CalibrationSettings, device: torch.device) -> LossTerms | None:

@@ -19,7 +19,8 @@ class MethodOptions:
     transforms: fields of `aaq.models.plan.TransformConfig` to change (r1, r2, r3, r4, smoothing), by name.
     weight_quantizer, damp, act_order, static_groups, onload_layers: the weight step (`GPTQConfig`). steps,
     batch_size, loss, lam, cache, weights_in_loop, activation_checkpointing, teacher_batch, micro_batch,
-    sequential_teachers, optimizer, rotation_lr, scale_lr: the calibration of learned transforms
+    sequential_teachers, optimizer, rotation_lr, scale_lr, heldout_windows, heldout_every, restore_best,
+    heldout_patience: the calibration of learned transforms
     (`CalibrationSettings`); loss, lam, top_k (the pull's k), push_tokens, push_k: its loss (`LossConfig`).
     """
 
@@ -42,6 +43,10 @@ class MethodOptions:
     optimizer: str | None = None
     rotation_lr: float | None = None
     scale_lr: float | None = None
+    heldout_windows: int | None = None
+    heldout_every: int | None = None
+    restore_best: bool | None = None
+    heldout_patience: int | None = None
     top_k: int | None = None
     push_tokens: str | None = None
     push_k: int | None = None

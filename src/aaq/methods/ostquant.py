@@ -56,6 +56,7 @@ TEACHER_CACHE_DIR = "teacher_cache"
 TRAINING_OPTIONS = (
     "steps", "batch_size", "cache", "weights_in_loop", "activation_checkpointing", "teacher_batch", "micro_batch", "sequential_teachers",
     "optimizer", "rotation_lr", "scale_lr",
+    "heldout_windows", "heldout_every", "restore_best", "heldout_patience",
 )  # fmt: skip
 LOSS_OPTIONS = {"loss": "name", "lam": "lam", "top_k": "k"}
 PUSH_OPTIONS = ("push_tokens", "push_k")
@@ -311,6 +312,8 @@ def learn_transforms_and_quantize(context: MethodContext, config: OSTQuantConfig
         if result.history:
             metrics |= {"loss_first": result.history[0], "loss_last": result.history[-1]}
             logger.info("calibration: loss %.4f -> %.4f in %d steps", result.history[0]["loss"], result.history[-1]["loss"], result.steps)
+        if result.heldout:
+            metrics |= {"heldout_curve": result.heldout, "heldout_best_step": result.best_step, "restored_best": result.restored_best}
         logger.info(
             "transforms moved from their start: R1 %.4f, R2 %.4f (mean; max %.4f) relative, scales %.4f (rms)",
             movement.r1, movement.r2_mean, movement.r2_max, movement.scale_rms,

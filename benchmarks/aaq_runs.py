@@ -1,0 +1,51 @@
+"""Helpers of the benchmark scripts that drive `aaq` on the command line: one run as a subprocess, its verdicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+
+def benign_train_prompts() -> str:
+    """The shipped benign *training* prompts of the aaq on the path (tuning data: the demo adapters were trained on them)."""
+    return str(resources.files("aaq") / "resources" / "benign_train_prompts.jsonl")
+
+
+def tuning_eval_flags(benign_prompts: int, tasks: str = "ppl,refusal,benign") -> list[str]:
+    """Evaluation flags on tuning data only: the HarmBench test tuning split, benign training prompts, 32 new tokens, PPL on 8 x 512."""
+    return [
+        "--tasks", tasks, "--harmful-prompts", "harmbench-tuning", "--benign-prompts", benign_train_prompts(),
+        "--max-prompts", str(benign_prompts), "--max-new-tokens", "32", "--ppl-samples", "8", "--eval-batch-size", "64",
+    ]  # fmt: skip
+
+
+def run_aaq(args: list[str], log: Path) -> tuple[int, float, float]:
+    """Run `python -m aaq ARGS` with one torch thread, output to `log`; (exit status, CPU seconds, wall seconds)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    before, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    with open(log, "w") as out:
+        rc = subprocess.run(
+            [sys.executable, "-m", "aaq", *args], env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False
+        )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return rc.returncode, cpu, time.perf_counter() - wall
+
+
+def verdicts(generations: Path, task: str) -> dict[str, str]:
+    """Prompt -> verdict of one task's answers (refusal: harmful prompts; benign) in an evaluation's generations.jsonl."""
+    rows = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]
+    return {row["prompt"]: row["verdict"] for row in rows if row["task"] == task}
+
+
+def shares(by_prompt: dict[str, str]) -> dict[str, float]:
+    """The share of each verdict (refused, complied, garbled) among the answers."""
+    n = len(by_prompt) or 1
+    return {v: sum(x == v for x in by_prompt.values()) / n for v in ("refused", "complied", "garbled")}
