@@ -95,7 +95,7 @@ class AuditConfig:
     benign_prompts: str | None = None
     max_prompts: int | None = None
     max_new_tokens: int = 64
-    batch_size: int = 8
+    batch_size: int = 64
     ppl: PerplexityConfig | None = field(default_factory=PerplexityConfig)
     judge: str | None = None
     garbled_check: bool = True

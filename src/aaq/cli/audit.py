@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign evaluation set)")
     g.add_argument("--max-prompts", type=int, help="an evenly spaced subset of at most N prompts per prompt set")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    g.add_argument("--eval-batch-size", type=int, default=8, help="prompts per generation batch")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch (as in aaq eval)")
     g.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
     g.add_argument("--no-garbled-check", dest="garbled_check", action="store_false", help="do not score answers with the original (nothing is garbled)")
     g.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")

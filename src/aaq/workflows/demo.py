@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
-    Defaults are sized for about 15 minutes on a 2-core CPU (16.6 min measured, benchmarks/demo_time.py): 16 x 128 calibration
+    Defaults are sized for at most 15 minutes on a 2-core CPU (benchmarks/demo_time.py): 16 x 128 calibration
     tokens, `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ at learning rates `rotation_lr`/`scale_lr`,
     perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
     the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
@@ -48,7 +48,9 @@ class DemoConfig:
     reference: str = "smollm2-135m-instruct"
     bits: str = "w4a4kv4"
     out: Path = Path("runs/demo")
-    tasks: str = "ppl,refusal,benign,safetybench"
+    # SafetyBench is left out by default: its 35 dev questions sit near chance at 135M (12/35 for the FP model) and
+    # cost 4.6 of the demo's 16.6 minutes; `tasks="ppl,refusal,benign,safetybench"` adds it back.
+    tasks: str = "ppl,refusal,benign"
     seed: int = 0
     steps: int = 16
     # Chosen on the tuning split and held-out PPL (README, "Does the push term help?"): at batch 1 the
