@@ -81,6 +81,15 @@ def logits_fn(model):
     return lambda batch: model(input_ids=batch, use_cache=False).logits
 
 
+def cli_error_line(capsys) -> str:
+    """The last line the CLI wrote to stderr, checked to be aaq's one-line error (no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("aaq: error: ")
+    return last
+
+
 def snapshot(folder) -> dict[str, bytes]:
     """Every file under `folder` with its content, to show that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -19,7 +19,7 @@ import torch
 
 from aaq.cli import COMMANDS, main
 from aaq.runs.folders import MARKER
-from tests.helpers import snapshot
+from tests.helpers import cli_error_line, snapshot
 
 SOURCE = Path(__file__).resolve().parents[2] / "src"
 TINY_RUN = ["--calib-samples", "4", "--calib-seq-len", "32", "--ppl-samples", "2", "--ppl-seq-len", "32"]
@@ -41,19 +41,11 @@ def _refused_in_a_child(argv: list, *unchanged: Path) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("aaq: error: ")
-    return last
-
-
 def _refused(argv: list, capsys, *unchanged: Path) -> str:
     """Run `aaq argv` in this process, expecting exit 2, one error line and every folder in `unchanged` as it was."""
     before = [snapshot(folder) for folder in unchanged]
     assert main([str(a) for a in argv]) == 2
-    line = _error_line(capsys)
+    line = cli_error_line(capsys)
     assert [snapshot(folder) for folder in unchanged] == before
     return line
 

@@ -20,7 +20,7 @@ from aaq.cli.options import flag
 from aaq.errors import settings_named_by
 from aaq.quant.quantizers import QuantScheme
 from aaq.runs.folders import TEMP_SUFFIX
-from tests.helpers import snapshot
+from tests.helpers import cli_error_line, snapshot
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SOURCE = Path(__file__).resolve().parents[2] / "src"
@@ -92,9 +92,9 @@ def test_eval_without_garbled_check_and_without_a_known_source(tmp_path, tiny_mo
     (run / "aaq_config.json").write_text(json.dumps(config | {"source_model": None}))
     capsys.readouterr()
     assert main(["eval", "--model", str(run), "--out", str(tmp_path / "e"), *_prompt_files(tmp_path)]) == 2
-    assert "does not record its source model; pass its full-precision model or none (--scorer)" in _error_line(capsys)
+    assert "does not record its source model; pass its full-precision model or none (--scorer)" in cli_error_line(capsys)
     assert main(["eval", "--model", str(run), "--scorer", str(tmp_path / "gone"), "--out", str(tmp_path / "e"), *_prompt_files(tmp_path)]) == 2
-    assert "cannot load the scorer" in _error_line(capsys)
+    assert "cannot load the scorer" in cli_error_line(capsys)
     assert main(["eval", "--model", str(run), "--scorer", str(tiny_model_dir), "--out", str(tmp_path / "e"), *_prompt_files(tmp_path)]) == 0
     assert json.loads((tmp_path / "e" / "report.json").read_text())["coherence"]["scorer"] == str(tiny_model_dir)
 
@@ -108,22 +108,14 @@ def test_existing_run_is_not_overwritten_silently(tmp_path, tiny_model_dir, fake
     assert main([*args, "--overwrite"]) == 0
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("aaq: error: ")
-    return last
-
-
 def test_bad_bit_string_is_one_line(tmp_path, tiny_model_dir, capsys):
     assert main(["quantize", "--model", str(tiny_model_dir), "--bits", "w4x4", "--out", str(tmp_path / "o")]) == 2
-    assert "w4a4kv4" in _error_line(capsys)
+    assert "w4a4kv4" in cli_error_line(capsys)
 
 
 def test_missing_model_path_is_one_line(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--tasks", "ppl", "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in _error_line(capsys)
+    assert "does not exist" in cli_error_line(capsys)
 
 
 def test_unknown_architecture_is_one_line(tmp_path, tiny_tokenizer, capsys):
@@ -134,12 +126,12 @@ def test_unknown_architecture_is_one_line(tmp_path, tiny_tokenizer, capsys):
     tiny_tokenizer.save_pretrained(folder)
     capsys.readouterr()
     assert main(["quantize", "--model", str(folder), "--method", "rtn", "--out", str(tmp_path / "o"), "--no-eval"]) == 2
-    assert "unsupported architecture GPT2LMHeadModel" in _error_line(capsys)
+    assert "unsupported architecture GPT2LMHeadModel" in cli_error_line(capsys)
 
 
 def test_unknown_eval_task_is_one_line(tmp_path, tiny_model_dir, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "ppl,mmlu", "--out", str(tmp_path / "o")]) == 2
-    assert "mmlu" in _error_line(capsys)
+    assert "mmlu" in cli_error_line(capsys)
 
 
 def test_recipe_and_flags_combine(tmp_path):
@@ -282,7 +274,7 @@ def test_cli_flags_override_the_recipe(tmp_path):
 def test_library_errors_name_the_command_line_option(argv, needle, capsys):
     argv = [a.replace("RECIPES", str(RECIPES)) for a in argv]
     assert main(argv) == 2
-    assert re.search(needle, _error_line(capsys))
+    assert re.search(needle, cli_error_line(capsys))
 
 
 def test_choices_come_from_the_library(capsys):
@@ -313,7 +305,7 @@ def test_plan_prints_each_stage_and_what_fits_a_budget(tmp_path, tiny_model_dir,
     assert main([*argv, "--budget", "1KiB"]) == 0
     assert "does not fit even with --teacher-batch 1 --sequential-teachers --onload-layers --micro-batch 1 --activation-checkpointing on --step-batch 1" in capsys.readouterr().out
     assert main([*argv[:-4], "--budget", "lots"]) == 2
-    assert "--budget" in _error_line(capsys)
+    assert "--budget" in cli_error_line(capsys)
 
 
 # --- killed runs resume exactly -------------------------------------------------------------------------------
@@ -398,7 +390,7 @@ def _refused(argv, capsys, folder) -> str:
     """Run `aaq argv`, expecting exit 2 with one error line and `folder` unchanged; returns the error line."""
     before = snapshot(folder) if folder.exists() else None
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = cli_error_line(capsys)
     assert (snapshot(folder) if folder.exists() else None) == before
     return line
 
@@ -473,7 +465,7 @@ def test_a_full_disk_while_the_teacher_cache_is_written_is_one_line_and_leaves_n
     out = tmp_path / "run"
     argv = ["quantize", "--model", str(tiny_model_dir), "--method", "ostquant", "--steps", "2", "--out", str(out), *TINY_RUN]
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = cli_error_line(capsys)
     assert "could not write the teacher cache in" in line and "(No space left on device); free some disk space" in line
     assert not [p for p in out.rglob("*") if p.name.endswith(TEMP_SUFFIX)] and not list((out / "teacher_cache").glob("*.npy"))
     failed = json.loads((out / "failed.json").read_text())
@@ -493,7 +485,7 @@ def test_a_full_disk_during_the_save_keeps_the_checkpoint_and_the_run_resumes(tm
     with monkeypatch.context() as patch:
         patch.setattr(aaq.runs.checkpoint, "save_file", full)
         assert main(argv) == 2
-    line = _error_line(capsys)
+    line = cli_error_line(capsys)
     assert re.search(r"could not write \S+\.safetensors", line) and "No space left on device" in line
     assert json.loads((out / "failed.json").read_text())["stage"] == "save"
     assert (out / "calibration" / "checkpoint.json").is_file() and not [p for p in out.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
