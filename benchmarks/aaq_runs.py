@@ -8,8 +8,10 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 def benign_train_prompts() -> str:
@@ -49,3 +51,12 @@ def shares(by_prompt: dict[str, str]) -> dict[str, float]:
     """The share of each verdict (refused, complied, garbled) among the answers."""
     n = len(by_prompt) or 1
     return {v: sum(x == v for x in by_prompt.values()) / n for v in ("refused", "complied", "garbled")}
+
+
+def write_report(body: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None], plot_path: Path, markdown: Callable[[dict[str, Any]], str], has_rows: bool) -> None:
+    """Write a study's JSON to `out`, its plot when it has rows, and print its markdown table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(body, indent=1) + "\n")
+    if has_rows:
+        plot(body, plot_path)
+    print(markdown(body))

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts
+from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts, write_report
 
 log = logging.getLogger("regime_scan")
 
@@ -381,11 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         run_scan(args.work, tuple(int(s) for s in args.seeds.split(",")), args.records_copy)
         return
     body = aggregate(args.work) | {"design": __doc__, "model": MODEL, "settings_planned": [vars(s) for s in SETTINGS]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(body, indent=1) + "\n")
-    if body["settings"]:
-        plot(body, args.plot)
-    print(markdown(body))
+    write_report(body, args.out, plot, args.plot, markdown, bool(body["settings"]))
 
 
 if __name__ == "__main__":

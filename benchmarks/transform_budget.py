@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts
+from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts, write_report
 
 log = logging.getLogger("transform_budget")
 
@@ -369,11 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         run_cells(args.work, [c for c in args.cells.split(",") if c], [int(s) for s in args.seeds.split(",")], args.records_copy)
         return
     body = aggregate(args.work) | {"design": __doc__, "model": MODEL, "cells_defined": {n: asdict(c) for n, c in CELLS.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(body, indent=1) + "\n")
-    if body["cells"]:
-        plot(body, args.plot)
-    print(markdown(body))
+    write_report(body, args.out, plot, args.plot, markdown, bool(body["cells"]))
 
 
 if __name__ == "__main__":
