@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -53,10 +55,35 @@ def shares(by_prompt: dict[str, str]) -> dict[str, float]:
     return {v: sum(x == v for x in by_prompt.values()) / n for v in ("refused", "complied", "garbled")}
 
 
-def write_report(body: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None], plot_path: Path, markdown: Callable[[dict[str, Any]], str], has_rows: bool) -> None:
+def write_report(
+    body: dict[str, Any],
+    out: Path,
+    plot: Callable[[dict[str, Any], Path], None],
+    plot_path: Path,
+    markdown: Callable[[dict[str, Any]], str],
+    has_rows: bool,
+) -> None:
     """Write a study's JSON to `out`, its plot when it has rows, and print its markdown table."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(body, indent=1) + "\n")
     if has_rows:
         plot(body, plot_path)
     print(markdown(body))
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (studies here pair at most 10 seeds).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_interval(values: list[float]) -> dict[str, Any]:
+    """Mean of paired differences with its 95% t-interval (df = n - 1; none for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n": len(values), "values": values}
+    half = T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values), "values": values}
+
+
+def mean_sd(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None for a single value) of a list of per-seed figures."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values), "values": values}

@@ -29,15 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
-import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts, write_report
+from aaq_runs import mean_sd, run_aaq, shares, t_interval, tuning_eval_flags, verdicts, write_report
 
 log = logging.getLogger("transform_budget")
 
@@ -45,7 +43,6 @@ RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2-135m-safe-unanchored"
 HELDOUT_WINDOWS = 4
 BENIGN_PROMPTS = 128
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass(frozen=True)
@@ -225,18 +222,6 @@ def run_cells(work: Path, cells: list[str], seeds: list[int], records_copy: Path
 
 
 # --- report ------------------------------------------------------------------------------------------
-
-
-def t_interval(values: list[float]) -> dict:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "ci95": None, "n": len(values)}
-    half = T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values)}
-
-
-def mean_sd(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
 
 
 def load_records(work: Path) -> dict[str, dict]:
