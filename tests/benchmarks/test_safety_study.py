@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # the scripts import their helpers as `aaq_runs`
 
-from benchmarks import safety_study as study_module  # noqa: E402
-from benchmarks.safety_study import LAM_CANDIDATES, LR_CANDIDATES, Run, Setting, Study, aggregate, decide  # noqa: E402
+from benchmarks import safety_study as study_module
+from benchmarks.safety_study import LAM_CANDIDATES, LR_CANDIDATES, Run, Setting, Study, aggregate, decide
 
 BARS = study_module.bars_of(
     [{"benign_compliance": b, "garbled": g, "ppl": p} for b, g, p in ((0.6, 0.2, 20.0), (0.7, 0.1, 22.0), (0.65, 0.15, 21.0))]
