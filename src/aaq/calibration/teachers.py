@@ -489,7 +489,7 @@ def head_only_teacher(model: PreTrainedModel, batches: Tensor, batch_size: int, 
         decoder(input_ids=batches[start : start + batch_size].to(device), use_cache=False).last_hidden_state.cpu()
         for start in range(mine.start, mine.stop, batch_size)
     ]
-    hidden = torch.cat(hidden) if hidden else torch.empty(0)
+    hidden = torch.cat(hidden) if hidden else torch.empty(0, model.config.hidden_size, dtype=model.dtype)
     rows = {sequence.numpy().tobytes(): row for row, sequence in enumerate(batches[mine].cpu())}
     head = copy.deepcopy(model.get_output_embeddings()).to(device)
 

@@ -15,7 +15,6 @@ from aaq.auditing import AuditConfig, audit
 from aaq.auditing.gate import CHANGE_METRICS, LEVEL_METRICS
 from aaq.auditing.report import AUDIT_MD
 from aaq.cli import options
-from aaq.eval.perplexity import PerplexityConfig
 
 NAME = "audit"
 # Exit status of an audit that ran but found a model beyond a limit (0: within every limit; 2: an error).
@@ -32,22 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal-only", action="store_true", help="only the first-token KL of every prompt: no generation, seconds per model")
     p.add_argument("--seed", type=int, default=0, help="seed recorded in the report")
     g = p.add_argument_group("prompts and answers")
-    g.add_argument("--harmful-prompts", help="comma list of prompt sets harmbench-val, harmbench-tuning, advbench, or files (default: harmbench-val)")
-    g.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign evaluation set)")
-    g.add_argument("--max-prompts", type=int, help="an evenly spaced subset of at most N prompts per prompt set")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch (as in aaq eval)")
-    g.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
+    options.add_answers(g)
     g.add_argument("--no-garbled-check", dest="garbled_check", action="store_false", help="do not score answers with the original (nothing is garbled)")
-    g.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")
-    g.add_argument("--ppl-samples", type=int, default=24, help="held-out sequences for the perplexity ratio (0: not measured)")
-    g.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per held-out sequence")
+    options.add_perplexity(g, "held-out sequences for the perplexity ratio (0: not measured)")
     options.add_placement(p)
 
 
 def audit_config(args: argparse.Namespace) -> AuditConfig:
     """The AuditConfig the flags describe."""
-    ppl = None if args.ppl_samples == 0 else PerplexityConfig(dataset=args.ppl_dataset, n_samples=args.ppl_samples, seq_len=args.ppl_seq_len)
+    ppl = None if args.ppl_samples == 0 else options.perplexity(args)
     return AuditConfig(
         original=args.original, quantized=args.quantized, out=args.out, names=args.names, harmful_prompts=args.harmful_prompts,
         benign_prompts=None if args.benign_prompts is None else str(args.benign_prompts), max_prompts=args.max_prompts,

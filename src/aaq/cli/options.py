@@ -59,30 +59,44 @@ def add_push(p: argparse.ArgumentParser) -> None:
     g.add_argument("--push-k", type=int, help="how many push tokens (default: the pull's top-k)")
 
 
+def add_answers(g: argparse._ArgumentGroup) -> None:
+    """The flags of the prompts an evaluation or an audit answers, and how it generates and judges the answers."""
+    g.add_argument("--harmful-prompts", help="comma list of prompt sets harmbench-val, harmbench-tuning (the demo pair's tuning split), advbench, or files; each reported and pooled (default: harmbench-val)")
+    g.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign evaluation set)")
+    g.add_argument("--max-prompts", type=int, help="an evenly spaced subset of at most N prompts per prompt set")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch")
+    g.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
+
+
+def add_perplexity(g: argparse._ArgumentGroup, samples_help: str = "held-out sequences for perplexity") -> None:
+    """The flags of a PerplexityConfig."""
+    g.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")
+    g.add_argument("--ppl-samples", type=int, default=24, help=samples_help)
+    g.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per held-out sequence")
+
+
+def perplexity(args: argparse.Namespace) -> PerplexityConfig:
+    """The PerplexityConfig the perplexity flags describe."""
+    return PerplexityConfig(dataset=args.ppl_dataset, n_samples=args.ppl_samples, seq_len=args.ppl_seq_len)
+
+
 def add_evaluation(p: argparse.ArgumentParser, default_tasks: str) -> None:
     """The flags of an EvalConfig."""
     g = p.add_argument_group("evaluation")
     g.add_argument("--tasks", default=default_tasks, help="comma list of ppl, refusal, benign, safetybench, lmeval:TASK[,TASK...]")
-    g.add_argument("--harmful-prompts", help="comma list of prompt sets harmbench-val, harmbench-tuning (the demo pair's tuning split), advbench, or files; each reported and pooled (default: harmbench-val)")
-    g.add_argument("--benign-prompts", type=Path, help="file of benign prompts (default: the shipped benign set)")
+    add_answers(g)
     g.add_argument("--safetybench", type=Path, help="SafetyBench file (default: the shared English dev split)")
-    g.add_argument("--judge", help="judge model (path/alias) asked yes/no instead of the refusal-phrase detector")
     g.add_argument("--scorer", help="full-precision model whose per-token NLL decides whether an answer is garbled, or none (default: a run's source model; an unquantized model scores itself)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    g.add_argument("--max-prompts", type=int, help="evaluate an evenly spaced subset of at most N prompts per prompt set")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch")
-    g.add_argument("--ppl-dataset", default="auto", help="auto | python-docs | wikitext2")
-    g.add_argument("--ppl-samples", type=int, default=24, help="held-out sequences for perplexity")
-    g.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per held-out sequence")
+    add_perplexity(g)
 
 
 def evaluation(args: argparse.Namespace, seed: int | None = None) -> EvalConfig:
     """The EvalConfig the evaluation flags describe (`seed`: the run's, else the --seed flag's)."""
-    ppl = PerplexityConfig(dataset=args.ppl_dataset, n_samples=args.ppl_samples, seq_len=args.ppl_seq_len)
     files = {name: str(getattr(args, name)) for name in ("benign_prompts", "safetybench") if getattr(args, name) is not None}
     return EvalConfig(
         tasks=args.tasks, harmful_prompts=args.harmful_prompts, max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts, judge=args.judge,
-        batch_size=args.eval_batch_size, ppl=ppl, seed=args.seed or 0 if seed is None else seed, garbled_check=args.scorer != NO_SCORER,
+        batch_size=args.eval_batch_size, ppl=perplexity(args), seed=args.seed or 0 if seed is None else seed, garbled_check=args.scorer != NO_SCORER,
         scorer=None if args.scorer == NO_SCORER else args.scorer, **files,
     )  # fmt: skip
 
