@@ -665,20 +665,30 @@ def markdown(body: dict) -> str:
         lines.append(f"| {key} | {diff['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| tuning | candidate | harmful complied | refusal | garbled | benign | PPL | eligible | chosen |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tuning run | status | harmful complied | refusal | garbled | benign compliance | PPL | CPU-min |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for row in body["tuning"]["runs"]:
+        figures = [_cell(row.get(k)) for k in ("harmful_complied", "refusal", "garbled", "benign_compliance", "ppl")]
+        minutes = "–" if row.get("cpu_s") is None else f"{row['cpu_s'] / 60:.1f}"
+        lines.append(f"| {row['run']} | {row['status']} | " + " | ".join(figures) + f" | {minutes} |")
+    lines += ["", "| tuning decision | candidate | eligible | chosen |", "|---|---|---|---|"]
     for method, decision in body["tuning"]["decisions"].items():
         for row in decision["candidates"]:
-            f = row["figures"] or {}
-            figures = [_cell(f.get(k)) for k in ("harmful_complied", "refusal", "garbled", "benign_compliance", "ppl")]
             eligible = "yes" if row["eligible"] else "no: " + "; ".join(row["excluded_because"])
-            chosen = (
-                ("**chosen**" + (" (default: none eligible)" if decision["no_eligible_candidate_default"] else ""))
-                if row["candidate"] == decision["chosen"]
-                else ""
-            )
-            lines.append(f"| {method} | {row['candidate']} | " + " | ".join(figures) + f" | {eligible} | {chosen} |")
+            chosen = ""
+            if row["candidate"] == decision["chosen"]:
+                chosen = "**chosen**" + (" (default: none eligible)" if decision["no_eligible_candidate_default"] else "")
+            lines.append(f"| {method} | {row['candidate']} | {eligible} | {chosen} |")
+    if body["tuning"]["decisions"]:
+        bars = next(iter(body["tuning"]["decisions"].values()))["bars"]
+        lines += [
+            "",
+            (
+                f"Bars from QuaRot's three tuning runs: benign compliance >= {bars['min_benign_compliance']:.3f}, "
+                f"harmful garbled <= {bars['max_garbled']:.3f}, PPL <= {bars['max_ppl']:.2f}."
+            ),
+        ]
     lines += [
         "",
         (
