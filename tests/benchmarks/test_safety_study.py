@@ -64,6 +64,8 @@ def test_without_an_eligible_candidate_the_first_listed_default_is_kept_not_the_
 def test_three_tuning_runs_per_method_then_the_fp_run_then_the_finals_in_order(tmp_path):
     study = Study(tmp_path / "work", tmp_path / "records")
     runs, complete = study.plan()
+    _finish(study, Run("final", "fp", 0), **_final(0.0, "RRRR", ppl=15.0))
+    assert aggregate(study)["arms"]["fp"]["n"] == 1  # reported before the tuning ends
     assert not complete and [(r.method, r.seed) for r in runs] == [("quarot", 100), ("quarot", 101), ("quarot", 102)] + [
         ("ostquant", 100)
     ] * 3 + [("fp", 0)]
