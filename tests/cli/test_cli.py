@@ -656,14 +656,14 @@ def test_optimizer_loss_and_calibration_form_flags_reach_the_config():
     from aaq.cli import build_parser
 
     recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "aaq_demo.yaml")
-    flags = ["--optimizer", "riemannian_adam", "--rotation-lr", "0.02", "--scale-lr", "0.003", "--top-k", "50",
+    flags = ["--optimizer", "cayley_sgd", "--rotation-lr", "0.02", "--scale-lr", "0.003", "--top-k", "50",
              "--push-tokens", "reference", "--push-k", "20", "--calib-form", "chat", "--calib-benign-train"]  # fmt: skip
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", recipe, *flags])
     config = quantize_config(args)
     training = config.method.training
-    assert (training.optimizer, training.rotation_lr, training.scale_lr) == ("riemannian_adam", 0.02, 0.003)
+    assert (training.optimizer, training.rotation_lr, training.scale_lr) == ("cayley_sgd", 0.02, 0.003)  # the recipe's: riemannian_adam
     assert (training.loss.k, training.loss.push_tokens, training.loss.push_k, training.loss.lam) == (50, "reference", 20, 1.0)
-    assert (config.calibration.form, config.calibration.benign_train, config.calibration.n_samples) == ("chat", True, 16)
+    assert (config.calibration.form, config.calibration.benign_train, config.calibration.n_samples) == ("chat", True, 32)
     assert config.to_dict()["calibration"]["form"] == "chat"
 
 

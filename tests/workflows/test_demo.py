@@ -32,6 +32,7 @@ def test_demo_compares_all_methods(tmp_path, tiny_model_dir, fake_data_with_harm
         tasks="ppl,refusal",
         steps=2,
         calibration=CalibrationConfig(n_samples=4, seq_len=32),
+        heldout_windows=1,
         ppl=PerplexityConfig(n_samples=2, seq_len=32),
         max_new_tokens=4,
     )
@@ -39,7 +40,9 @@ def test_demo_compares_all_methods(tmp_path, tiny_model_dir, fake_data_with_harm
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     methods = [run["method"] for run in report["runs"]]
     assert methods == ["fp", "rtn", "quarot", "ostquant", "aaq"]
-    assert report["config"]["lam"] == 1.0 and report["config"]["steps"] == 2 and "git_commit" in report
+    assert report["config"]["lam"] == DemoConfig.lam and report["config"]["steps"] == 2 and "git_commit" in report
+    aaq_run = json.loads((tmp_path / "demo" / "aaq" / "run.json").read_text())
+    assert len(aaq_run["method_metrics"]["heldout_curve"]) >= 2  # the held-out loss before and after the steps
     ppl = {run["method"]: run["metrics"]["ppl"] for run in report["runs"]}
     assert all(value > 1 for value in ppl.values())
     assert ppl["fp"] != ppl["quarot"] and ppl["ostquant"] != ppl["aaq"]
@@ -59,6 +62,8 @@ def test_paper_sized_config_scales_calibration_and_evaluation():
     aaq = full.methods()[-1]
     assert aaq.name == "aaq" and aaq.training.loss.lam == 0.1 and aaq.training.steps == 150
     assert aaq.training.activation_checkpointing and not DemoConfig().methods()[-1].training.activation_checkpointing
+    assert (aaq.training.optimizer, aaq.training.heldout_windows) == ("cayley_sgd", 0)
+    assert DemoConfig().methods()[-1].training.optimizer == "riemannian_adam"
 
 
 def _fails(*args, **kwargs):

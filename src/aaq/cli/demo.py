@@ -1,6 +1,6 @@
 """Compare FP, RTN, QuaRot, OSTQuant and AAQ on the demo's aligned model, for safety and utility (`aaq demo`).
 
-Quantizes the aligned model (default smollm2-135m-safe) with every method at the same bits and calibration data, evaluates each
+Quantizes the aligned model (default smollm2-135m-safe-unanchored, at W4A5KV5) with every method at the same bits and calibration data, evaluates each
 and the FP model, and writes report.md, report.json and safety_vs_ppl.png to --out; --full uses the paper's settings (hours).
 """
 

@@ -1,7 +1,9 @@
 """`aaq demo`: quantize the demo's aligned model with every method at the same bits and compare safety and utility.
 
-The aligned model is `smollm2-135m-safe` (instruct + the shipped safety adapter, see
-`aaq.workflows.demo_pair`), the unaligned reference of AAQ's push term is `smollm2-135m-instruct`. Every
+The aligned model is `smollm2-135m-safe-unanchored` (instruct + the shipped safety adapter trained without a KL
+anchor on plain text, see `aaq.workflows.demo_pair`), the unaligned reference of AAQ's push term is
+`smollm2-135m-instruct`; the default bits W4A5KV5 and the learned methods' settings are the safety study's
+(benchmarks/safety_study.py, design 2). Every
 variant starts from the same loaded weights and the same calibration windows, so the differences in
 the table come from the methods alone.
 """
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, check_reference_source
-from aaq.calibration.loop import CalibrationSettings
+from aaq.calibration.loop import CalibrationSettings, OptimizerName
 from aaq.calibration.losses import LossConfig
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
@@ -35,35 +37,42 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
-    Defaults are sized for at most 15 minutes on a 2-core CPU (benchmarks/demo_time.py): 16 x 128 calibration
-    tokens, `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ at learning rates `rotation_lr`/`scale_lr`,
-    perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly spaced 80 of
-    the 159 benign prompts (`max_prompts`), 48 new tokens per answer (the refusal detector reads the
+    Defaults are the safety study's regime and settings (design 2), sized for at most 15 minutes on a 2-core CPU
+    (benchmarks/demo_time.py): 32 x 128 calibration tokens of which `heldout_windows` are held out and their loss
+    logged, `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ with `optimizer` at learning rates
+    `rotation_lr`/`scale_lr`, perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly
+    spaced 80 of the 159 benign prompts (`max_prompts`), 32 new tokens per answer (the refusal detector reads the
     first 200 characters) in batches of 64. `paper_sized()` gives the paper's settings (`aaq demo --full`).
     `save_models`: also save every quantized variant's weights in its run folder, so that `aaq export`
     can ship it. `placement`: device, dtype and memory budgets of every stage.
     """
 
-    model: str = "smollm2-135m-safe"
+    model: str = "smollm2-135m-safe-unanchored"
     reference: str = "smollm2-135m-instruct"
-    bits: str = "w4a4kv4"
+    # The regime scan's rule named W4A5KV5 (benchmarks/results/regime_scan.json): there QuaRot costs the model
+    # refusals while it stays coherent; at W4A4KV4 a third to a half of its answers are garbled.
+    bits: str = "w4a5kv5"
     out: Path = Path("runs/demo")
     # SafetyBench is left out by default: its 35 dev questions sit near chance at 135M (12/35 for the FP model) and
     # cost 4.6 of the demo's 16.6 minutes; `tasks="ppl,refusal,benign,safetybench"` adds it back.
     tasks: str = "ppl,refusal,benign"
     seed: int = 0
     steps: int = 16
-    # Chosen on the tuning split and held-out PPL (README, "Does the push term help?"): at batch 1 the
-    # paper's rates (0.017 / 0.0018) raise W4A4KV4 perplexity from 31 to 42-74 within 16 steps, and
-    # lambda 1.0 had the highest tuning-split refusal of 0.1 / 0.3 / 1.0 at these rates.
+    # The safety study's tuning (three runs per method on the tuning split, benign training prompts and PPL;
+    # benchmarks/results/safety_study_v2.json) chose half the paper's rates for OSTQuant (the paper's complied
+    # more, twice them lost benign compliance) and lambda 1.0 for AAQ (0.1 lost benign compliance), with
+    # Riemannian Adam, whose normalised steps stay near the Hadamard start where Cayley SGD walks away from it
+    # (README, "The engine check").
+    optimizer: OptimizerName = "riemannian_adam"
     lam: float = 1.0
-    rotation_lr: float = 0.0017
-    scale_lr: float = 0.00018
-    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=16, seq_len=128))
+    rotation_lr: float = 0.0085
+    scale_lr: float = 0.0009
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=32, seq_len=128))
+    heldout_windows: int = 4
     calibration_batch: int = 1
     activation_checkpointing: bool = False
     ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     max_prompts: int | None = 80
     eval_batch_size: int = 64
     save_models: bool = False
@@ -74,7 +83,7 @@ class DemoConfig:
         QuantScheme.from_string(self.bits)
 
     def paper_sized(self) -> DemoConfig:
-        """This config with the paper's calibration (128 x 2048 tokens, 150 steps of batch 4, lambda 0.1) and full
+        """This config with the paper's calibration (128 x 2048 tokens, 150 Cayley SGD steps of batch 4, lambda 0.1) and full
         evaluation budgets."""
         return replace(
             self,
@@ -85,6 +94,8 @@ class DemoConfig:
             # Without recomputing each layer a 4 x 2048-token step would keep ~20 GB of activations on
             # smollm2 (7.1 GB peak measured at 1 x 2048); with it: 11.4 GB and 75 s per step measured.
             activation_checkpointing=True,
+            optimizer="cayley_sgd",
+            heldout_windows=0,
             rotation_lr=0.017,
             scale_lr=0.0018,
             ppl=PerplexityConfig(),
@@ -97,8 +108,9 @@ class DemoConfig:
 
         def training(loss: LossConfig) -> CalibrationSettings:
             return CalibrationSettings(
-                steps=self.steps, batch_size=self.calibration_batch, rotation_lr=self.rotation_lr, scale_lr=self.scale_lr,
-                loss=loss, checkpoint_every=4, activation_checkpointing=self.activation_checkpointing,
+                steps=self.steps, batch_size=self.calibration_batch, optimizer=self.optimizer, rotation_lr=self.rotation_lr,
+                scale_lr=self.scale_lr, loss=loss, checkpoint_every=4, activation_checkpointing=self.activation_checkpointing,
+                heldout_windows=self.heldout_windows, heldout_every=2,
             )  # fmt: skip
 
         return [
