@@ -663,7 +663,7 @@ def test_optimizer_loss_and_calibration_form_flags_reach_the_config():
     training = config.method.training
     assert (training.optimizer, training.rotation_lr, training.scale_lr) == ("cayley_sgd", 0.02, 0.003)  # the recipe's: riemannian_adam
     assert (training.loss.k, training.loss.push_tokens, training.loss.push_k, training.loss.lam) == (50, "reference", 20, 1.0)
-    assert (config.calibration.form, config.calibration.benign_train, config.calibration.n_samples) == ("chat", True, 32)
+    assert (config.calibration.form, config.calibration.benign_train, config.calibration.n_samples) == ("chat", True, 16)
     assert config.to_dict()["calibration"]["form"] == "chat"
 
 

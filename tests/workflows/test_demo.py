@@ -29,6 +29,7 @@ def test_demo_compares_all_methods(tmp_path, tiny_model_dir, fake_data_with_harm
         model=str(tiny_model_dir),
         reference=str(_perturbed_copy(tiny_model_dir, tmp_path / "reference")),
         out=tmp_path / "demo",
+        methods=("aaq", "rtn", "ostquant", "quarot"),
         tasks="ppl,refusal",
         steps=2,
         calibration=CalibrationConfig(n_samples=4, seq_len=32),
@@ -58,12 +59,12 @@ def test_paper_sized_config_scales_calibration_and_evaluation():
     full = DemoConfig().paper_sized()
     assert (full.calibration.n_samples, full.calibration.seq_len, full.steps) == (128, 2048, 150)
     assert full.ppl.n_samples * full.ppl.seq_len > DemoConfig().ppl.n_samples * DemoConfig().ppl.seq_len
-    assert full.max_prompts is None and DemoConfig().max_prompts == 80
-    aaq = full.methods()[-1]
+    assert full.max_prompts is None and DemoConfig().max_prompts == 48
+    aaq = full.method_configs()[-1]
     assert aaq.name == "aaq" and aaq.training.loss.lam == 0.1 and aaq.training.steps == 150
-    assert aaq.training.activation_checkpointing and not DemoConfig().methods()[-1].training.activation_checkpointing
+    assert aaq.training.activation_checkpointing and not DemoConfig().method_configs()[-1].training.activation_checkpointing
     assert (aaq.training.optimizer, aaq.training.heldout_windows) == ("cayley_sgd", 0)
-    assert DemoConfig().methods()[-1].training.optimizer == "riemannian_adam"
+    assert DemoConfig().method_configs()[-1].training.optimizer == "riemannian_adam"
 
 
 def _fails(*args, **kwargs):
@@ -95,5 +96,11 @@ def test_a_demo_folder_with_foreign_files_is_refused_before_loading(tmp_path, mo
     prepare_output_folder(tmp_path / "demo" / "rtn", "run")
     (tmp_path / "demo" / "rtn" / "notes.txt").write_text("mine")
     with pytest.raises(AaqError, match=r"rtn holds files aaq did not write \(notes.txt\)"):
-        run_demo(DemoConfig(out=tmp_path / "demo"))
+        run_demo(DemoConfig(out=tmp_path / "demo", methods=("rtn", "aaq")))
     assert (tmp_path / "demo" / "rtn" / "notes.txt").read_text() == "mine"
+
+
+def test_the_default_methods_leave_rtn_out_and_an_unknown_method_is_refused():
+    assert [m.name for m in DemoConfig().method_configs()] == ["quarot", "ostquant", "aaq"]
+    with pytest.raises(AaqError, match="the demo compares some of rtn, quarot, ostquant, aaq, not gptq; list them in --methods"):
+        DemoConfig(methods=("quarot", "gptq"))

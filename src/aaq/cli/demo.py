@@ -1,4 +1,4 @@
-"""Compare FP, RTN, QuaRot, OSTQuant and AAQ on the demo's aligned model, for safety and utility (`aaq demo`).
+"""Compare FP, QuaRot, OSTQuant and AAQ (and RTN on request) on the demo's aligned model, for safety and utility (`aaq demo`).
 
 Quantizes the aligned model (default smollm2-135m-safe-unanchored, at W4A5KV5) with every method at the same bits and calibration data, evaluates each
 and the FP model, and writes report.md, report.json and safety_vs_ppl.png to --out; --full uses the paper's settings (hours).
@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from aaq.cli import options
-from aaq.workflows.demo import DemoConfig, run_demo
+from aaq.workflows.demo import DEMO_METHODS, DemoConfig, run_demo
 
 NAME = "demo"
 DEFAULTS = DemoConfig()
@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULTS.model, help="the aligned model to quantize")
     p.add_argument("--reference", default=DEFAULTS.reference, help="the unaligned reference of AAQ's push term")
     p.add_argument("--bits", default=DEFAULTS.bits, help="bit widths of every quantized variant")
+    p.add_argument("--methods", default=",".join(DEFAULTS.methods), help=f"comma list of the compared methods, some of {','.join(DEMO_METHODS)}")
     p.add_argument("--out", type=Path, default=DEFAULTS.out, help="output folder")
     p.add_argument("--tasks", default=DEFAULTS.tasks, help="evaluation tasks for every variant (see aaq eval --help)")
     p.add_argument("--steps", type=int, help=f"transform steps of OSTQuant and AAQ (default: {DEFAULTS.steps}, 150 with --full)")
@@ -32,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the method comparison and print its table."""
-    config = DemoConfig(**{name: getattr(args, name) for name in ("model", "reference", "bits", "out", "tasks", "seed", "save_models")}, placement=options.placement(args))
+    fields = {name: getattr(args, name) for name in ("model", "reference", "bits", "out", "tasks", "seed", "save_models")}
+    config = DemoConfig(**fields, methods=tuple(args.methods.split(",")), placement=options.placement(args))
     config = config.paper_sized() if args.full else config
     print(run_demo(dataclasses.replace(config, **{name: getattr(args, name) for name in ("steps", "lam") if getattr(args, name) is not None})))
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_tokens, check_reference_source
 from aaq.calibration.loop import CalibrationSettings, OptimizerName
 from aaq.calibration.losses import LossConfig
+from aaq.errors import AaqError
 from aaq.eval.coherence import CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.report import write_comparison
@@ -32,22 +33,27 @@ from aaq.workflows.run import RunConfig, run_quantization
 
 logger = logging.getLogger(__name__)
 
+DEMO_METHODS = ("rtn", "quarot", "ostquant", "aaq")
+
 
 @dataclass
 class DemoConfig:
     """What the demo compares: aligned model, reference, bits, calibration and evaluation budgets.
 
     Defaults are the safety study's regime and settings (design 2), sized for at most 15 minutes on a 2-core CPU
-    (benchmarks/demo_time.py): 32 x 128 calibration tokens of which `heldout_windows` are held out and their loss
-    logged, `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ with `optimizer` at learning rates
+    (benchmarks/demo_time.py): 16 x 128 calibration tokens (`heldout_windows` of them held out and their loss
+    logged, none by default), `steps` = 16 transform steps of batch 1 for OSTQuant and AAQ with `optimizer` at learning rates
     `rotation_lr`/`scale_lr`, perplexity on 8 x 512 held-out tokens, all 41 HarmBench val prompts and an evenly
-    spaced 80 of the 159 benign prompts (`max_prompts`), 32 new tokens per answer (the refusal detector reads the
+    spaced 48 of the 159 benign prompts (`max_prompts`), 32 new tokens per answer (the refusal detector reads the
     first 200 characters) in batches of 64. `paper_sized()` gives the paper's settings (`aaq demo --full`).
     `save_models`: also save every quantized variant's weights in its run folder, so that `aaq export`
     can ship it. `placement`: device, dtype and memory budgets of every stage.
     """
 
     model: str = "smollm2-135m-safe-unanchored"
+    # RTN is left out by default (its W4A5KV5 answers are all garbled, PPL 136; 1.9 of the 17.6 minutes the demo
+    # took with it here); `methods=("rtn", "quarot", "ostquant", "aaq")` adds it back.
+    methods: tuple[str, ...] = ("quarot", "ostquant", "aaq")
     reference: str = "smollm2-135m-instruct"
     # The regime scan's rule named W4A5KV5 (benchmarks/results/regime_scan.json): there QuaRot costs the model
     # refusals while it stays coherent; at W4A4KV4 a third to a half of its answers are garbled.
@@ -67,20 +73,26 @@ class DemoConfig:
     lam: float = 1.0
     rotation_lr: float = 0.0085
     scale_lr: float = 0.0009
-    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=32, seq_len=128))
-    heldout_windows: int = 4
+    # 16 windows, none held out: the study's 32 (4 held out) double GPTQ's and the teachers' time and cost the
+    # held-out passes, 19.4 minutes in all on 2 cores (benchmarks/demo_time.py), over the demo's 15.
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(n_samples=16, seq_len=128))
+    heldout_windows: int = 0
     calibration_batch: int = 1
     activation_checkpointing: bool = False
     ppl: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(n_samples=8, seq_len=512))
     max_new_tokens: int = 32
-    max_prompts: int | None = 80
+    max_prompts: int | None = 48
     eval_batch_size: int = 64
     save_models: bool = False
     placement: Placement = field(default_factory=Placement)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        self.methods = tuple(self.methods)
         QuantScheme.from_string(self.bits)
+        unknown = [name for name in self.methods if name not in DEMO_METHODS]
+        if unknown or not self.methods:
+            raise AaqError(f"the demo compares some of {', '.join(DEMO_METHODS)}, not {', '.join(unknown) or 'none'}; list them in --methods")
 
     def paper_sized(self) -> DemoConfig:
         """This config with the paper's calibration (128 x 2048 tokens, 150 Cayley SGD steps of batch 4, lambda 0.1) and full
@@ -103,8 +115,8 @@ class DemoConfig:
             max_prompts=None,
         )
 
-    def methods(self) -> list[MethodConfig]:
-        """The compared methods: RTN, QuaRot (Hadamard + GPTQ), OSTQuant (kl_top) and AAQ (apc, `lam`)."""
+    def method_configs(self) -> list[MethodConfig]:
+        """The compared methods of `methods`, in the order RTN, QuaRot (Hadamard + GPTQ), OSTQuant (kl_top), AAQ (apc, `lam`)."""
 
         def training(loss: LossConfig) -> CalibrationSettings:
             return CalibrationSettings(
@@ -113,12 +125,13 @@ class DemoConfig:
                 heldout_windows=self.heldout_windows, heldout_every=2,
             )  # fmt: skip
 
-        return [
+        configs = [
             RTNConfig(),
             QuaRotConfig(),
             OSTQuantConfig(training=training(LossConfig(name="kl_top"))),
             AAQConfig(training=training(LossConfig(name="apc", lam=self.lam))),
         ]
+        return [config for config in configs if config.name in self.methods]
 
 
 def run_demo(config: DemoConfig) -> str:
@@ -132,7 +145,7 @@ def run_demo(config: DemoConfig) -> str:
         tasks=config.tasks, ppl=config.ppl, seed=config.seed, max_new_tokens=config.max_new_tokens,
         batch_size=config.eval_batch_size, max_prompts=config.max_prompts,
     )  # fmt: skip
-    methods = config.methods()
+    methods = config.method_configs()
     check_output_folder(config.out, "report")
     check_output_folder(config.out / "fp", "eval")
     for method in methods:
