@@ -1,4 +1,5 @@
-"""Helpers of the benchmark scripts that drive `aaq` on the command line: one run as a subprocess, its verdicts."""
+"""Helpers of the benchmark scripts that drive `aaq` on the command line: one run as a subprocess, its folder, record and
+verdicts, the statistics and figures of the studies."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,39 @@ def run_aaq(args: list[str], log: Path) -> tuple[int, float, float]:
     return rc.returncode, cpu, time.perf_counter() - wall
 
 
+def fresh_run_folder(work: Path, key: str) -> Path:
+    """WORK/runs/KEY, emptied first: a run interrupted half-way is redone from scratch."""
+    folder = work / "runs" / key
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_outputs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The evaluation report (report.json) and run record (run.json, empty for `aaq eval`) an aaq command wrote."""
+    run = folder / "run.json"
+    return json.loads((folder / "report.json").read_text()), json.loads(run.read_text()) if run.is_file() else {}
+
+
+def drop_bulky_outputs(folder: Path) -> None:
+    """Delete a finished run's weights and calibration work folders: its record and generations keep what a study reads."""
+    for name in ("aaq_model.safetensors", "transforms.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+    for work in ("teacher_cache", "calibration"):
+        shutil.rmtree(folder / work, ignore_errors=True)
+
+
+def store_record(record: dict[str, Any], path: Path, records_copy: Path | None, generations: Path | None) -> None:
+    """Write a run's record to `path`; with `records_copy`, copy it there too, with the run's generations when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    if records_copy is not None:
+        records_copy.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, records_copy / path.name)
+        if generations is not None:
+            shutil.copy(generations, records_copy / f"{path.stem}.generations.jsonl")
+
+
 def verdicts(generations: Path, task: str) -> dict[str, str]:
     """Prompt -> verdict of one task's answers (refusal: harmful prompts; benign) in an evaluation's generations.jsonl."""
     rows = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]
@@ -69,6 +104,24 @@ def write_report(
     if has_rows:
         plot(body, plot_path)
     print(markdown(body))
+
+
+def pyplot() -> Any:
+    """`matplotlib.pyplot` on the file-only Agg backend (the scripts run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Lay out `figure`, write it to `path` (creating the folder) and close it."""
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    pyplot().close(figure)
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (studies here pair at most 10 seeds).

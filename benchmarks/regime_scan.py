@@ -58,14 +58,25 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aaq_runs import run_aaq, shares, tuning_eval_flags, verdicts, write_report
+from aaq_runs import (
+    drop_bulky_outputs,
+    fresh_run_folder,
+    pyplot,
+    run_aaq,
+    run_outputs,
+    save_figure,
+    shares,
+    store_record,
+    tuning_eval_flags,
+    verdicts,
+    write_report,
+)
 
 log = logging.getLogger("regime_scan")
 
@@ -136,16 +147,13 @@ def record_path(work: Path, key: str) -> Path:
 def execute(work: Path, setting: Setting | None, seed: int | None, records_copy: Path | None) -> None:
     """Run one aaq command into WORK/runs/KEY (redone from scratch when a partial folder is there) and write its record."""
     key = run_key(setting, seed)
-    folder = work / "runs" / key
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder = fresh_run_folder(work, key)
     argv = command(setting, seed, folder)
     rc, cpu_s, wall_s = run_aaq(argv, work / "logs" / f"{key}.log")
     if rc != 0:
         log.warning("%s failed (exit %d); see %s", key, rc, work / "logs" / f"{key}.log")
         return
-    report = json.loads((folder / "report.json").read_text())
-    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    report, run = run_outputs(folder)
     harmful, benign = verdicts(folder / "generations.jsonl", "refusal"), verdicts(folder / "generations.jsonl", "benign")
     h, b = shares(harmful), shares(benign)
     record = {
@@ -159,15 +167,8 @@ def execute(work: Path, setting: Setting | None, seed: int | None, records_copy:
         "torch_threads": run.get("torch_threads", report.get("torch_threads")),
     }  # fmt: skip
     # The quantized weights are not needed again (the verdicts will be re-scored from generations.jsonl).
-    for name in ("aaq_model.safetensors", "transforms.safetensors"):
-        (folder / name).unlink(missing_ok=True)
-    path = record_path(work, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    if records_copy is not None:
-        records_copy.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, records_copy / path.name)
-        shutil.copy(folder / "generations.jsonl", records_copy / f"{key}.generations.jsonl")
+    drop_bulky_outputs(folder)
+    store_record(record, record_path(work, key), records_copy, folder / "generations.jsonl")
     log.info("%s: PPL %.2f refusal %.3f complied %.3f garbled %.3f benign %.3f (%.0f CPU-s)", key, record["ppl"], h["refused"], h["complied"],
              h["garbled"], b["complied"], cpu_s)  # fmt: skip
 
@@ -325,13 +326,8 @@ SERIES = (
 
 def plot(body: dict, path: Path) -> None:
     """The four rates against the PPL ratio: per-seed points faint, means solid, setting names at the means; FP at 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fp, settings = body["fp"], body["settings"]
-    figure, ax = plt.subplots(figsize=(11, 6.5), dpi=120)
+    figure, ax = pyplot().subplots(figsize=(11, 6.5), dpi=120)
     ordered = sorted(settings.items(), key=lambda kv: kv[1]["ppl_ratio"]["mean"])
     for metric, name, color, marker in SERIES:
         xs = [1.0] + [s["ppl_ratio"]["mean"] for _, s in ordered]
@@ -361,10 +357,7 @@ def plot(body: dict, path: Path) -> None:
     ax.set_title(f"{MODEL}: QuaRot bit settings, seeds {body['rule_seeds']} (dotted: ratio 1.3)", pad=60, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="center left")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from aaq_runs import mean_sd, t_interval
+from aaq_runs import drop_bulky_outputs, fresh_run_folder, mean_sd, pyplot, save_figure, t_interval
 
 from aaq.api import CalibrationConfig, QuantizeConfig, calibration_windows
 from aaq.auditing.stats import mcnemar_exact_p
@@ -251,9 +251,6 @@ class Study:
         self.work = Path(work)
         self.records = Path(records)
 
-    def folder(self, run: Run) -> Path:
-        return self.work / "runs" / run.key
-
     def result(self, run: Run) -> dict | None:
         """The run's record (complete or failed), or None when it has not finished."""
         path = self.records / f"{run.key}.json"
@@ -353,9 +350,7 @@ class Worker:
 
     def execute(self, run: Run) -> None:
         """Quantize (or not: fp) and evaluate one run in a fresh folder, then write its record."""
-        folder = self.study.folder(run)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder = fresh_run_folder(self.study.work, run.key)
         aligned, tokenizer, scorer = self.model()
         cpu, wall = time.process_time(), time.perf_counter()
         evaluation = eval_config(run)
@@ -378,8 +373,7 @@ class Worker:
             report = result.report
             movement = result.record["method_metrics"].get("transform_movement", {})
             record |= {"r1_movement": movement.get("r1"), "method_metrics": result.record["method_metrics"], "timings": result.record["timings"]}
-            for work in ("teacher_cache", "calibration"):
-                shutil.rmtree(folder / work, ignore_errors=True)
+            drop_bulky_outputs(folder)
         record |= figures_of(report) | {"verdicts": verdict_strings(folder / "generations.jsonl"), "coherence": report.get("coherence")}
         record |= {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "eval_seconds": report["seconds"]}
         self.write_record(record | provenance())
@@ -719,22 +713,14 @@ ARM_STYLE = {"quarot": ("tab:gray", "s"), "ostquant": ("tab:blue", "o"), "aaq": 
 def plot_study(body: dict, path: Path) -> None:
     """Per regime: harmful complied (HarmBench val + AdvBench) against PPL, seeds as points, FP starred; right: the
     paired AAQ - OSTQuant differences of harmful complied with their 95% t-intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     final = body["final"]
-    figure, axes = plt.subplots(1, len(REGIMES) + 1, figsize=(15, 4.8), dpi=120)
+    figure, axes = pyplot().subplots(1, len(REGIMES) + 1, figsize=(15, 4.8), dpi=120)
     for ax, bits in zip(axes, REGIMES, strict=False):
         _plot_regime(ax, bits, final["arms"])
     _plot_paired(axes[-1], final["paired"])
     not_run = textwrap.fill("arms not run yet: " + (", ".join(final["not_run"]) or "none"), 180)
     figure.suptitle(f"Safety study, design 2 ({MODEL})\n{not_run}", fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _plot_regime(ax: Any, bits: str, arms: dict) -> None:

@@ -29,13 +29,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aaq_runs import mean_sd, run_aaq, shares, t_interval, tuning_eval_flags, verdicts, write_report
+from aaq_runs import (
+    drop_bulky_outputs,
+    fresh_run_folder,
+    mean_sd,
+    pyplot,
+    run_aaq,
+    run_outputs,
+    save_figure,
+    shares,
+    store_record,
+    t_interval,
+    tuning_eval_flags,
+    verdicts,
+    write_report,
+)
 
 log = logging.getLogger("transform_budget")
 
@@ -153,15 +166,12 @@ def fp_args(out: Path) -> list[str]:
 
 def execute(work: Path, key: str, args: list[str], cell: Cell | None, seed: int | None, records_copy: Path | None) -> None:
     """Run one aaq command into WORK/runs/KEY (from scratch) and write its record (PPL, verdict shares, calibration metrics, CPU)."""
-    folder = work / "runs" / key
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder = fresh_run_folder(work, key)
     rc, cpu_s, wall_s = run_aaq(args, work / "logs" / f"{key}.log")
     if rc != 0:
         log.warning("%s failed (exit %d); see %s", key, rc, work / "logs" / f"{key}.log")
         return
-    report = json.loads((folder / "report.json").read_text())
-    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    report, run = run_outputs(folder)
     record: dict[str, Any] = {
         "key": key, "cell": None if cell is None else asdict(cell), "seed": seed, "command": "aaq " + " ".join(args),
         "ppl": report["metrics"]["ppl"], "cpu_s": cpu_s, "wall_s": wall_s, "timings": run.get("timings"),
@@ -174,18 +184,8 @@ def execute(work: Path, key: str, args: list[str], cell: Cell | None, seed: int 
         h, b = shares(harmful), shares(benign)
         record |= {"refusal": h["refused"], "harmful_complied": h["complied"], "harmful_garbled": h["garbled"]}
         record |= {"benign_compliance": b["complied"], "benign_garbled": b["garbled"], "garbled_all": _garbled_all(harmful, benign)}
-    for name in ("aaq_model.safetensors", "transforms.safetensors"):
-        (folder / name).unlink(missing_ok=True)
-    for work_folder in ("teacher_cache", "calibration"):
-        shutil.rmtree(folder / work_folder, ignore_errors=True)
-    path = record_path(work, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    if records_copy is not None:
-        records_copy.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, records_copy / path.name)
-        if harmful:
-            shutil.copy(generations, records_copy / f"{key}.generations.jsonl")
+    drop_bulky_outputs(folder)
+    store_record(record, record_path(work, key), records_copy, generations if harmful else None)
     log.info("%s: PPL %.2f, garbled %s (%.0f CPU-s)", key, record["ppl"], record.get("garbled_all"), cpu_s)
 
 
@@ -297,12 +297,7 @@ def markdown(body: dict) -> str:
 
 def plot(body: dict, path: Path) -> None:
     """Left: PPL of every cell (seeds as points); right: the held-out loss curves of the learned cells (seed 0 or the first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 6), dpi=110, gridspec_kw={"width_ratios": [1.3, 1]})
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(15, 6), dpi=110, gridspec_kw={"width_ratios": [1.3, 1]})
     names = list(body["cells"])
     for y, name in enumerate(names):
         s = body["cells"][name]
@@ -329,10 +324,7 @@ def plot(body: dict, path: Path) -> None:
     if right.lines:
         right.legend(fontsize=6)
     figure.suptitle(f"{MODEL}: OSTQuant vs QuaRot across calibration budgets", fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:
