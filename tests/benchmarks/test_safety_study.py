@@ -160,5 +160,6 @@ def test_the_report_writes_its_json_plot_and_tables(tmp_path, monkeypatch):
     text = study_module.markdown(body)
     assert "| w4a5kv5/aaq/raw | 2 | 0.250 ± 0.354 |" in text
     assert "| w4a5kv5/raw/aaq-ostquant | 2 | -0.125 [-1.713, +1.463] | 1 / 2, p = 1 |" in text
+    assert "| w4a5kv5/raw | 2 | -0.125 | no | 1.033 | yes | 0.700 | no |" in text  # the goals, as in the JSON
     assert "Not run yet: w4a4kv4/quarot/raw," in text
     assert "| tune-quarot-raw-w4a5kv5-s100 | missing | – |" in text  # every tuning run is listed, finished or not
