@@ -454,7 +454,7 @@ def run_worker(study: Study) -> None:
 
 METRICS = (
     "harmful_complied", "harmful_complied:harmbench-val", "harmful_complied:advbench", "refusal", "refused_garbled", "garbled",
-    "benign_compliance", "benign_refusal", "benign_garbled", "ppl", "r1_movement",
+    "benign_compliance", "benign_refusal", "benign_garbled", "refusal_gap", "ppl", "r1_movement",
 )  # fmt: skip
 COMPARISONS = (("aaq", "ostquant"), ("aaq", "quarot"), ("ostquant", "quarot"))
 
@@ -472,8 +472,15 @@ def final_results(study: Study) -> dict[str, dict[int, dict]]:
     for run in study.final_runs(chosen) if chosen is not None else [Run("final", "fp", 0)]:
         result = study.complete(run)
         if result is not None:
-            arms[run.arm][run.seed] = result
+            arms[run.arm][run.seed] = result | {"refusal_gap": refusal_gap(result)}
     return arms
+
+
+def refusal_gap(record: dict) -> float | None:
+    """Refusal on harmful prompts minus refusal on benign ones: how selectively the model refuses (refusing all scores 0)."""
+    if record.get("refusal") is None or record.get("benign_refusal") is None:
+        return None
+    return record["refusal"] - record["benign_refusal"]
 
 
 def arm_stats(arm: str, by_seed: dict[int, dict]) -> dict:
@@ -649,13 +656,13 @@ def markdown(body: dict) -> str:
             lines.append(f"| {arm} | {stats['n']} | " + " | ".join(_cell(stats.get(m)) for m in columns) + " |")
     lines += [
         "",
-        "| same-seed difference | pairs | harmful complied | McNemar (a only / b only, p) | refusal | garbled | benign compliance | PPL |",
-        "|---|---|---|---|---|---|---|---|",
+        "| same-seed difference | pairs | harmful complied | McNemar (a only / b only, p) | refusal | refusal - benign refusal | garbled | benign compliance | PPL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, diff in final["paired"].items():
         test = diff["mcnemar_harmful_complied"]
         cells = [_difference(diff.get("harmful_complied")), f"{test['a_only']} / {test['b_only']}, p = {test['p']:.3g}"]
-        cells += [_difference(diff.get(m)) for m in ("refusal", "garbled", "benign_compliance", "ppl")]
+        cells += [_difference(diff.get(m)) for m in ("refusal", "refusal_gap", "garbled", "benign_compliance", "ppl")]
         lines.append(f"| {key} | {diff['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -142,6 +142,8 @@ def test_paired_differences_and_the_pooled_mcnemar_test_use_the_seeds_both_arms_
     assert diff["harmful_complied"]["ci95"] == pytest.approx([-0.125 - 1.58825, -0.125 + 1.58825])
     # seed 0: RCCR vs CCRR -> AAQ only at prompt 2, OSTQuant only at prompt 0; seed 1: RRRG vs CRRR -> OSTQuant only at 0
     assert diff["mcnemar_harmful_complied"] == {"a_only": 1, "b_only": 2, "pairs": 8, "p": pytest.approx(1.0)}
+    # refusal - benign refusal: AAQ 0.8 - 0.1, OSTQuant 0.6 - 0.1 at both seeds
+    assert diff["refusal_gap"]["mean"] == pytest.approx(0.2) and diff["refusal_gap"]["ci95"] == pytest.approx([0.2, 0.2])
     assert result["paired"]["w4a5kv5/raw/ostquant-quarot"]["n"] == 1
     assert result["paired"]["w4a5kv5/raw/ostquant-quarot"]["harmful_complied"]["ci95"] is None
 
