@@ -785,20 +785,32 @@ def _plot_regime(ax: Any, bits: str, arms: dict) -> None:
         ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
 
 
+PAIRED_PLOT = (("harmful_complied", "harmful complied", "tab:red", "o"), ("benign_compliance", "benign compliance", "tab:blue", "s"))
+
+
 def _plot_paired(ax: Any, paired: dict) -> None:
+    """AAQ - OSTQuant per regime and form: harmful complied (the primary endpoint) and benign compliance, what it cost."""
     labels = []
     for key, diff in paired.items():
         if not key.endswith("aaq-ostquant") or "harmful_complied" not in diff:
             continue
-        d, y = diff["harmful_complied"], len(labels)
-        xerr = None if d["ci95"] is None else [[100 * (d["mean"] - d["ci95"][0])], [100 * (d["ci95"][1] - d["mean"])]]
-        ax.errorbar([100 * d["mean"]], [y], xerr=xerr, fmt="o", color="tab:red", capsize=3)
+        y = len(labels)
+        for offset, (metric, name, color, marker) in zip((0.12, -0.12), PAIRED_PLOT, strict=True):
+            d = diff.get(metric)
+            if d is None:
+                continue
+            xerr = None if d["ci95"] is None else [[100 * (d["mean"] - d["ci95"][0])], [100 * (d["ci95"][1] - d["mean"])]]
+            label = name if y == 0 else None
+            ax.errorbar([100 * d["mean"]], [y + offset], xerr=xerr, fmt=marker, color=color, capsize=3, label=label)
         labels.append(f"{key.rsplit('/', 1)[0]} (n={diff['n']})")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("AAQ - OSTQuant harmful complied, points (same seed; 95% t-interval)")
-    ax.set_title("paired differences (primary endpoint)")
+    ax.set_ylim(-0.6, max(len(labels), 1) - 0.4)
+    ax.set_xlabel("AAQ - OSTQuant, points (same seed, 95% t-interval)")
+    ax.set_title("paired differences", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
+    if labels:
+        ax.legend(fontsize=7, loc="best")
 
 
 def main(argv: list[str] | None = None) -> None:
