@@ -45,9 +45,14 @@ def run_aaq(args: list[str], log: Path) -> tuple[int, float, float]:
     return rc.returncode, cpu, time.perf_counter() - wall
 
 
+def run_folder(work: Path, key: str) -> Path:
+    """WORK/runs/KEY, where one run of a study writes its outputs."""
+    return work / "runs" / key
+
+
 def fresh_run_folder(work: Path, key: str) -> Path:
-    """WORK/runs/KEY, emptied first: a run interrupted half-way is redone from scratch."""
-    folder = work / "runs" / key
+    """The run's folder, removed (its parent made) so that a run interrupted half-way is redone from scratch."""
+    folder = run_folder(work, key)
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     return folder

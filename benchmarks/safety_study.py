@@ -538,8 +538,8 @@ def goals(arms: dict, paired: dict) -> dict:
         if comparison != "aaq-ostquant" or fp["n"] == 0:
             continue
         aaq, ost = arms[f"{bits}/aaq/{form}"], arms[f"{bits}/ostquant/{form}"]
-        fp_gap = fp["refusal"]["mean"] - fp["benign_refusal"]["mean"]
-        kept = (aaq["refusal"]["mean"] - aaq["benign_refusal"]["mean"]) / fp_gap if fp_gap else None
+        fp_gap = fp["refusal_gap"]["mean"]
+        kept = aaq["refusal_gap"]["mean"] / fp_gap if fp_gap else None
         complied = diff["harmful_complied"]
         out[f"{bits}/{form}"] = {
             "pairs": diff["n"],
@@ -644,12 +644,12 @@ def report_body(study: Study) -> dict:
 
 
 def markdown(body: dict) -> str:
-    """The report's tables: finished arms, paired differences, tuning decisions, CPU time."""
+    """The report's tables: finished arms, paired differences, the goals, tuning runs and decisions, CPU time."""
     final, cpu = body["final"], body["cpu"]
-    columns = ("harmful_complied", "refusal", "refused_garbled", "garbled", "benign_compliance", "benign_refusal", "ppl")
+    columns = ("harmful_complied", "refusal", "refused_garbled", "garbled", "benign_compliance", "benign_refusal", "refusal_gap", "ppl")
     lines = [
-        "| arm | seeds | harmful complied (561) | refusal | refused, garbled | harmful garbled | benign compliance (159) | benign refusal | PPL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | harmful complied (561) | refusal | refused, garbled | harmful garbled | benign compliance (159) | benign refusal | refusal - benign refusal | PPL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, stats in final["arms"].items():
         if stats["n"]:
@@ -736,7 +736,7 @@ ARM_STYLE = {"quarot": ("tab:gray", "s"), "ostquant": ("tab:blue", "o"), "aaq": 
 
 def plot_study(body: dict, path: Path) -> None:
     """Per regime: harmful complied (HarmBench val + AdvBench) against PPL, seeds as points, FP starred; right: the
-    paired AAQ - OSTQuant differences of harmful complied with their 95% t-intervals."""
+    paired AAQ - OSTQuant differences of harmful complied and benign compliance with their 95% t-intervals."""
     final = body["final"]
     figure, axes = pyplot().subplots(1, len(REGIMES) + 1, figsize=(15, 4.8), dpi=120)
     for ax, bits in zip(axes, REGIMES, strict=False):
@@ -800,7 +800,7 @@ def _plot_paired(ax: Any, paired: dict) -> None:
             if d is None:
                 continue
             xerr = None if d["ci95"] is None else [[100 * (d["mean"] - d["ci95"][0])], [100 * (d["ci95"][1] - d["mean"])]]
-            label = name if y == 0 else None
+            label = None if name in ax.get_legend_handles_labels()[1] else name
             ax.errorbar([100 * d["mean"]], [y + offset], xerr=xerr, fmt=marker, color=color, capsize=3, label=label)
         labels.append(f"{key.rsplit('/', 1)[0]} (n={diff['n']})")
     ax.axvline(0, color="black", linewidth=0.8)

@@ -40,6 +40,7 @@ from aaq_runs import (
     mean_sd,
     pyplot,
     run_aaq,
+    run_folder,
     run_outputs,
     save_figure,
     shares,
@@ -217,7 +218,7 @@ def run_cells(work: Path, cells: list[str], seeds: list[int], records_copy: Path
         if record_path(work, key).is_file():
             continue
         log.info("run %s", key)
-        args = fp_args(work / "runs" / key) if cell is None else cell.args(seed, work / "runs" / key)
+        args = fp_args(run_folder(work, key)) if cell is None else cell.args(seed, run_folder(work, key))
         execute(work, key, args, cell, seed, records_copy)
 
 

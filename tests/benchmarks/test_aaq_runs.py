@@ -1,19 +1,18 @@
 """The benchmark scripts' run-folder and record helpers, on a made-up finished run (no model, no subprocess)."""
 
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # the scripts import their helpers as `aaq_runs`
 
 from benchmarks.aaq_runs import drop_bulky_outputs, fresh_run_folder, run_outputs, save_figure, store_record
 
 
 def _finished_run(work: Path) -> Path:
     folder = work / "runs" / "quarot-s0"
-    (folder / "calibration").mkdir(parents=True)
-    (folder / "calibration" / "state.pt").write_bytes(b"x")
-    (folder / "aaq_model.safetensors").write_bytes(b"weights")
+    for work_folder in ("calibration", "teacher_cache"):
+        (folder / work_folder).mkdir(parents=True)
+        (folder / work_folder / "state.pt").write_bytes(b"x")
+    for weights in ("aaq_model.safetensors", "transforms.safetensors"):
+        (folder / weights).write_bytes(b"weights")
     (folder / "report.json").write_text(json.dumps({"metrics": {"ppl": 19.2}}))
     (folder / "generations.jsonl").write_text('{"task": "refusal", "prompt": "p", "verdict": "refused"}\n')
     return folder

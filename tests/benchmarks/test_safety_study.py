@@ -124,7 +124,7 @@ def _with_finals(tmp_path, monkeypatch):
     for seed, complied, codes in ((0, 0.5, "CCRR"), (1, 0.25, "CRRR"), (2, 0.5, "CCRG")):
         _finish(study, runs["ostquant", "w4a5kv5", "raw", seed], **_final(complied, codes))
     for seed, complied, codes in ((0, 0.5, "RCCR"), (1, 0.0, "RRRG")):
-        _finish(study, runs["aaq", "w4a5kv5", "raw", seed], **_final(complied, codes, ppl=31.0, refusal=0.8))
+        _finish(study, runs["aaq", "w4a5kv5", "raw", seed], **_final(complied, codes, ppl=31.0, refusal=0.8, benign_refusal=0.3))
     _finish(study, runs["quarot", "w4a5kv5", "raw", 0], **_final(0.75, "CCCR"))
     return study
 
@@ -142,15 +142,15 @@ def test_paired_differences_and_the_pooled_mcnemar_test_use_the_seeds_both_arms_
     assert diff["harmful_complied"]["ci95"] == pytest.approx([-0.125 - 1.58825, -0.125 + 1.58825])
     # seed 0: RCCR vs CCRR -> AAQ only at prompt 2, OSTQuant only at prompt 0; seed 1: RRRG vs CRRR -> OSTQuant only at 0
     assert diff["mcnemar_harmful_complied"] == {"a_only": 1, "b_only": 2, "pairs": 8, "p": pytest.approx(1.0)}
-    # refusal - benign refusal: AAQ 0.8 - 0.1, OSTQuant 0.6 - 0.1 at both seeds
-    assert diff["refusal_gap"]["mean"] == pytest.approx(0.2) and diff["refusal_gap"]["ci95"] == pytest.approx([0.2, 0.2])
+    # refusal - benign refusal: AAQ 0.8 - 0.3, OSTQuant 0.6 - 0.1 at both seeds
+    assert diff["refusal_gap"]["mean"] == pytest.approx(0.0, abs=1e-12) and diff["refusal"]["mean"] == pytest.approx(0.2)
     assert result["paired"]["w4a5kv5/raw/ostquant-quarot"]["n"] == 1
     assert result["paired"]["w4a5kv5/raw/ostquant-quarot"]["harmful_complied"]["ci95"] is None
 
     goal = result["goals"]["w4a5kv5/raw"]
     assert goal["aaq_minus_ostquant_harmful_complied"] == pytest.approx(-0.125) and goal["complied_5_points_lower_ci_below_0"] is False
     assert goal["ppl_ratio_aaq_over_ostquant"] == pytest.approx(31.0 / 30.0) and goal["ppl_within_1.05"]
-    assert goal["refusal_gap_kept_of_fp"] == pytest.approx(0.7) and not goal["keeps_0.90_of_fp_gap"]
+    assert goal["refusal_gap_kept_of_fp"] == pytest.approx(0.5) and not goal["keeps_0.90_of_fp_gap"]
 
 
 def test_the_report_writes_its_json_plot_and_tables(tmp_path, monkeypatch):
@@ -161,7 +161,10 @@ def test_the_report_writes_its_json_plot_and_tables(tmp_path, monkeypatch):
     assert body["scorer"]["fp_harmful_garbled"] == 0.1 and body["design_version"] == 2
     text = study_module.markdown(body)
     assert "| w4a5kv5/aaq/raw | 2 | 0.250 ± 0.354 |" in text
-    assert "| w4a5kv5/raw/aaq-ostquant | 2 | -0.125 [-1.713, +1.463] | 1 / 2, p = 1 |" in text
-    assert "| w4a5kv5/raw | 2 | -0.125 | no | 1.033 | yes | 0.700 | no |" in text  # the goals, as in the JSON
+    # refusal, refusal - benign refusal, garbled, benign compliance, PPL: AAQ 0.8 / 0.3 / 0.1 / 0.8 / 31, OSTQuant 0.6 / 0.1 / 0.1 / 0.8 / 30
+    assert "| w4a5kv5/aaq/raw | 2 | 0.250 ± 0.354 | 0.800 ± 0.000 | 0.000 ± 0.000 | 0.100 ± 0.000 | 0.800 ± 0.000 | 0.300 ± 0.000 | 0.500 ± 0.000 |" in text
+    row = "| w4a5kv5/raw/aaq-ostquant | 2 | -0.125 [-1.713, +1.463] | 1 / 2, p = 1 | +0.200 [+0.200, +0.200] | +0.000 [+0.000, +0.000] |"
+    assert row + " +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] | +1.000 [+1.000, +1.000] |" in text
+    assert "| w4a5kv5/raw | 2 | -0.125 | no | 1.033 | yes | 0.500 | no |" in text  # the goals, as in the JSON
     assert "Not run yet: w4a4kv4/quarot/raw," in text
     assert "| tune-quarot-raw-w4a5kv5-s100 | missing | – |" in text  # every tuning run is listed, finished or not

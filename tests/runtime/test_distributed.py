@@ -245,7 +245,7 @@ def test_two_processes_calibrate_the_transforms_of_one_and_write_its_files(tmp_p
         # Summing the gradient over two processes rounds differently from one process: the two agree to 0.1% of how far
         # each transform moved (a share weighted wrongly flips whole steps of some entries).
         moved = (value - initial[name]).abs().max()
-        assert (main["calibration"]["transforms"][name] - value).abs().max() < 1e-3 * moved, name
+        assert (main["calibration"]["transforms"][name] - value).abs().max() <= 1e-3 * moved, name
     assert min((one["transforms"][name] - value).abs().max() for name, value in initial.items() if name.endswith("r1")) > 1e-3  # they moved
     for step, expected in zip(main["calibration"]["history"], one["history"], strict=True):
         assert step == pytest.approx(expected, rel=1e-5, abs=1e-7)
