@@ -78,6 +78,8 @@ from aaq_runs import (
     write_report,
 )
 
+from aaq.eval.report import markdown_table
+
 log = logging.getLogger("regime_scan")
 
 RESULTS = Path(__file__).parent / "results"
@@ -294,26 +296,32 @@ def markdown(body: dict) -> str:
             f"garbled {fp['harmful_garbled']:.3f}, benign coherent {fp['benign_compliance']:.3f}. Seeds: {body['rule_seeds']}."
         ),
         "",
-        "| setting | PPL ÷ FP | refusal | harmful complied | harmful garbled | benign coherent | benign garbled | refusal McNemar (FP-only / Q-only, p) | complied McNemar (Q-only / FP-only, p) | qualifies |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        settings_table(body["settings"]),
     ]
-    for label, s in sorted(body["settings"].items(), key=lambda kv: kv[1]["ppl_ratio"]["mean"]):
-        r, c = s["refusal_test"], s["complied_test"]
-        cells = [f"{s['ppl_ratio']['mean']:.2f}"] + [
-            f"{s[m]['mean']:.3f}" for m in ("refusal", "harmful_complied", "harmful_garbled", "benign_compliance", "benign_garbled")
-        ]
-        cells += [
-            f"{r['fp_only']} / {r['quantized_only']}, {r['p']:.3g}",
-            f"{c['quantized_only']} / {c['fp_only']}, {c['p']:.3g}",
-            "yes" if s["qualifies"] else "no",
-        ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if body["decision"]:
         lines += ["", f"Decision ({body['decision_status']}): {json.dumps(body['decision'])}"]
     lines.append(
         f"CPU: {body['cpu_h']:.2f} CPU-hours in finished runs. Not finished at seeds {body['rule_seeds']}: {', '.join(body['not_finished']) or 'none'}."
     )
     return "\n".join(lines)
+
+
+def settings_table(settings: dict) -> str:
+    """One row per bit setting, mildest PPL ratio first: mean rates, both McNemar tests against FP, whether it qualifies."""
+    header = ["setting", "PPL ÷ FP", "refusal", "harmful complied", "harmful garbled", "benign coherent", "benign garbled"]
+    header += ["refusal McNemar (FP-only / Q-only, p)", "complied McNemar (Q-only / FP-only, p)", "qualifies"]
+    rows = []
+    for label, s in sorted(settings.items(), key=lambda kv: kv[1]["ppl_ratio"]["mean"]):
+        r, c = s["refusal_test"], s["complied_test"]
+        cells = [label, f"{s['ppl_ratio']['mean']:.2f}"]
+        cells += [f"{s[m]['mean']:.3f}" for m in ("refusal", "harmful_complied", "harmful_garbled", "benign_compliance", "benign_garbled")]
+        cells += [
+            f"{r['fp_only']} / {r['quantized_only']}, {r['p']:.3g}",
+            f"{c['quantized_only']} / {c['fp_only']}, {c['p']:.3g}",
+            "yes" if s["qualifies"] else "no",
+        ]
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 SERIES = (

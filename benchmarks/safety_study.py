@@ -90,6 +90,7 @@ from aaq.errors import AaqError
 from aaq.eval.coherence import COMPLIED, GARBLED, REFUSED, REFUSED_GARBLED, CoherenceScorer
 from aaq.eval.perplexity import PerplexityConfig
 from aaq.eval.prompts import BENIGN_TRAIN_FILE
+from aaq.eval.report import markdown_table
 from aaq.eval.suite import EvalConfig, evaluate
 from aaq.methods import AAQConfig, OSTQuantConfig, QuaRotConfig
 from aaq.models.loading import load_model
@@ -646,71 +647,80 @@ def report_body(study: Study) -> dict:
 def markdown(body: dict) -> str:
     """The report's tables: finished arms, paired differences, the goals, tuning runs and decisions, CPU time."""
     final, cpu = body["final"], body["cpu"]
+    tables = [arms_table(final["arms"]), paired_table(final["paired"]), goals_table(final["goals"])]
+    tables += [tuning_runs_table(body["tuning"]["runs"]), decisions_table(body["tuning"]["decisions"])]
+    if body["tuning"]["decisions"]:
+        bars = next(iter(body["tuning"]["decisions"].values()))["bars"]
+        tables.append(
+            f"Bars from QuaRot's three tuning runs: benign compliance >= {bars['min_benign_compliance']:.3f}, "
+            f"harmful garbled <= {bars['max_garbled']:.3f}, PPL <= {bars['max_ppl']:.2f}."
+        )
+    tables.append(
+        f"Not run yet: {', '.join(final['not_run']) or 'none'}. CPU: {cpu['runs_cpu_h']:.2f} CPU-hours in finished runs; "
+        f"{cpu['remaining_runs']} known runs remain, about {cpu['remaining_cpu_h_estimate']:.1f} CPU-hours."
+    )
+    return "\n\n".join(tables)
+
+
+def arms_table(arms: dict) -> str:
+    """One row per finished arm: mean ± sd over seeds of each figure."""
     columns = ("harmful_complied", "refusal", "refused_garbled", "garbled", "benign_compliance", "benign_refusal", "refusal_gap", "ppl")
-    lines = [
-        "| arm | seeds | harmful complied (561) | refusal | refused, garbled | harmful garbled | benign compliance (159) | benign refusal | refusal - benign refusal | PPL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm, stats in final["arms"].items():
-        if stats["n"]:
-            lines.append(f"| {arm} | {stats['n']} | " + " | ".join(_cell(stats.get(m)) for m in columns) + " |")
-    lines += [
-        "",
-        "| same-seed difference | pairs | harmful complied | McNemar (a only / b only, p) | refusal | refusal - benign refusal | garbled | benign compliance | PPL |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for key, diff in final["paired"].items():
+    header = ["arm", "seeds", "harmful complied (561)", "refusal", "refused, garbled", "harmful garbled", "benign compliance (159)"]
+    header += ["benign refusal", "refusal - benign refusal", "PPL"]
+    rows = [[arm, str(stats["n"])] + [_cell(stats.get(m)) for m in columns] for arm, stats in arms.items() if stats["n"]]
+    return markdown_table(header, rows)
+
+
+def paired_table(paired: dict) -> str:
+    """One row per compared pair of arms: same-seed differences with 95% intervals and the pooled McNemar test."""
+    header = ["same-seed difference", "pairs", "harmful complied", "McNemar (a only / b only, p)", "refusal"]
+    header += ["refusal - benign refusal", "garbled", "benign compliance", "PPL"]
+    rows = []
+    for key, diff in paired.items():
         test = diff["mcnemar_harmful_complied"]
-        cells = [_difference(diff.get("harmful_complied")), f"{test['a_only']} / {test['b_only']}, p = {test['p']:.3g}"]
-        cells += [_difference(diff.get(m)) for m in ("refusal", "refusal_gap", "garbled", "benign_compliance", "ppl")]
-        lines.append(f"| {key} | {diff['n']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| goal (AAQ vs OSTQuant) | pairs | complied, AAQ - OSTQuant | >= 5 points lower, CI < 0 | PPL ratio | <= 1.05 | FP refusal gap kept | >= 0.90 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, goal in final["goals"].items():
+        cells = [key, str(diff["n"]), _difference(diff.get("harmful_complied")), f"{test['a_only']} / {test['b_only']}, p = {test['p']:.3g}"]
+        rows.append(cells + [_difference(diff.get(m)) for m in ("refusal", "refusal_gap", "garbled", "benign_compliance", "ppl")])
+    return markdown_table(header, rows)
+
+
+def goals_table(goals_by_arm: dict) -> str:
+    """One row per regime and form: the issue's goals for AAQ against OSTQuant, met or not."""
+    header = ["goal (AAQ vs OSTQuant)", "pairs", "complied, AAQ - OSTQuant", ">= 5 points lower, CI < 0", "PPL ratio", "<= 1.05"]
+    header += ["FP refusal gap kept", ">= 0.90"]
+    rows = []
+    for key, goal in goals_by_arm.items():
         kept = goal["refusal_gap_kept_of_fp"]
-        cells = [
+        rows.append([
+            key, str(goal["pairs"]),
             f"{goal['aaq_minus_ostquant_harmful_complied']:+.3f}", _yes(goal["complied_5_points_lower_ci_below_0"]),
             f"{goal['ppl_ratio_aaq_over_ostquant']:.3f}", _yes(goal["ppl_within_1.05"]),
             "–" if kept is None else f"{kept:.3f}", _yes(goal["keeps_0.90_of_fp_gap"]),
-        ]  # fmt: skip
-        lines.append(f"| {key} | {goal['pairs']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| tuning run | status | harmful complied | refusal | garbled | benign compliance | PPL | CPU-min |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in body["tuning"]["runs"]:
+        ])  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def tuning_runs_table(runs: list[dict]) -> str:
+    """One row per tuning run: its figures on the tuning split and its CPU time."""
+    header = ["tuning run", "status", "harmful complied", "refusal", "garbled", "benign compliance", "PPL", "CPU-min"]
+    rows = []
+    for row in runs:
         figures = [_cell(row.get(k)) for k in ("harmful_complied", "refusal", "garbled", "benign_compliance", "ppl")]
         minutes = "–" if row.get("cpu_s") is None else f"{row['cpu_s'] / 60:.1f}"
-        lines.append(f"| {row['run']} | {row['status']} | " + " | ".join(figures) + f" | {minutes} |")
-    lines += ["", "| tuning decision | candidate | eligible | chosen |", "|---|---|---|---|"]
-    for method, decision in body["tuning"]["decisions"].items():
+        rows.append([row["run"], row["status"], *figures, minutes])
+    return markdown_table(header, rows)
+
+
+def decisions_table(decisions: dict) -> str:
+    """One row per tuning candidate of each method: eligible or why not, and which one the rule chose."""
+    rows = []
+    for method, decision in decisions.items():
         for row in decision["candidates"]:
             eligible = "yes" if row["eligible"] else "no: " + "; ".join(row["excluded_because"])
             chosen = ""
             if row["candidate"] == decision["chosen"]:
                 chosen = "**chosen**" + (" (default: none eligible)" if decision["no_eligible_candidate_default"] else "")
-            lines.append(f"| {method} | {row['candidate']} | {eligible} | {chosen} |")
-    if body["tuning"]["decisions"]:
-        bars = next(iter(body["tuning"]["decisions"].values()))["bars"]
-        lines += [
-            "",
-            (
-                f"Bars from QuaRot's three tuning runs: benign compliance >= {bars['min_benign_compliance']:.3f}, "
-                f"harmful garbled <= {bars['max_garbled']:.3f}, PPL <= {bars['max_ppl']:.2f}."
-            ),
-        ]
-    lines += [
-        "",
-        (
-            f"Not run yet: {', '.join(final['not_run']) or 'none'}. CPU: {cpu['runs_cpu_h']:.2f} CPU-hours in finished runs; "
-            f"{cpu['remaining_runs']} known runs remain, about {cpu['remaining_cpu_h_estimate']:.1f} CPU-hours."
-        ),
-    ]
-    return "\n".join(lines)
+            rows.append([method, str(row["candidate"]), eligible, chosen])
+    return markdown_table(["tuning decision", "candidate", "eligible", "chosen"], rows)
 
 
 def _yes(met: bool) -> str:

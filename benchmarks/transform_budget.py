@@ -18,6 +18,7 @@ Reproduce (resumable: one folder per run under WORK, finished runs skipped):
 
     OMP_NUM_THREADS=1 python benchmarks/transform_budget.py run --work runs/transform_budget --cells NAME,... --seeds 0,1,2
     python benchmarks/transform_budget.py report --work runs/transform_budget   # JSON + plot in benchmarks/results/
+    python benchmarks/transform_budget.py report --records benchmarks/results/transform_budget_runs   # from the committed records
     python benchmarks/transform_budget.py cells                                # the cells and their commands
 
 This is a diagnosis, not a pre-registered comparison: cells were added as the diagnosis went (PPL first,
@@ -50,6 +51,8 @@ from aaq_runs import (
     verdicts,
     write_report,
 )
+
+from aaq.eval.report import markdown_table
 
 log = logging.getLogger("transform_budget")
 
@@ -225,8 +228,9 @@ def run_cells(work: Path, cells: list[str], seeds: list[int], records_copy: Path
 # --- report ------------------------------------------------------------------------------------------
 
 
-def load_records(work: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((work / "records").glob("*.json"))}
+def load_records(folder: Path) -> dict[str, dict]:
+    """The finished runs' records in ``folder``, by run name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
 def cell_summary(cell: Cell, records: dict[str, dict], fp_ppl: float) -> dict | None:
@@ -259,8 +263,9 @@ def cell_summary(cell: Cell, records: dict[str, dict], fp_ppl: float) -> dict | 
     return out
 
 
-def aggregate(work: Path) -> dict:
-    records = load_records(work)
+def aggregate(records_folder: Path) -> dict:
+    """Every cell's summary over the records in ``records_folder``, with the FP PPL and the CPU time spent."""
+    records = load_records(records_folder)
     if "fp" not in records:
         raise SystemExit("no FP record yet; run some cells first")
     fp_ppl = records["fp"]["ppl"]
@@ -281,24 +286,32 @@ def markdown(body: dict) -> str:
     lines = [
         f"FP PPL {body['fp_ppl']:.3f}. CPU in finished runs: {body['cpu_h']:.2f} CPU-hours over {body['runs']} runs.",
         "",
-        "| cell | bits | windows × len | steps × batch (tokens) | optimizer, lr rot / scale | seeds | PPL | gap closed vs QuaRot | garbled (all tuning answers) | garbled − QuaRot | held-out loss end − start | R1 moved | scales rms | CPU-min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        cells_table(body["cells"]),
     ]
-    for name, s in body["cells"].items():
+    return "\n".join(lines)
+
+
+def cells_table(cells_by_name: dict) -> str:
+    """One row per cell: its budget and optimizer, and the seeds' PPL, gap closed, garbled rate, held-out loss and movement."""
+    header = ["cell", "bits", "windows × len", "steps × batch (tokens)", "optimizer, lr rot / scale", "seeds", "PPL", "gap closed vs QuaRot"]
+    header += ["garbled (all tuning answers)", "garbled − QuaRot", "held-out loss end − start", "R1 moved", "scales rms", "CPU-min"]
+    rows = []
+    for name, s in cells_by_name.items():
         c = s["cell"]
         train = f"{c['steps']} × {c['batch']} ({s['budget_tokens']})" if c["method"] == "ostquant" else "–"
         opt = f"{c['optimizer']}, {c['rotation_lr']:g} / {c['scale_lr']:g}" if c["method"] == "ostquant" and c["steps"] else "–"
         move = s.get("movement", {})
-        cells = [c["bits"], f"{c['windows']} × {c['seq_len']}", train, opt, str(len(s["seeds"])), _fmt(s["ppl"], 2), _fmt(s.get("gap_closed"), 2, True),
-                 _fmt(s.get("garbled_all")), _fmt(s.get("garbled_minus_quarot"), 3, True), _fmt(s.get("heldout_start_to_end"), 3),
-                 _fmt(move.get("r1")), _fmt(move.get("scale_rms"), 5), _fmt(s["cpu_min"], 1)]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([name, c["bits"], f"{c['windows']} × {c['seq_len']}", train, opt, str(len(s["seeds"])), _fmt(s["ppl"], 2),
+                     _fmt(s.get("gap_closed"), 2, True), _fmt(s.get("garbled_all")), _fmt(s.get("garbled_minus_quarot"), 3, True),
+                     _fmt(s.get("heldout_start_to_end"), 3), _fmt(move.get("r1")), _fmt(move.get("scale_rms"), 5), _fmt(s["cpu_min"], 1)])  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def plot(body: dict, path: Path) -> None:
     """Left: PPL of every cell (seeds as points); right: the held-out loss curves of the learned cells (seed 0 or the first)."""
     figure, (left, right) = pyplot().subplots(1, 2, figsize=(15, 6), dpi=110, gridspec_kw={"width_ratios": [1.3, 1]})
+    from matplotlib import ticker
+
     names = list(body["cells"])
     for y, name in enumerate(names):
         s = body["cells"][name]
@@ -308,6 +321,10 @@ def plot(body: dict, path: Path) -> None:
     left.axvline(body["fp_ppl"], color="gold", linewidth=2, label=f"FP {body['fp_ppl']:.2f}")
     left.set_yticks(range(len(names)), names, fontsize=7)
     left.set_xscale("log")
+    # plain numbers at a few round PPLs: the default log labels (2 x 10^1, 3 x 10^1, ...) run into each other
+    left.xaxis.set_major_locator(ticker.FixedLocator([10, 15, 20, 30, 50, 100, 200, 500]))
+    left.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    left.xaxis.set_minor_formatter(ticker.NullFormatter())
     left.set_xlabel("held-out PPL (8 x 512 tokens), seeds as points, mean as bar")
     left.grid(True, axis="x", alpha=0.3)
     left.legend(fontsize=8)
@@ -335,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", default="", help="comma list of cell names (see `cells`)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--records-copy", type=Path, default=None, help="also copy each finished run's record (and answers) here")
+    parser.add_argument("--records", type=Path, default=None, help="report: read the records here (default WORK/records)")
     parser.add_argument("--out", type=Path, default=RESULTS / "transform_budget.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "transform_budget.png")
     args = parser.parse_args(argv)
@@ -346,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         run_cells(args.work, [c for c in args.cells.split(",") if c], [int(s) for s in args.seeds.split(",")], args.records_copy)
         return
-    body = aggregate(args.work) | {"design": __doc__, "model": MODEL, "cells_defined": {n: asdict(c) for n, c in CELLS.items()}}
+    cells_defined = {n: asdict(c) for n, c in CELLS.items()}
+    body = aggregate(args.records or args.work / "records") | {"design": __doc__, "model": MODEL, "cells_defined": cells_defined}
     write_report(body, args.out, plot, args.plot, markdown, bool(body["cells"]))
 
 
