@@ -752,8 +752,12 @@ def plot_study(body: dict, path: Path) -> None:
     for ax, bits in zip(axes, REGIMES, strict=False):
         _plot_regime(ax, bits, final["arms"])
     _plot_paired(axes[-1], final["paired"])
-    not_run = textwrap.fill("arms not run yet: " + (", ".join(final["not_run"]) or "none"), 180)
-    figure.suptitle(f"Safety study, design 2 ({MODEL})\n{not_run}", fontsize=9)
+    status = (
+        textwrap.fill("arms not run yet: " + ", ".join(final["not_run"]), 180)
+        if final["not_run"]
+        else f"all arms finished (quantized arms at seeds {FINAL_SEEDS[0]}-{FINAL_SEEDS[-1]})"
+    )
+    figure.suptitle(f"Safety study, design 2 ({MODEL})\n{status}", fontsize=9)
     save_figure(figure, path)
 
 
