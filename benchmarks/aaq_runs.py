@@ -83,6 +83,11 @@ def store_record(record: dict[str, Any], path: Path, records_copy: Path | None, 
             shutil.copy(generations, records_copy / f"{path.stem}.generations.jsonl")
 
 
+def read_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """The run records (``*.json``) in ``folder``, by run name, in name order; their generations files are not read."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
 def verdicts(generations: Path, task: str) -> dict[str, str]:
     """Prompt -> verdict of one task's answers (refusal: harmful prompts; benign) in an evaluation's generations.jsonl."""
     rows = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]

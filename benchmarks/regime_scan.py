@@ -68,6 +68,7 @@ from aaq_runs import (
     drop_bulky_outputs,
     fresh_run_folder,
     pyplot,
+    read_records,
     run_aaq,
     run_outputs,
     save_figure,
@@ -253,9 +254,9 @@ def decide(fp: dict, settings: dict[str, dict]) -> dict:
 
 
 def load_records(work: Path) -> tuple[dict | None, dict[str, dict[int, dict]]]:
+    """The FP record (None before it ran) and the quantized runs' records by setting and seed."""
     fp, by_setting = None, {}
-    for path in sorted((work / "records").glob("*.json")):
-        record = json.loads(path.read_text())
+    for record in read_records(work / "records").values():
         if record["setting"] is None:
             fp = record
         else:

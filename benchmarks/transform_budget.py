@@ -28,7 +28,6 @@ few seeds, then generation on the cells that matter); every cell run is reported
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +39,7 @@ from aaq_runs import (
     fresh_run_folder,
     mean_sd,
     pyplot,
+    read_records,
     run_aaq,
     run_folder,
     run_outputs,
@@ -228,11 +228,6 @@ def run_cells(work: Path, cells: list[str], seeds: list[int], records_copy: Path
 # --- report ------------------------------------------------------------------------------------------
 
 
-def load_records(folder: Path) -> dict[str, dict]:
-    """The finished runs' records in ``folder``, by run name."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-
-
 def cell_summary(cell: Cell, records: dict[str, dict], fp_ppl: float) -> dict | None:
     """A cell's figures over its finished seeds: PPL, gap closed against its QuaRot partner (paired), garbled, CPU, calibration."""
     runs = {r["seed"]: r for r in records.values() if r["cell"] and r["cell"]["name"] == cell.name}
@@ -265,7 +260,7 @@ def cell_summary(cell: Cell, records: dict[str, dict], fp_ppl: float) -> dict | 
 
 def aggregate(records_folder: Path) -> dict:
     """Every cell's summary over the records in ``records_folder``, with the FP PPL and the CPU time spent."""
-    records = load_records(records_folder)
+    records = read_records(records_folder)
     if "fp" not in records:
         raise SystemExit("no FP record yet; run some cells first")
     fp_ppl = records["fp"]["ppl"]

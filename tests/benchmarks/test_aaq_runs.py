@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from benchmarks.aaq_runs import drop_bulky_outputs, fresh_run_folder, run_outputs, save_figure, store_record
+from benchmarks.aaq_runs import drop_bulky_outputs, fresh_run_folder, read_records, run_outputs, save_figure, store_record
 
 
 def _finished_run(work: Path) -> Path:
@@ -47,6 +47,17 @@ def test_a_stored_record_is_written_and_copied_with_its_generations(tmp_path):
     assert (copies / "quarot-s0.generations.jsonl").read_text() == (folder / "generations.jsonl").read_text()
     store_record({"key": "fp"}, tmp_path / "records" / "fp.json", copies, None)
     assert (copies / "fp.json").is_file() and not (copies / "fp.generations.jsonl").exists()
+
+
+def test_read_records_are_the_stored_records_by_name_without_their_generations(tmp_path):
+    folder = _finished_run(tmp_path)
+    records, copies = tmp_path / "records", tmp_path / "committed"
+    for key, ppl in (("quarot-s1", 19.5), ("fp", 15.5), ("quarot-s0", 19.2)):
+        store_record({"key": key, "ppl": ppl}, records / f"{key}.json", copies, folder / "generations.jsonl")
+    assert read_records(copies) == read_records(records)
+    assert list(read_records(copies)) == ["fp", "quarot-s0", "quarot-s1"]
+    assert read_records(copies)["quarot-s1"] == {"key": "quarot-s1", "ppl": 19.5}
+    assert read_records(tmp_path / "empty") == {}
 
 
 def test_a_saved_figure_is_a_png_in_a_new_folder(tmp_path):
